@@ -1,0 +1,3 @@
+"""grpo-mlx: Group Relative Policy Optimization for language models on MLX."""
+
+__version__ = "0.1.0"

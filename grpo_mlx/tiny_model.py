@@ -1,0 +1,163 @@
+"""Small Qwen2-shaped models the project builds itself, loadable offline by `mlx_lm.load`.
+
+Two uses: random-weight fixtures for tests (`make_tiny_model`, well under a second) and the
+embedded demo model in `grpo_mlx/demo_model/` (built by `scripts/build_demo_model.py`), which
+lets `grpo-mlx demo` show GRPO learning without downloading anything.
+
+The directory layout is what a Hugging Face Qwen2 checkpoint has, cut down to what
+`mlx_lm.load` and `transformers.AutoTokenizer` read: `config.json`, `model.safetensors`,
+`tokenizer.json`, `tokenizer_config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm.models import qwen2
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from .data import arithmetic_examples
+from .errors import UserError
+
+DEMO_MODEL_DIR = Path(__file__).parent / "demo_model"
+
+PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+
+# Qwen2's pre-tokenizer split. transformers 5 rebuilds every model_type "qwen2" tokenizer
+# with this regex whatever tokenizer.json says, so training with any other split would make
+# transformers and the `tokenizers` library disagree. Its `\p{N}` puts each digit alone.
+QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+               r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+# ChatML, as Qwen2 writes it; the generation prompt ends in "assistant\n", so a completion
+# is the answer text followed by <|im_end|>.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def chat_corpus(n: int = 500, seed: int = 0) -> list[str]:
+    """The arithmetic task rendered as full ChatML turns: the default tokenizer corpus."""
+    return [
+        f"{IM_START}user\n{ex.prompt}{IM_END}\n{IM_START}assistant\n{ex.answer}{IM_END}\n"
+        for ex in arithmetic_examples(n, seed=seed)
+    ]
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 512) -> Tokenizer:
+    """Byte-level BPE set up exactly as Qwen2's, so every digit is its own token.
+
+    Single-digit tokens keep numbers' spelling uniform, so a small model can learn
+    arithmetic digit by digit instead of memorising merged chunks like "48".
+    """
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    # A ByteLevel decoder is also what makes mlx-lm pick its streaming BPE detokenizer.
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, IM_START, IM_END],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def save_model_dir(path, model: qwen2.Model, model_args: dict, tokenizer: Tokenizer) -> Path:
+    """Write `model` and `tokenizer` as a checkpoint directory `mlx_lm.load(path)` reads offline."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    eos_id = tokenizer.token_to_id(IM_END)
+    config = {
+        **vars(qwen2.ModelArgs.from_dict({**model_args, "model_type": "qwen2"})),
+        "architectures": ["Qwen2ForCausalLM"],
+        "eos_token_id": eos_id,
+        "pad_token_id": tokenizer.token_to_id(PAD),
+        "torch_dtype": "float32",
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())),
+                        metadata={"format": "mlx"})
+    tokenizer.save(str(path / "tokenizer.json"))
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": IM_END,
+        "pad_token": PAD,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "model_max_length": config["max_position_embeddings"],
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    return path
+
+
+def make_tiny_model(path, texts: list[str] | None = None, hidden_size: int = 64,
+                    num_hidden_layers: int = 2, num_attention_heads: int = 4,
+                    num_key_value_heads: int = 2, intermediate_size: int = 128,
+                    vocab_size: int = 512, seed: int = 0) -> Path:
+    """A random-init float32 Qwen2 model and a BPE tokenizer trained on `texts`, saved to `path`."""
+    tokenizer = train_tokenizer(texts if texts is not None else chat_corpus(), vocab_size)
+    args = dict(
+        model_type="qwen2", hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
+        intermediate_size=intermediate_size, rms_norm_eps=1e-6,
+        # The trained vocabulary can come out smaller than asked when the corpus is small.
+        vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=2048,
+        rope_theta=10000.0, tie_word_embeddings=True,
+    )
+    mx.random.seed(seed)
+    model = qwen2.Model(qwen2.ModelArgs.from_dict(args))
+    mx.eval(model.parameters())
+    return save_model_dir(path, model, args, tokenizer)
+
+
+def demo_model_path() -> Path:
+    """The embedded demo model's directory; raises `UserError` if it was never built."""
+    needed = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    missing = [name for name in needed if not (DEMO_MODEL_DIR / name).exists()]
+    if missing:
+        raise UserError(f"the demo model in {DEMO_MODEL_DIR} lacks {', '.join(missing)}; "
+                        "build it with `python scripts/build_demo_model.py`")
+    return DEMO_MODEL_DIR
+
+
+def greedy_answers(model, tokenizer, prompts: list[str], max_tokens: int = 6) -> list[str]:
+    """Greedy completions of single-turn user `prompts`, stopping at an EOS token.
+
+    Prompts of equal token length are decoded together without a KV cache: the demo's
+    prompts are ~20 tokens and its answers at most 4, so recomputing is cheap and simple.
+    """
+    encoded = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+               for p in prompts]
+    by_length: dict[int, list[int]] = {}
+    for i, ids in enumerate(encoded):
+        by_length.setdefault(len(ids), []).append(i)
+    eos = set(tokenizer.eos_token_ids)
+    answers = [""] * len(prompts)
+    for rows in by_length.values():
+        x = mx.array([encoded[i] for i in rows])
+        for _ in range(max_tokens):
+            x = mx.concatenate([x, mx.argmax(model(x)[:, -1], axis=-1)[:, None]], axis=1)
+        for i, ids in zip(rows, x[:, len(encoded[rows[0]]):].tolist()):
+            stop = next((j for j, t in enumerate(ids) if t in eos), len(ids))
+            answers[i] = tokenizer.decode(ids[:stop])
+    return answers
+
+
+def greedy_accuracy(model, tokenizer, examples) -> float:
+    """Fraction of `examples` whose greedy completion is exactly the gold answer."""
+    answers = greedy_answers(model, tokenizer, [ex.prompt for ex in examples])
+    return sum(a.strip() == ex.answer for a, ex in zip(answers, examples)) / len(examples)

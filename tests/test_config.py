@@ -1,0 +1,76 @@
+"""TrainConfig: defaults, file + flag merging, validation that names the field."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from grpo_mlx.cli import cli, main
+from grpo_mlx.config import DEMO_PRESET, TrainConfig, build_config, load_config_file
+from grpo_mlx.errors import UserError
+
+
+def test_defaults_follow_deepseekmath():
+    c = TrainConfig()
+    assert (c.group_size, c.epsilon, c.beta, c.num_iterations) == (8, 0.2, 0.04, 1)
+    assert 1e-6 <= c.learning_rate <= 1e-4
+
+
+def test_flags_override_the_config_file_which_overrides_defaults(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: some/model\ngroup_size: 4\nbeta: 0.1\nreward: accuracy,format\n")
+    config = build_config(load_config_file(path), {"beta": 0.0, "group_size": None})
+    assert config.model == "some/model" and config.group_size == 4 and config.beta == 0.0
+    assert config.reward == ["accuracy", "format"]
+    assert config.steps == TrainConfig().steps  # no demo preset once a model is named
+
+
+def test_json_config_files_load(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"model": "m", "loss-type": "dapo", "epsilon_high": 0.28}))
+    config = build_config(load_config_file(path))
+    assert config.loss_type == "dapo" and config.epsilon_high == 0.28
+
+
+def test_no_model_applies_the_demo_preset_under_explicit_flags():
+    config = build_config({}, {"steps": 5})
+    assert config.model is None and config.steps == 5
+    assert config.max_tokens == DEMO_PRESET["max_tokens"]
+
+
+@pytest.mark.parametrize(
+    "values,field",
+    [
+        ({"group_size": 1}, "group_size"),
+        ({"beta": -0.1}, "beta"),
+        ({"epsilon": 1.5}, "epsilon"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"loss_type": "ppo"}, "loss_type"),
+        ({"kl_estimator": "k9"}, "kl_estimator"),
+        ({"temperature": 0}, "temperature"),
+        ({"reward": "accuracy,format", "reward_weights": "1.0"}, "reward_weights"),
+        ({"steps": "many"}, "steps"),
+        ({"no_such_option": 1}, "no_such_option"),
+    ],
+)
+def test_invalid_values_are_rejected_naming_the_field(values, field):
+    with pytest.raises(UserError, match=field):
+        build_config({}, values)
+
+
+def test_cli_help_and_version_read_well():
+    runner = CliRunner()
+    result = runner.invoke(cli, ["--version"])
+    assert result.exit_code == 0 and "grpo-mlx" in result.output
+    result = runner.invoke(cli, ["train", "--help"])
+    assert result.exit_code == 0
+    for flag in ("--group-size", "--loss-type", "--quantize / --no-quantize", "--epsilon-high", "--reward-weights"):
+        assert flag in result.output
+
+
+def test_user_errors_print_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--group-size", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "group_size" in err and "Traceback" not in err
