@@ -58,6 +58,49 @@ def train(config_path, debug, **flags):
     run_training(config)
 
 
+@cli.command()
+@click.option("--model", default=None, help="Base model directory or hub id; unset: the embedded demo model.")
+@click.option("--adapter-path", required=True, help="Run directory holding adapters.safetensors + adapter_config.json.")
+@click.option("--output", required=True, help="Directory for the fused model (not inside the run directory).")
+@click.option("--dequantize", is_flag=True, help="Write full-precision weights, for tools outside MLX.")
+@click.option("--export-gguf", is_flag=True, help="Also write GGUF (llama, mistral, mixtral only).")
+def fuse(model, adapter_path, output, dequantize, export_gguf):
+    """Fuse adapters into the base model and save a standalone mlx-lm model."""
+    from .fuse import fuse_model
+
+    with _status(f"fusing adapters from {adapter_path}"):
+        path = fuse_model(model, adapter_path, output, dequantize=dequantize, export_gguf=export_gguf)
+    click.echo(f"fused model saved to {path}")
+
+
+@cli.command()
+@click.option("--model", default=None, help="Model directory or hub id; unset: the embedded demo model.")
+@click.option("--adapter-path", default=None, help="Run directory with adapters to apply.")
+@click.option("--prompt", required=True, help="The user message.")
+@click.option("--system-prompt", default=None, help="System prompt: a built-in name ('r1'), text, or 'none'.")
+@click.option("--max-tokens", default=256, show_default=True, type=int)
+@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 decodes greedily.")
+def generate(model, adapter_path, prompt, system_prompt, max_tokens, temperature):
+    """Generate one completion, optionally with trained adapters."""
+    from mlx_lm.generate import generate as mlx_generate
+
+    from .data import Example, render_prompt, resolve_system_prompt
+    from .fuse import load_with_adapters
+    from .rollout import make_sampler
+
+    with _status("loading model"):
+        model_obj, tokenizer, _ = load_with_adapters(model, adapter_path)
+    tokens = render_prompt(tokenizer, Example(prompt=prompt, answer=None), resolve_system_prompt(system_prompt))
+    text = mlx_generate(model_obj, tokenizer, tokens, max_tokens=max_tokens, sampler=make_sampler(temperature))
+    click.echo(text)
+
+
+def _status(message: str):
+    from rich.console import Console
+
+    return Console(stderr=True).status(message)
+
+
 def _not_yet(name: str, issue: str):
     @cli.command(name=name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
     def command():

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
 
 
 @dataclass
@@ -34,3 +39,305 @@ def arithmetic_examples(n: int, seed: int = 0, max_operand: int = 99) -> list[Ex
         a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
         examples.append(Example(prompt=f"What is {a} plus {b}?", answer=str(a + b), meta={"a": a, "b": b}))
     return examples
+
+
+def countdown_examples(n: int, seed: int = 0) -> list[Example]:
+    """The Countdown game: reach a target from 3–4 numbers with + - * /, each number at most once.
+
+    The target is built from a random expression over some of the numbers, so every
+    example is solvable; `meta["expression"]` keeps that construction (one solution of
+    possibly many). Intermediate results stay positive integers, as in the game.
+    """
+    rng = random.Random(seed)
+    examples = []
+    while len(examples) < n:
+        # Small numbers plus at most one large one, as on the television show.
+        numbers = [rng.randint(1, 10) for _ in range(rng.choice([3, 4]))]
+        if rng.random() < 0.5:
+            numbers[rng.randrange(len(numbers))] = rng.choice([25, 50, 75, 100])
+        target, expression = _random_construction(rng, numbers)
+        if not 10 <= target <= 999 or target in numbers:
+            continue  # too small, too large, or trivial: draw again
+        prompt = (f"Using the numbers {numbers}, write an arithmetic expression that equals {target}. "
+                  "You may use +, -, * and /, and each number at most once.")
+        examples.append(Example(prompt=prompt, answer=str(target),
+                                meta={"numbers": numbers, "target": target, "expression": expression}))
+    return examples
+
+
+def _random_construction(rng: random.Random, numbers: list[int]) -> tuple[int, str]:
+    """Combine a random subset (two or more) of `numbers` pairwise with random valid operations."""
+    pool = [(x, str(x)) for x in rng.sample(numbers, rng.randint(2, len(numbers)))]
+    while len(pool) > 1:
+        (a, ea), (b, eb) = pool.pop(rng.randrange(len(pool))), pool.pop(rng.randrange(len(pool)))
+        if a < b:
+            (a, ea), (b, eb) = (b, eb), (a, ea)
+        ops = ["+", "*"] + (["-"] if a > b else []) + (["/"] if b > 1 and a % b == 0 else [])
+        op = rng.choice(ops)
+        value = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+        pool.append((value, f"({ea} {op} {eb})"))
+    value, expression = pool[0]
+    return value, expression.removeprefix("(").removesuffix(")")
+
+
+BUILTIN_TASKS = {"arithmetic": arithmetic_examples, "countdown": countdown_examples}
+BUILTIN_SIZES = {"train": 10_000, "test": 500, "validation": 500}
+HELD_OUT_SEED_OFFSET = 10_000  # test/validation draw from a seed the train split never uses
+
+
+def _builtin_examples(task: str, split: str, limit: int | None, seed: int) -> list[Example]:
+    if split not in BUILTIN_SIZES:
+        raise UserError(f"built-in task {task!r} has splits {', '.join(BUILTIN_SIZES)}, not {split!r}")
+    n = BUILTIN_SIZES[split] if limit is None else limit
+    return BUILTIN_TASKS[task](n, seed=seed if split == "train" else seed + HELD_OUT_SEED_OFFSET)
+
+
+# ---------------------------------------------------------------- loading data sets
+
+PROMPT_FIELDS = ("question", "problem", "prompt", "query", "input", "instruction")
+ANSWER_FIELDS = ("answer", "solution", "final_answer", "target", "output")
+DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def load_examples(dataset: str, split: str = "train", dataset_config: str | None = None,
+                  prompt_field: str | None = None, answer_field: str | None = None,
+                  limit: int | None = None, seed: int = 0) -> list[Example]:
+    """`Example`s from a built-in task, a local file or folder, or a Hugging Face data set.
+
+    See `load_examples_with_stats`; this drops the count of skipped rows.
+    """
+    examples, _ = load_examples_with_stats(dataset, split, dataset_config, prompt_field,
+                                           answer_field, limit, seed)
+    return examples
+
+
+def load_examples_with_stats(dataset: str, split: str = "train", dataset_config: str | None = None,
+                             prompt_field: str | None = None, answer_field: str | None = None,
+                             limit: int | None = None,
+                             seed: int = 0) -> tuple[list[Example], int]:
+    """(examples, number of bad rows skipped).
+
+    `dataset` is, checked in this order: a built-in task name (`arithmetic`,
+    `countdown`); a local .jsonl/.json/.parquet file or a folder of them (a folder
+    uses the files whose names contain `split`, else all); a Hugging Face data set
+    name, loaded with `datasets.load_dataset` (from its cache when offline).
+
+    Fields are auto-detected (PROMPT_FIELDS, ANSWER_FIELDS) unless named; the other
+    fields go to `Example.meta`. Rows with an empty prompt or an answer that is not
+    text or a number are skipped. `limit` keeps the first N good rows.
+    """
+    if dataset in BUILTIN_TASKS:
+        return _builtin_examples(dataset, split, limit, seed), 0
+    rows = _load_rows(dataset, split, dataset_config)
+    columns = rows.column_names
+    prompt_key = _pick_field(columns, prompt_field, PROMPT_FIELDS, "prompt", dataset, required=True)
+    answer_key = _pick_field(columns, answer_field, ANSWER_FIELDS, "answer", dataset, required=False)
+
+    examples, skipped = [], 0
+    for row in rows:
+        if limit is not None and len(examples) >= limit:
+            break
+        example = _row_to_example(row, prompt_key, answer_key)
+        if example is None:
+            skipped += 1
+        else:
+            examples.append(example)
+    if not examples and skipped:
+        raise UserError(f"all {skipped} rows of {dataset} lack a usable prompt ({prompt_key!r}) "
+                        f"or answer ({answer_key!r}); check --prompt-field/--answer-field")
+    if not examples and limit != 0:
+        raise UserError(f"{dataset} (split {split!r}) has no rows")
+    return examples, skipped
+
+
+def _load_rows(dataset: str, split: str, dataset_config: str | None):
+    """A `datasets.Dataset` from a local path or the Hub; every failure becomes a `UserError`."""
+    # Imported here: `datasets` takes seconds to import and built-in tasks never need it.
+    import datasets
+
+    path = Path(dataset).expanduser()
+    if path.exists() or path.suffix in DATA_SUFFIXES or dataset.startswith((".", "/", "~")):
+        return _load_local(path, split)
+    try:
+        return datasets.load_dataset(dataset, dataset_config, split=split)
+    except Exception as e:  # the Hub client raises many types: offline, not found, bad config, bad split
+        raise UserError(
+            f"could not load data set {dataset!r} (config {dataset_config!r}, split {split!r}): "
+            f"{_first_line(e)}; without network access only data sets already cached can load, "
+            "so pass a local .jsonl/.json/.parquet file or a built-in task (arithmetic, countdown)"
+        ) from e
+
+
+def _load_local(path: Path, split: str):
+    import datasets
+
+    files = _data_files(path, split)
+    builders = {DATA_SUFFIXES[f.suffix] for f in files}
+    if len(builders) > 1:
+        raise UserError(f"{path} mixes JSON and Parquet files; keep one format per folder")
+    builder = builders.pop()
+    for f in files:
+        # An empty file makes `datasets` fail with an unhelpful StopIteration or "no data".
+        if f.stat().st_size == 0 or (f.stat().st_size < 1024 and not f.read_bytes().strip()):
+            raise UserError(f"{f} is empty")
+    try:
+        # One "train" split holds whatever files were picked; `split` already chose them.
+        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+    except Exception as e:
+        what = "JSON lines or a JSON list of records" if builder == "json" else "Parquet"
+        names = ", ".join(str(f) for f in files)
+        raise UserError(f"{names} is not valid {what}: {_first_line(e.__cause__ or e)}") from e
+
+
+def _data_files(path: Path, split: str) -> list[Path]:
+    """The data files `path` names: itself, or a folder's files whose names contain `split`, else all."""
+    if not path.exists():
+        raise UserError(f"no such file or folder: {path}")
+    if path.is_file():
+        if path.suffix not in DATA_SUFFIXES:
+            raise UserError(f"{path} is not a .jsonl, .json or .parquet file")
+        return [path]
+    # Recursive, so a downloaded Hub snapshot (data/train-00000-of-00001.parquet) works too.
+    files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in DATA_SUFFIXES
+                   and not any(part.startswith(".") for part in f.relative_to(path).parts))
+    if not files:
+        raise UserError(f"{path} holds no .jsonl, .json or .parquet files")
+    in_split = [f for f in files if split in str(f.relative_to(path))]
+    return in_split or files
+
+
+def _pick_field(columns: list[str], chosen: str | None, candidates: tuple[str, ...], kind: str,
+                dataset: str, required: bool) -> str | None:
+    if chosen is not None:
+        if chosen not in columns:
+            raise UserError(f"{dataset} has no {kind} field {chosen!r}; its fields are: {', '.join(columns)}")
+        return chosen
+    found = next((name for name in candidates if name in columns), None)
+    if found is None and required:
+        raise UserError(f"{dataset} has none of the {kind} fields {', '.join(candidates)}; its fields are: "
+                        f"{', '.join(columns)}; name one with --{kind}-field")
+    return found
+
+
+def _row_to_example(row: dict, prompt_key: str, answer_key: str | None) -> Example | None:
+    """An `Example` from one row, or None when the row is unusable."""
+    prompt = row[prompt_key]
+    if not _valid_prompt(prompt):
+        return None
+    answer = None
+    if answer_key is not None:
+        answer = _answer_text(row[answer_key])
+        if answer is None:
+            return None
+    meta = {k: v for k, v in row.items() if k not in (prompt_key, answer_key)}
+    return Example(prompt=prompt, answer=answer, meta=meta)
+
+
+def _valid_prompt(prompt) -> bool:
+    if isinstance(prompt, str):
+        return bool(prompt.strip())
+    return (isinstance(prompt, list) and len(prompt) > 0
+            and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in prompt))
+
+
+def _answer_text(answer) -> str | None:
+    """The gold answer as text; None when it is missing, empty, or not text or a number."""
+    if isinstance(answer, bool):
+        return None
+    if isinstance(answer, float) and answer.is_integer():
+        # Arrow turns an integer column into floats when any row holds a float: 18 -> 18.0.
+        return str(int(answer))
+    if isinstance(answer, (int, float)):
+        return str(answer)
+    if isinstance(answer, str) and answer.strip():
+        return answer
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+# ---------------------------------------------------------------- prompts
+
+SYSTEM_PROMPTS = {
+    # DeepSeek-R1-Zero's template, as open-r1 words it for the system role.
+    "r1": (
+        "A conversation between User and Assistant. The user asks a question, and the Assistant "
+        "solves it. The assistant first thinks about the reasoning process in the mind and then "
+        "provides the user with the answer. The reasoning process and answer are enclosed within "
+        "<think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning "
+        "process here </think> <answer> answer here </answer>."
+    ),
+}
+
+
+def resolve_system_prompt(value: str | None) -> str | None:
+    """None, "" or "none" -> no system prompt; a name in SYSTEM_PROMPTS -> its text; else the text itself."""
+    if value is None or not value.strip() or value.strip().lower() == "none":
+        return None
+    return SYSTEM_PROMPTS.get(value, value)
+
+
+def render_prompt(tokenizer, example: Example, system_prompt: str | None = None) -> list[int]:
+    """The token ids the model continues from: the chat template with a generation prompt if
+    the tokenizer has one, else "Question: ...\\nAnswer:" for base models."""
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    if isinstance(example.prompt, str):
+        messages.append({"role": "user", "content": example.prompt})
+    else:
+        messages.extend(example.prompt)
+    if getattr(tokenizer, "chat_template", None):
+        return _apply_chat_template(tokenizer, messages)
+    return list(tokenizer.encode(_plain_prompt(messages)))
+
+
+def _apply_chat_template(tokenizer, messages: list[dict]) -> list[int]:
+    from jinja2 import TemplateError
+
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except TemplateError:
+        # Some templates (older Gemma) refuse a system role: fold it into the first user turn.
+        if messages[0]["role"] != "system" or len(messages) < 2:
+            raise
+        system, first, *rest = messages
+        merged = {**first, "content": f"{system['content']}\n\n{first['content']}"}
+        ids = tokenizer.apply_chat_template([merged, *rest], add_generation_prompt=True)
+    # transformers 5 returns a BatchEncoding where mlx-lm's wrapper returns a list.
+    if not isinstance(ids, list) and "input_ids" in ids:
+        ids = ids["input_ids"]
+    return [int(i) for i in ids]
+
+
+def _plain_prompt(messages: list[dict]) -> str:
+    """Messages as plain text for a tokenizer without a chat template."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    question = "\n\n".join(m["content"] for m in messages if m["role"] != "system")
+    return (f"{system}\n\n" if system else "") + f"Question: {question}\nAnswer:"
+
+
+# ---------------------------------------------------------------- order of examples
+
+def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
+    """A permutation of range(num_examples), fixed by (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples).tolist()
+
+
+def take_examples(examples: list[Example], seed: int, position: int, count: int) -> list[Example]:
+    """`count` examples from global `position` in the endless stream of per-epoch shuffles.
+
+    The stream is epoch_order(seed, 0), then epoch_order(seed, 1), ...; the trainer stores
+    only `position` to resume exactly where it stopped.
+    """
+    if not examples:
+        raise UserError("the data set has no examples to train on")
+    n = len(examples)
+    taken = []
+    while len(taken) < count:
+        epoch, offset = divmod(position + len(taken), n)
+        order = epoch_order(n, seed, epoch)
+        taken.extend(examples[i] for i in order[offset:offset + count - len(taken)])
+    return taken

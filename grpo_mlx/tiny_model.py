@@ -108,13 +108,16 @@ def make_tiny_model(path, texts: list[str] | None = None, hidden_size: int = 64,
                     num_hidden_layers: int = 2, num_attention_heads: int = 4,
                     num_key_value_heads: int = 2, intermediate_size: int = 128,
                     vocab_size: int = 512, seed: int = 0) -> Path:
-    """A random-init float32 Qwen2 model and a BPE tokenizer trained on `texts`, saved to `path`."""
+    """A random-init float32 Qwen2 model and a BPE tokenizer trained on `texts`, saved to `path`.
+
+    `vocab_size` caps the tokenizer; the model's vocabulary is the tokenizer's actual size
+    (286 on the default corpus), so every id the model can sample decodes to text.
+    """
     tokenizer = train_tokenizer(texts if texts is not None else chat_corpus(), vocab_size)
     args = dict(
         model_type="qwen2", hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
         num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
         intermediate_size=intermediate_size, rms_norm_eps=1e-6,
-        # The trained vocabulary can come out smaller than asked when the corpus is small.
         vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=2048,
         rope_theta=10000.0, tie_word_embeddings=True,
     )

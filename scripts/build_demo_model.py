@@ -2,7 +2,8 @@
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 python scripts/build_demo_model.py
 
-(the OpenBLAS preload only makes MLX's CPU build faster; the result is the same without it).
+(the OpenBLAS preload makes MLX's Linux CPU build ~30x faster; another BLAS may round
+differently and so give a slightly different model).
 
 1. A byte-level BPE tokenizer is trained on the arithmetic task rendered as ChatML turns.
 2. A random-init float32 Qwen2 model gets a short supervised warm-start on
@@ -32,7 +33,9 @@ from grpo_mlx.tiny_model import DEMO_MODEL_DIR, chat_corpus, greedy_accuracy, sa
 MODEL_ARGS = dict(model_type="qwen2", hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=384, rms_norm_eps=1e-6,
                   max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=True)
-STEPS, BATCH, LR, WARMUP = 600, 64, 2e-3, 50
+# Tuned on a 2-core CPU: after 400 steps (~40 s) greedy accuracy is ~40%; at 600 it is ~95%,
+# which would leave GRPO nothing to show. Batch 32 learns faster per second than 64.
+STEPS, BATCH, LR, WARMUP = 400, 32, 1e-3, 50
 TRAIN_SEED, HELDOUT_SEED = 1, 1234  # held-out set: arithmetic_examples(200, seed=1234)
 
 
@@ -63,7 +66,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DEMO_MODEL_DIR)
     parser.add_argument("--steps", type=int, default=STEPS)
-    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--log-every", type=int, default=50)
     args = parser.parse_args()
     start = time.perf_counter()
     mx.random.seed(0)
@@ -90,7 +93,7 @@ def main():
         loss, grads = loss_and_grad(model, tokens, mask)
         optimizer.update(model, grads)
         mx.eval(model.parameters(), optimizer.state, loss)
-        if step % args.eval_every == 0 or step == args.steps:
+        if step % args.log_every == 0 or step == args.steps:
             print(f"step {step:4d}  loss {loss.item():.3f}  {time.perf_counter() - start:5.1f}s", flush=True)
         if step == args.steps:
             break

@@ -1,0 +1,109 @@
+"""Atomic checkpoints: adapters, optimizer state, step and data position.
+
+A checkpoint is a directory `RUN_DIR/checkpoints/step-NNNNNN/` written whole
+under a temporary name, every file fsynced, then renamed into place: a crash,
+a full disk or Ctrl-C mid-write leaves the previous checkpoints untouched.
+The latest adapters are also copied to `RUN_DIR/adapters.safetensors` +
+`adapter_config.json`, where mlx-lm's `--adapter-path RUN_DIR` finds them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .policy import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_weights
+
+CHECKPOINTS = "checkpoints"
+OPTIMIZER_STATE = "optimizer.safetensors"
+TRAINER_STATE = "state.json"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, writer) -> None:
+    """Call writer(tmp_path), fsync it, then rename over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    try:
+        writer(tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync(path.parent)
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, adapter_config: dict, state: dict, keep: int = 3) -> Path:
+    """Write checkpoint `state["step"]` atomically, refresh the run's adapters, prune old ones."""
+    run_dir = Path(run_dir)
+    root = run_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state['step']:06d}"
+    tmp = root / f".tmp-{final.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        weights = adapter_weights(model)
+        mx.save_safetensors(str(tmp / ADAPTER_WEIGHTS), weights)
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2))
+        mx.save_safetensors(str(tmp / OPTIMIZER_STATE), dict(tree_flatten(optimizer.state)))
+        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
+        for f in tmp.iterdir():
+            _fsync(f)
+        if final.exists():  # re-saving a step after a resume: replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+    atomic_write(run_dir / ADAPTER_WEIGHTS, lambda p: shutil.copyfile(final / ADAPTER_WEIGHTS, p))
+    atomic_write(run_dir / ADAPTER_CONFIG, lambda p: shutil.copyfile(final / ADAPTER_CONFIG, p))
+    for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path):
+    """Read one checkpoint: (adapter weights, optimizer state tree, trainer state); raises if damaged."""
+    path = Path(path)
+    state = json.loads((path / TRAINER_STATE).read_text())
+    weights = mx.load(str(path / ADAPTER_WEIGHTS))
+    optimizer_state = tree_unflatten(list(mx.load(str(path / OPTIMIZER_STATE)).items()))
+    return weights, optimizer_state, state
+
+
+def load_latest_checkpoint(run_dir: Path):
+    """The newest readable checkpoint, falling back (with a warning) past damaged ones.
+
+    Returns (weights, optimizer_state, state, path) or None when there is none.
+    """
+    for path in reversed(checkpoint_dirs(run_dir)):
+        try:
+            return (*load_checkpoint(path), path)
+        except Exception as e:  # damaged files: any parser error
+            warnings.warn(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); trying the previous one")
+    return None

@@ -1,0 +1,121 @@
+"""The policy: a base model loaded through mlx-lm with LoRA/DoRA adapters on top.
+
+This is the only module that knows about adapter layers. The reference policy
+is the same model with its adapter layers bypassed (`reference_mode`): no
+second copy of the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .errors import UserError
+
+ADAPTER_WEIGHTS = "adapters.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def resolve_model_path(model: str | None) -> str:
+    """The embedded demo when no model is named, else the path or hub id as given."""
+    if model is None:
+        from .tiny_model import demo_model_path
+
+        return str(demo_model_path())
+    return model
+
+
+def load_model(model: str | None, quantize: bool = False, q_bits: int = 4, q_group_size: int = 64):
+    """Load (model, tokenizer, config) through mlx-lm, optionally quantizing on load (QLoRA)."""
+    from mlx_lm.utils import load
+
+    path = resolve_model_path(model)
+    local = Path(path).expanduser()
+    looks_local = local.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1
+    if looks_local and not (local / "config.json").is_file():
+        raise UserError(f"model {path!r} not found: give a model directory holding config.json, or a hub id like org/name")
+    try:
+        model_obj, tokenizer, config = load(str(local) if looks_local else path, return_config=True)
+    except UserError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"could not load model {path!r} ({first}); check the id or path, and note that a hub id "
+            "needs network access the first time (a local directory does not)"
+        )
+    if quantize and "quantization" not in config:
+        from mlx_lm.utils import quantize_model
+
+        model_obj, config = quantize_model(model_obj, config, q_group_size, q_bits)
+    return model_obj, tokenizer, config
+
+
+def attach_adapters(model: nn.Module, rank: int, num_layers: int, scale: float, dropout: float = 0.0, dora: bool = False) -> dict:
+    """Freeze the base and add LoRA (or DoRA) layers through mlx-lm's tuner.
+
+    Returns the adapter config that mlx-lm's `load_adapters` expects, so the
+    saved adapters load unchanged in `mlx_lm.generate --adapter-path` and
+    `mlx_lm.fuse`.
+    """
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    total = len(model.layers)
+    num_layers = total if num_layers < 0 or num_layers > total else num_layers
+    params = {"rank": rank, "scale": scale, "dropout": dropout}
+    model.freeze()
+    linear_to_lora_layers(model, num_layers, params, use_dora=dora)
+    if not tree_flatten(model.trainable_parameters()):
+        raise UserError("the model has no layers mlx-lm can put adapters on; try a different model")
+    return {"fine_tune_type": "dora" if dora else "lora", "num_layers": num_layers, "lora_parameters": params}
+
+
+def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in model.named_modules() if hasattr(m, "linear") and hasattr(m, "lora_a")]
+
+
+@contextlib.contextmanager
+def reference_mode(model: nn.Module):
+    """Run the base model: each adapter layer is swapped for the base layer it wraps.
+
+    Swapping module references (not zeroing a scale) is exact for LoRA and for
+    DoRA, whose learned magnitude would otherwise still act, and copies no
+    weights.
+    """
+    layers = adapter_layers(model)
+    model.update_modules(tree_unflatten([(name, m.linear) for name, m in layers]))
+    try:
+        yield model
+    finally:
+        model.update_modules(tree_unflatten(layers))
+
+
+def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def save_adapters(model: nn.Module, directory: str | Path, adapter_config: dict, atomic_write=None) -> None:
+    """Write adapters.safetensors + adapter_config.json in mlx-lm's format."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    write = atomic_write or _plain_write
+    write(directory / ADAPTER_WEIGHTS, lambda tmp: mx.save_safetensors(str(tmp), adapter_weights(model)))
+    write(directory / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(adapter_config, indent=2)))
+
+
+def _plain_write(path: Path, writer) -> None:
+    tmp = path.with_name(path.name + ".tmp" + path.suffix)
+    writer(tmp)
+    os.replace(tmp, path)
+
+
+def load_adapter_weights(model: nn.Module, path: str | Path) -> None:
+    weights = mx.load(str(path))
+    model.load_weights(list(weights.items()), strict=False)
+    mx.eval(model.parameters())

@@ -1,0 +1,158 @@
+"""Rollouts: G sampled completions for each of B prompts, in one batched generation.
+
+Each prompt is prefilled once; its KV cache is handed to mlx-lm's
+`BatchGenerator` for all G completions of its group (the generator copies
+caches when it merges them into the batch), so the N = B*G completions decode
+together and the prompt costs one forward, not G.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+
+@dataclass
+class Rollout:
+    """B prompts x G completions; prompt i's completions are rows i*G .. i*G+G-1.
+
+    `completion_tokens` include the stop token when the completion stopped
+    (the policy must learn to stop); `texts` exclude it.
+    """
+
+    prompt_tokens: list[list[int]]  # per row (shared within a group)
+    completion_tokens: list[list[int]]
+    texts: list[str]
+    finish_reasons: list[str]  # "stop" | "length"
+    group_size: int
+    # The sampler's view: log-softmax of the raw logits at each completion token
+    # (before temperature and top-p), from the generator at no extra cost.
+    sampling_logprobs: list[list[float]] | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.completion_tokens)
+
+    @property
+    def completion_lengths(self) -> list[int]:
+        return [len(c) for c in self.completion_tokens]
+
+    @property
+    def truncated(self) -> list[bool]:
+        return [r == "length" for r in self.finish_reasons]
+
+    def select_groups(self, groups: list[int]) -> "Rollout":
+        rows = [g * self.group_size + j for g in groups for j in range(self.group_size)]
+        pick = lambda xs: None if xs is None else [xs[r] for r in rows]  # noqa: E731
+        return Rollout(
+            pick(self.prompt_tokens), pick(self.completion_tokens), pick(self.texts),
+            pick(self.finish_reasons), self.group_size, pick(self.sampling_logprobs),
+        )
+
+    @staticmethod
+    def concatenate(rollouts: list["Rollout"]) -> "Rollout":
+        first = rollouts[0]
+        join = lambda attr: [x for r in rollouts for x in (getattr(r, attr) or [])]  # noqa: E731
+        logprobs = join("sampling_logprobs") if all(r.sampling_logprobs is not None for r in rollouts) else None
+        return Rollout(
+            join("prompt_tokens"), join("completion_tokens"), join("texts"),
+            join("finish_reasons"), first.group_size, logprobs,
+        )
+
+
+def pad_batch(prompt_tokens, completion_tokens, pad_id: int = 0, bucket: int = 1, mask_rows=None):
+    """Right-padded [N, T] tokens and the [N, T-1] mask of completion targets.
+
+    `completion_mask[i, t]` is 1 where tokens[i, t+1] is a completion token,
+    the positions `token_logprobs` scores. T is rounded up to a multiple of
+    `bucket` so a compiled step sees few distinct shapes. `mask_rows` ([N]
+    bool) zeroes whole rows (e.g. truncated completions under DAPO's masking).
+    """
+    lengths = [len(p) + len(c) for p, c in zip(prompt_tokens, completion_tokens)]
+    width = max(lengths)
+    width = -(-width // bucket) * bucket
+    tokens = np.full((len(lengths), width), pad_id, dtype=np.int32)
+    mask = np.zeros((len(lengths), width - 1), dtype=np.float32)
+    for i, (p, c) in enumerate(zip(prompt_tokens, completion_tokens)):
+        tokens[i, : len(p)] = p
+        tokens[i, len(p) : len(p) + len(c)] = c
+        if mask_rows is None or not mask_rows[i]:
+            mask[i, len(p) - 1 : len(p) - 1 + len(c)] = 1.0
+    return mx.array(tokens), mx.array(mask)
+
+
+def make_sampler(temperature: float, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0):
+    from mlx_lm.sample_utils import make_sampler as mlx_lm_sampler
+
+    return mlx_lm_sampler(temp=temperature, top_p=top_p if top_p < 1.0 else 0.0, top_k=top_k, min_p=min_p)
+
+
+def generate_rollout(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    group_size: int,
+    max_tokens: int,
+    sampler,
+    prefill_step_size: int = 2048,
+    on_token=None,
+) -> Rollout:
+    """Sample `group_size` completions for each prompt, all N decoded in one batch.
+
+    `on_token(tokens_done)` is called after each decode step, for progress.
+    """
+    from mlx_lm.generate import BatchGenerator
+    from mlx_lm.models.cache import make_prompt_cache
+
+    n = len(prompts) * group_size
+    stop_tokens = [[t] for t in sorted(tokenizer.eos_token_ids)]
+    generator = BatchGenerator(
+        model,
+        max_tokens=max_tokens,
+        stop_tokens=stop_tokens,
+        sampler=sampler,
+        completion_batch_size=n,
+        prefill_batch_size=n,
+        prefill_step_size=prefill_step_size,
+    )
+    row_prompts, caches = [], []
+    for prompt in prompts:
+        cache = make_prompt_cache(model)
+        if len(prompt) > 1:  # the last prompt token is the generator's first input
+            for start in range(0, len(prompt) - 1, prefill_step_size):
+                model(mx.array(prompt[start : min(start + prefill_step_size, len(prompt) - 1)])[None], cache=cache)
+            mx.eval([c.state for c in cache])
+        row_prompts += [[prompt[-1]]] * group_size
+        caches += [cache] * group_size  # shared: merging the batch copies it
+
+    uids = generator.insert(row_prompts, [max_tokens] * n, caches=caches)
+    row_of = {uid: i for i, uid in enumerate(uids)}
+    completions: list[list[int]] = [[] for _ in range(n)]
+    logprobs: list[list[mx.array]] = [[] for _ in range(n)]
+    finish = ["length"] * n
+    done = 0
+    try:
+        while responses := generator.next_generated():
+            for r in responses:
+                i = row_of[r.uid]
+                completions[i].append(r.token)
+                logprobs[i].append(r.logprobs[r.token])
+                if r.finish_reason is not None:
+                    finish[i] = r.finish_reason
+            done += 1
+            if on_token is not None:
+                on_token(done)
+    finally:
+        generator.close()
+
+    eos = set(tokenizer.eos_token_ids)
+    texts = [tokenizer.decode([t for t in c if t not in eos]) for c in completions]
+    row_prompt_tokens = [p for p in prompts for _ in range(group_size)]
+    flat = mx.stack([lp for row in logprobs for lp in row]).tolist() if any(logprobs) else []
+    sampling_logprobs, start = [], 0
+    for row in completions:
+        sampling_logprobs.append(flat[start : start + len(row)])
+        start += len(row)
+    return Rollout(row_prompt_tokens, completions, texts, finish, group_size, sampling_logprobs)
