@@ -18,6 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .errors import UserError
 from .policy import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_weights
 
 CHECKPOINTS = "checkpoints"
@@ -55,8 +56,21 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(run_dir: Path, model, optimizer, adapter_config: dict, state: dict, keep: int = 3) -> Path:
-    """Write checkpoint `state["step"]` atomically, refresh the run's adapters, prune old ones."""
-    run_dir = Path(run_dir)
+    """Write checkpoint `state["step"]` atomically, refresh the run's adapters, prune old ones.
+
+    A failed write (disk full, permissions) raises UserError and leaves every
+    earlier checkpoint, and the run's previous adapters, as they were.
+    """
+    try:
+        return _save_checkpoint(Path(run_dir), model, optimizer, adapter_config, state, keep)
+    except OSError as e:
+        raise UserError(
+            f"could not save checkpoint step {state['step']} in {run_dir} ({e.strerror or e}); "
+            "the previous checkpoints are intact: free disk space, then continue with --resume"
+        ) from e
+
+
+def _save_checkpoint(run_dir: Path, model, optimizer, adapter_config: dict, state: dict, keep: int) -> Path:
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state['step']:06d}"
@@ -65,10 +79,9 @@ def save_checkpoint(run_dir: Path, model, optimizer, adapter_config: dict, state
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        weights = adapter_weights(model)
-        mx.save_safetensors(str(tmp / ADAPTER_WEIGHTS), weights)
+        _save_arrays(tmp / ADAPTER_WEIGHTS, adapter_weights(model))
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2))
-        mx.save_safetensors(str(tmp / OPTIMIZER_STATE), dict(tree_flatten(optimizer.state)))
+        _save_arrays(tmp / OPTIMIZER_STATE, dict(tree_flatten(optimizer.state)))
         (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
         for f in tmp.iterdir():
             _fsync(f)
@@ -87,6 +100,14 @@ def save_checkpoint(run_dir: Path, model, optimizer, adapter_config: dict, state
     return final
 
 
+def _save_arrays(path: Path, arrays: dict) -> None:
+    # MLX reports a failed write (e.g. a full disk) as RuntimeError: make it the OSError it is.
+    try:
+        mx.save_safetensors(str(path), arrays)
+    except RuntimeError as e:
+        raise OSError(f"writing {path.name} failed: {e}") from e
+
+
 def load_checkpoint(path: Path):
     """Read one checkpoint: (adapter weights, optimizer state tree, trainer state); raises if damaged."""
     path = Path(path)
@@ -96,14 +117,17 @@ def load_checkpoint(path: Path):
     return weights, optimizer_state, state
 
 
-def load_latest_checkpoint(run_dir: Path):
-    """The newest readable checkpoint, falling back (with a warning) past damaged ones.
+def load_latest_checkpoint(run_dir: Path, warn=None):
+    """The newest readable checkpoint, falling back past damaged ones with `warn(message)`.
 
     Returns (weights, optimizer_state, state, path) or None when there is none.
+    `warn` defaults to warnings.warn.
     """
+    warn = warn or warnings.warn
     for path in reversed(checkpoint_dirs(run_dir)):
         try:
             return (*load_checkpoint(path), path)
         except Exception as e:  # damaged files: any parser error
-            warnings.warn(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); trying the previous one")
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            warn(f"warning: checkpoint {path.name} is unreadable ({type(e).__name__}: {detail}); using the one before it")
     return None

@@ -8,8 +8,8 @@ from dataclasses import MISSING, fields
 import click
 
 from . import __version__
-from .config import TrainConfig, build_config, load_config_file
-from .errors import UserError
+from .config import TrainConfig, build_config, field_help, load_config_file
+from .errors import Interrupted, UserError
 
 
 def _train_options(func):
@@ -95,19 +95,75 @@ def generate(model, adapter_path, prompt, system_prompt, max_tokens, temperature
     click.echo(text)
 
 
+@cli.command(name="eval")
+@click.option("--model", default=None, help="Base model directory or hub id; unset: the embedded demo model.")
+@click.option("--adapter-path", default=None, help="Run directory with adapters to apply; unset: the base model.")
+@click.option("--dataset", default="arithmetic", show_default=True, help=field_help("dataset"))
+@click.option("--dataset-config", default=None, help=field_help("dataset_config"))
+@click.option("--split", default="test", show_default=True, help="Data set split to evaluate on.")
+@click.option("--prompt-field", default=None, help=field_help("prompt_field"))
+@click.option("--answer-field", default=None, help=field_help("answer_field"))
+@click.option("--limit", default=None, type=int, help="Evaluate the first N problems; unset: the whole split.")
+@click.option("--samples", default=1, show_default=True, type=int,
+              help="K: completions sampled per problem for pass@k and maj@K; 1 runs greedy accuracy only.")
+@click.option("--system-prompt", default=None, help=field_help("system_prompt"))
+@click.option("--max-tokens", default=None, type=int, help="Maximum completion length in tokens [default: 256; demo model: 8].")
+@click.option("--temperature", default=1.0, show_default=True, type=float, help="Sampling temperature of the K samples (greedy uses 0).")
+@click.option("--top-p", default=1.0, show_default=True, type=float, help=field_help("top_p"))
+@click.option("--seed", default=0, show_default=True, type=int, help="Random seed for sampling and built-in task problems.")
+@click.option("--batch-size", default=8, show_default=True, type=int, help="Prompts decoded together (each with its K samples).")
+@click.option("--output", default=None, help="JSON file for the metrics, settings and per-problem completions.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+def eval_command(output, debug, **settings):
+    """Greedy accuracy, and pass@k / maj@K with --samples K, on a data set with gold answers."""
+    from rich.console import Console
+
+    from .evaluate import EvalProgress, evaluate, summary_table, write_result
+
+    progress = EvalProgress()
+    try:
+        result = evaluate(**settings, on_start=progress.start, on_progress=progress.advance)
+    finally:
+        progress.stop()
+    Console().print(summary_table(result))
+    if output is not None:
+        click.echo(f"results written to {write_result(result, output)}")
+
+
+@cli.command()
+def rewards():
+    """List the built-in reward functions and how to add your own."""
+    from .rewards import list_rewards
+
+    names = list_rewards()
+    width = max(map(len, names))
+    for name, description in names.items():
+        click.echo(f"{name:<{width}}  {description}")
+    click.echo(
+        "\nPass several with --reward accuracy,format (weights: --reward-weights 1,0.5).\n"
+        "Your own: --reward path/to/file.py:fn or --reward package.module:fn, where\n"
+        "fn(completions, answers, **fields) returns one float (or None) per completion."
+    )
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, required=True, metavar="RUN_DIR [RUN_DIR...]")
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), help="Also write a PNG of reward, KL and completion length against step (needs grpo-mlx[plot]).")
+def report(run_dirs, plot_path):
+    """Summarize one or several runs side by side, from their metrics.jsonl."""
+    from rich.console import Console
+
+    from .report import plot_runs, summarize_run, summary_table
+
+    Console().print(summary_table([summarize_run(d) for d in run_dirs]))
+    if plot_path is not None:
+        click.echo(f"plot written to {plot_runs(run_dirs, plot_path)}")
+
+
 def _status(message: str):
     from rich.console import Console
 
     return Console(stderr=True).status(message)
-
-
-def _not_yet(name: str, issue: str):
-    @cli.command(name=name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-    def command():
-        raise UserError(f"`grpo-mlx {name}` is not available yet ({issue}); use mlx-lm's tools meanwhile")
-
-    command.__doc__ = f"(not available yet: {issue})"
-    return command
 
 
 def main(argv=None):
@@ -120,6 +176,9 @@ def main(argv=None):
             raise
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except Interrupted as e:  # saved and stopped on SIGINT/SIGTERM
+        click.echo(str(e), err=True)
+        sys.exit(128 + e.signum)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
@@ -128,7 +187,3 @@ def main(argv=None):
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-
-
-for _name, _issue in (("eval", "issue 4"), ("report", "issue 5"), ("rewards", "issue 4")):
-    _not_yet(_name, _issue)

@@ -78,6 +78,7 @@ class TrainConfig:
     num_iterations: int = _opt(1, "Updates per rollout (mu); mu > 1 stores old log-probs.")
     micro_batch_size: int | None = _opt(None, "Completions per forward/backward; gradients accumulate. Unset: all.")
     grad_checkpoint: bool = _opt(False, "Recompute activations in the backward pass to save memory.")
+    compile: bool = _opt(False, "Compile the loss and gradient step with mx.compile.")
     seed: int = _opt(0, "Random seed for data order, sampling and adapters.")
     # run directory
     output: str = _opt("runs/latest", "Run directory: adapters, checkpoints, metrics.jsonl, config.yaml.")
@@ -139,9 +140,13 @@ class TrainConfig:
 # The embedded demo: a 0.8M-parameter model on 2-digit addition, tuned so reward
 # rises visibly within minutes on 2 CPU cores. Applied only to fields the user
 # left unset, and only when no --model is given.
+# Measured on 2 CPU cores (seeds 0 and 1): the sampled reward rises from ~0.17 to ~0.45 and
+# held-out greedy accuracy from 38% to 51-54% over 300 steps (~0.35 s each). Greedy accuracy
+# dips for the first ~50 steps while GRPO reshapes the sampling distribution; 3e-4 and above
+# collapse this small model, 1e-4 does not.
 DEMO_PRESET = {
     "dataset": "arithmetic",
-    "steps": 200,
+    "steps": 300,
     "batch_size": 8,
     "group_size": 8,
     "max_tokens": 8,

@@ -25,6 +25,7 @@ import time
 from collections import deque
 from pathlib import Path
 
+from rich.columns import Columns
 from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
@@ -130,7 +131,7 @@ def sparkline(values, width: int = 60) -> str:
     Non-finite values are dropped. A constant series is drawn at mid height so it
     does not read as "zero".
     """
-    vals = [float(v) for v in values if _is_number(v) and math.isfinite(float(v))]
+    vals = [float(v) for v in values if is_number(v) and math.isfinite(float(v))]
     if not vals or width <= 0:
         return ""
     if len(vals) > width:
@@ -146,7 +147,8 @@ def _mean(xs):
     return sum(xs) / len(xs)
 
 
-def _is_number(v) -> bool:
+def is_number(v) -> bool:
+    """A real number, or something float() reads as one (numpy and mlx scalars); not text."""
     if isinstance(v, (str, bytes)):
         return False
     try:
@@ -161,9 +163,9 @@ def fmt(value, kind: str = "num") -> str:
 
     kind: "num", "pct" (a fraction shown as a percentage), "s" (seconds), "gb".
     """
-    if isinstance(value, bool) or (isinstance(value, int)):
+    if isinstance(value, int) and kind != "pct":  # bool is an int too; a count stays exact
         text = str(int(value))
-    elif not _is_number(value):
+    elif not is_number(value):
         return str(value)
     else:
         v = float(value) * (100 if kind == "pct" else 1)
@@ -210,9 +212,9 @@ PLAIN_FIELDS = [("reward", "reward"), ("reward_std", "reward_std"), ("kl", "kl")
 def plain_line(metrics: dict, total_steps: int, sec_per_step=None) -> str:
     """`step 12/200 | reward 0.438 | reward_std 0.21 | kl 0.0012 | loss -0.0031 | len 23.4 | 3.21s/step`."""
     parts = [f"step {int(metrics.get('step', 0))}/{total_steps}"]
-    fields = PLAIN_FIELDS[:2] + [(name, key) for name, key in _reward_functions(metrics)] + PLAIN_FIELDS[2:]
+    fields = PLAIN_FIELDS[:2] + [(name, key) for name, key in reward_functions(metrics)] + PLAIN_FIELDS[2:]
     for label, key in fields:
-        if _is_number(metrics.get(key)):
+        if is_number(metrics.get(key)):
             parts.append(f"{label} {fmt(metrics[key])}")
     if sec_per_step is not None:
         parts.append(f"{sec_per_step:.2f}s/step")
@@ -238,9 +240,24 @@ def parse_plain_line(line: str) -> dict:
     return out
 
 
-def _reward_functions(metrics: dict):
+def reward_functions(metrics: dict):
     """(label, key) for each `rewards/<name>/mean`, in the trainer's order."""
-    return [(k[len("rewards/") : -len("/mean")], k) for k in metrics if k.startswith("rewards/") and k.endswith("/mean")]
+    keys = [k for k in metrics if k.startswith("rewards/") and k.endswith("/mean")]
+    names = [k[len("rewards/") : -len("/mean")] for k in keys]
+    labels = [reward_label(name) for name in names]
+    # Two plug-ins with the same function name keep their full names, so no label hides another.
+    labels = [label if labels.count(label) == 1 else _one_word(name) for label, name in zip(labels, names)]
+    return list(zip(labels, keys))
+
+
+def reward_label(name: str) -> str:
+    """A reward function's short name: `path/to/file.py:fn` and `pkg.mod:fn` show as `fn`."""
+    return _one_word(name.rpartition(":")[2] or name)
+
+
+def _one_word(text: str) -> str:
+    # A plain-line label is one word and never contains the " | " separator.
+    return "_".join(str(text).replace("|", "_").split()) or "_"
 
 
 # ---------------------------------------------------------------- the table
@@ -277,36 +294,47 @@ SECTIONS = [
         ("time/train", "training", "s"),
     ]),
 ]
-KNOWN = {key for _, rows in SECTIONS for key, _, _ in rows} | {"step"}
+# Logged to metrics.jsonl but left off the screen, which must fit a 80x24 terminal.
+OFF_SCREEN = {"step", "skipped_update", "completions/min_length", "time/rewards", "time/logprobs"}
+KNOWN = {key for _, rows in SECTIONS for key, _, _ in rows} | OFF_SCREEN
 
 
-def metrics_table(metrics: dict) -> Table:
-    """The latest metrics, one small two-column table per section, side by side."""
-    sections = []
+def _is_reward_function_key(key: str) -> bool:
+    # rewards/<name>/mean has a row; its std is left to metrics.jsonl.
+    return key.startswith("rewards/") and (key.endswith("/mean") or key.endswith("/std"))
+
+
+def metrics_table(metrics: dict) -> Columns:
+    """The latest metrics, one small two-column table per section, side by side.
+
+    Three columns (reward | policy | completions over speed) fit 80 characters;
+    on a narrower terminal they wrap onto more rows rather than shrink, since a
+    number cut to "0.…" tells nothing.
+    """
+    tables = {}
     for title, rows in SECTIONS:
         rows = [(k, label, kind) for k, label, kind in rows if k in metrics]
         if title == "reward":
-            rows[1:1] = [(k, f"  {name}", "num") for name, k in _reward_functions(metrics)]
-        sections.append((title, rows))
-    shown = {k for _, rows in sections for k, _, _ in rows}
-    sections.append(("other", [(k, k, "num") for k in metrics if k not in KNOWN and k not in shown]))
+            at = 1 if rows and rows[0][0] == "reward" else 0
+            rows[at:at] = [(k, f"  {name}", "num") for name, k in reward_functions(metrics)]
+        tables[title] = _section_table(title, rows, metrics)
+    other = [(k, k, "num") for k in metrics if k not in KNOWN and not _is_reward_function_key(k)]
+    tables["other"] = _section_table("other", other, metrics)
 
-    grid = Table.grid(padding=(0, 3))
-    cells = []
-    for title, rows in sections:
-        if not rows:
-            continue
-        t = Table(title=title, title_justify="left", title_style="bold", show_header=False, box=None, padding=(0, 1))
-        t.add_column(style="dim", no_wrap=True)
-        t.add_column(justify="right", no_wrap=True)
-        for key, label, kind in rows:
-            t.add_row(label, fmt(metrics[key], kind))
-        cells.append(t)
-    for _ in cells:
-        grid.add_column(vertical="top")
-    if cells:
-        grid.add_row(*cells)
-    return grid
+    stacks = [["reward"], ["policy"], ["completions", "speed", "other"]]
+    cells = [Group(*(tables[t] for t in stack if tables[t] is not None)) for stack in stacks]
+    return Columns([c for c in cells if c.renderables], padding=(0, 2))
+
+
+def _section_table(title: str, rows, metrics: dict) -> Table | None:
+    if not rows:
+        return None
+    t = Table(title=title, title_justify="left", title_style="bold", show_header=False, box=None, padding=(0, 1))
+    t.add_column(style="dim", no_wrap=True)
+    t.add_column(justify="right", no_wrap=True)
+    for key, label, kind in rows:
+        t.add_row(label, fmt(metrics[key], kind))
+    return t
 
 
 # ---------------------------------------------------------------- the dashboard
@@ -365,10 +393,10 @@ class Dashboard:
             step = int(metrics.get("step", self.step + 1))
             self.latest = {**metrics, "step": step}
             for series, key in ((self.rewards, "reward"), (self.kls, "kl")):
-                if _is_number(metrics.get(key)):
+                if is_number(metrics.get(key)):
                     series.append(float(metrics[key]))
             # The trainer's own step_time excludes our overhead; wall clock is the fallback.
-            if _is_number(metrics.get("step_time")):
+            if is_number(metrics.get("step_time")):
                 self._step_times.append(float(metrics["step_time"]))
             elif self._last_update is not None:
                 self._step_times.append(now - self._last_update)
@@ -435,21 +463,30 @@ class Dashboard:
             eta = spp * (self.total_steps - done) if spp is not None else None
             rate = f"{spp:.2f}s/step" if spp is not None else "?s/step"
             info = f"{pct:.0f}% · {rate} · elapsed {fmt_duration(elapsed)} · ETA {fmt_duration(eta)}"
-        grid = Table.grid(padding=(0, 2))
+        grid = Table.grid(padding=(0, 2), expand=True)
+        grid.add_column(no_wrap=True)
+        grid.add_column(ratio=1, min_width=10)
+        grid.add_column(no_wrap=True, overflow="ellipsis")
         grid.add_row(
             Text(f"step {done}/{self.total_steps}", style="bold"),
-            ProgressBar(total=max(self.total_steps, 1), completed=done, width=40),
+            ProgressBar(total=max(self.total_steps, 1), completed=done),
             Text(info),
         )
         return grid
 
     def _sparklines(self):
-        grid = Table.grid(padding=(0, 2))
+        rows = []
         for name, series in (("reward", self.rewards), ("KL", self.kls)):
             if series:
                 finite = [v for v in series if math.isfinite(v)] or [float("nan")]
                 span = f"{fmt(series[0])} → {fmt(series[-1])}  (min {fmt(min(finite))}, max {fmt(max(finite))})"
-                grid.add_row(Text(name, style="bold"), Text(sparkline(series, self.SPARK_WIDTH), style="cyan"), Text(span, style="dim"))
+                rows.append((name, series, span))
+        # Label, sparkline and span on one line: a wrapped sparkline reads as two.
+        room = self.console.width - len("reward") - 2 * 2 - max((len(span) for *_, span in rows), default=0) - 1
+        width = max(10, min(self.SPARK_WIDTH, room))
+        grid = Table.grid(padding=(0, 2))
+        for name, series, span in rows:
+            grid.add_row(Text(name, style="bold"), Text(sparkline(series, width), style="cyan"), Text(span, style="dim"))
         return grid
 
 
@@ -459,7 +496,7 @@ def _best_and_worst(sample: dict):
     pairs = list(zip(completions, rewards))
     if not pairs:
         return None, None
-    score = lambda p: p[1] if _is_number(p[1]) and math.isfinite(float(p[1])) else -math.inf  # noqa: E731
+    score = lambda p: p[1] if is_number(p[1]) and math.isfinite(float(p[1])) else -math.inf  # noqa: E731
     return max(pairs, key=score), min(pairs, key=score)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,12 +153,36 @@ def load_examples_with_stats(dataset: str, split: str = "train", dataset_config:
 
 def _load_rows(dataset: str, split: str, dataset_config: str | None):
     """A `datasets.Dataset` from a local path or the Hub; every failure becomes a `UserError`."""
+    path = Path(dataset).expanduser()
+    with _quiet_datasets() as datasets:
+        if path.exists() or path.suffix in DATA_SUFFIXES or dataset.startswith((".", "/", "~")):
+            return _load_local(path, split)
+        return _load_hub(datasets, dataset, split, dataset_config)
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """Import `datasets` with its progress bars and log lines off, restoring them after.
+
+    Its "Generating train split" bars and "Failed to load JSON" log lines go to
+    stderr, where the CLI's one-line error message must stand alone.
+    """
     # Imported here: `datasets` takes seconds to import and built-in tasks never need it.
     import datasets
 
-    path = Path(dataset).expanduser()
-    if path.exists() or path.suffix in DATA_SUFFIXES or dataset.startswith((".", "/", "~")):
-        return _load_local(path, split)
+    bars_were_off = datasets.are_progress_bars_disabled()
+    verbosity = datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield datasets
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if not bars_were_off:
+            datasets.enable_progress_bars()
+
+
+def _load_hub(datasets, dataset: str, split: str, dataset_config: str | None):
     try:
         return datasets.load_dataset(dataset, dataset_config, split=split)
     except Exception as e:  # the Hub client raises many types: offline, not found, bad config, bad split

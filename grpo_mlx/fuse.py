@@ -17,10 +17,24 @@ from .policy import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_model, resolve_model_p
 GGUF_MODEL_TYPES = ("llama", "mixtral", "mistral")  # what mlx-lm's GGUF writer supports
 
 
+def trained_base_model(adapter_path: str | Path) -> str | None:
+    """The base model a run's adapters were trained on, as the trainer recorded it; None for the demo."""
+    config_file = Path(adapter_path) / ADAPTER_CONFIG
+    if not config_file.is_file():
+        return None  # load_with_adapters explains what is missing
+    model = json.loads(config_file.read_text()).get("model")
+    return None if model in (None, "embedded-demo") else model
+
+
 def load_with_adapters(model: str | None, adapter_path: str | Path | None):
-    """Base model (quantized as it was in training) with the run's adapters applied."""
+    """Base model (quantized as it was in training) with the run's adapters applied.
+
+    No `model` means the base the adapters were trained on (else the embedded demo).
+    """
     from mlx_lm.tuner.utils import load_adapters
 
+    if model is None and adapter_path is not None:
+        model = trained_base_model(adapter_path)
     quantize = {}
     if adapter_path is not None:
         adapter_path = Path(adapter_path)
@@ -42,6 +56,8 @@ def fuse_model(model: str | None, adapter_path: str | Path, output: str | Path, 
     output, adapter_path = Path(output), Path(adapter_path)
     if output.resolve() == adapter_path.resolve() or adapter_path.resolve() in output.resolve().parents:
         raise UserError(f"--output {output} is inside the run directory {adapter_path}: choose a directory of its own")
+    if model is None:
+        model = trained_base_model(adapter_path)
     model_obj, tokenizer, config = load_with_adapters(model, adapter_path)
     if export_gguf and config.get("model_type") not in GGUF_MODEL_TYPES:
         raise UserError(

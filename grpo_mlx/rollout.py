@@ -98,10 +98,14 @@ def generate_rollout(
     sampler,
     prefill_step_size: int = 2048,
     on_token=None,
+    with_logprobs: bool = True,
 ) -> Rollout:
     """Sample `group_size` completions for each prompt, all N decoded in one batch.
 
     `on_token(tokens_done)` is called after each decode step, for progress.
+    `with_logprobs=False` skips `Rollout.sampling_logprobs` (the trainer
+    recomputes log-probs): keeping them holds every step's [N, V] log-softmax
+    alive until the end and stacks N*T scalars, for no use in training.
     """
     from mlx_lm.generate import BatchGenerator
     from mlx_lm.models.cache import make_prompt_cache
@@ -130,7 +134,7 @@ def generate_rollout(
     uids = generator.insert(row_prompts, [max_tokens] * n, caches=caches)
     row_of = {uid: i for i, uid in enumerate(uids)}
     completions: list[list[int]] = [[] for _ in range(n)]
-    logprobs: list[list[mx.array]] = [[] for _ in range(n)]
+    logprobs: list[list[mx.array]] | None = [[] for _ in range(n)] if with_logprobs else None
     finish = ["length"] * n
     done = 0
     try:
@@ -138,7 +142,8 @@ def generate_rollout(
             for r in responses:
                 i = row_of[r.uid]
                 completions[i].append(r.token)
-                logprobs[i].append(r.logprobs[r.token])
+                if logprobs is not None:
+                    logprobs[i].append(r.logprobs[r.token])
                 if r.finish_reason is not None:
                     finish[i] = r.finish_reason
             done += 1
@@ -150,6 +155,8 @@ def generate_rollout(
     eos = set(tokenizer.eos_token_ids)
     texts = [tokenizer.decode([t for t in c if t not in eos]) for c in completions]
     row_prompt_tokens = [p for p in prompts for _ in range(group_size)]
+    if logprobs is None:
+        return Rollout(row_prompt_tokens, completions, texts, finish, group_size)
     flat = mx.stack([lp for row in logprobs for lp in row]).tolist() if any(logprobs) else []
     sampling_logprobs, start = [], 0
     for row in completions:

@@ -4,16 +4,26 @@ Choices, and why:
 1. One rollout per step: B prompts x G completions, decoded in one batch.
 2. Advantages are group-relative (DeepSeekMath outcome supervision), one per
    completion, broadcast over its tokens.
-3. mu = num_iterations updates per rollout. With mu = 1 the old policy is the
-   current one, so old log-probs are the stop-gradient of the current ones and
-   cost no extra forward; with mu > 1 they are computed once, before the first
-   update, and stored.
+3. mu = num_iterations updates per rollout. The first update's policy is the
+   sampling one, so its old log-probs are the stop-gradient of the current ones
+   and cost no extra forward; with mu > 1 that forward's log-probs are kept for
+   the later updates' ratios.
 4. The reference policy is the same model with adapters bypassed; beta = 0
    skips the reference forward entirely.
-5. Micro-batches accumulate gradients; each loss is normalised by the global
-   batch's counts (policy_loss's num_sequences / num_tokens), so accumulating
-   gives the full batch's gradient for every loss_type.
+5. Micro-batches accumulate gradients; each loss is normalised by the whole
+   batch's counts (`loss_normaliser`), so accumulating gives the full batch's
+   gradient for every loss_type. The gradient step can be compiled
+   (`--compile`); batches are padded to LENGTH_BUCKET multiples so it traces
+   few shapes.
 6. A non-finite loss or gradient skips the update; several in a row stop the run.
+   A non-finite reward is not skipped: it is an error naming the reward (None is
+   how a reward says "does not apply"), so a NaN never reaches the advantages.
+7. Every reward function is tried before the model loads; one failing mid-run
+   stops the run with the last completed step saved. A failed step restores the
+   data position, so --resume redoes it with the same prompts.
+8. Under `mlx.launch` (several ranks) each rank takes its slice of the batch's
+   groups and normalises by the global counts; gradients are summed across
+   ranks before clipping, metrics reduced, and rank 0 alone writes (distributed.py).
 
 `train` is a generator of (metrics, sample) pairs and prints nothing;
 `run_training` wires it to the run directory, checkpoints and the dashboard.
@@ -35,7 +45,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from .config import TrainConfig, config_to_dict
-from .errors import UserError
+from . import distributed
+from .errors import Interrupted, UserError
 from .grpo import group_advantages, policy_loss_terms, token_logprobs
 from .policy import attach_adapters, load_model, reference_mode
 from .rollout import Rollout, generate_rollout, make_sampler, pad_batch
@@ -60,19 +71,23 @@ class Run:
     step: int = 0
     data_position: int = 0
     bad_steps: int = 0
+    # generate_rollout's signature; tests inject fixed completions through it
+    rollout_fn: object = generate_rollout
+    grad_step: object = None  # make_grad_step's function, built on the first step
 
 
 # ---------------------------------------------------------------- setup
 
 
 def setup(config: TrainConfig, log=lambda msg: None) -> Run:
-    from .data import load_examples, resolve_system_prompt
+    from .data import load_examples_with_stats, resolve_system_prompt
     from .rewards import get_reward
 
+    distributed.local_batch_size(config.batch_size, distributed.world().size())  # fail before loading anything
     reward_fns = {name: get_reward(name) for name in config.reward}
     weights = config.reward_weights or [1.0] * len(config.reward)
     log(f"loading data set {config.dataset} ({config.split})")
-    examples = load_examples(
+    examples, skipped = load_examples_with_stats(
         config.dataset,
         split=config.split,
         dataset_config=config.dataset_config,
@@ -80,6 +95,9 @@ def setup(config: TrainConfig, log=lambda msg: None) -> Run:
         answer_field=config.answer_field,
         seed=config.seed,
     )
+    if skipped:
+        log(f"skipped {skipped} bad rows of {len(examples) + skipped} (empty prompt, or an answer that is not text or a number)")
+    try_rewards(reward_fns, examples, config)
     log(f"loading model {config.model or 'embedded demo'}" + (" and quantizing" if config.quantize else ""))
     model, tokenizer, _ = load_model(config.model, config.quantize, config.q_bits, config.q_group_size)
     mx.random.seed(config.seed)  # LoRA A matrices start from this seed
@@ -90,9 +108,9 @@ def setup(config: TrainConfig, log=lambda msg: None) -> Run:
     if config.quantize:  # fuse and generate must rebuild the same quantized base
         adapter_config["quantized_on_load"] = {"bits": config.q_bits, "group_size": config.q_group_size}
     if config.grad_checkpoint:
-        from mlx_lm.tuner.trainer import grad_checkpoint
-
-        grad_checkpoint(model.layers[0])
+        enable_grad_checkpoint(model)
+    # The same seed gives every rank the same LoRA init; taking rank 0's makes sure of it.
+    model.update(distributed.broadcast_from_main(model.trainable_parameters()))
     mx.eval(model.parameters())
     return Run(
         config=config,
@@ -105,6 +123,40 @@ def setup(config: TrainConfig, log=lambda msg: None) -> Run:
         optimizer=make_optimizer(config),
         system_prompt=resolve_system_prompt(config.system_prompt),
     )
+
+
+TRIAL_EXAMPLES = 2  # examples a reward function is tried on before training
+
+
+def try_rewards(reward_fns: dict, examples: list, config: TrainConfig) -> None:
+    """Call every reward function once before the model loads, so a broken plug-in fails in seconds.
+
+    The trial completions are the gold answers themselves (empty text where there
+    is none), laid out as a rollout would be: G rows per example.
+    """
+    from .rewards import RewardError
+
+    trial = examples[:TRIAL_EXAMPLES]
+    texts = [ex.answer or "" for ex in trial for _ in range(config.group_size)]
+    for name, fn in reward_fns.items():
+        try:
+            score_groups({name: fn}, {}, config, trial, texts, [len(t) for t in texts])
+        except RewardError as e:
+            raise RewardError(f"{e} (in a trial call before training, with the gold answers as completions); fix the function") from e
+
+
+def enable_grad_checkpoint(model: nn.Module) -> None:
+    """Recompute each transformer block's activations in the backward pass.
+
+    mlx-lm's grad_checkpoint patches the block *class* for the whole process;
+    patching it twice would nest checkpoints, so it is done once per class.
+    """
+    from mlx_lm.tuner.trainer import grad_checkpoint
+
+    block = type(model.layers[0])
+    if not getattr(block, "_grpo_mlx_checkpointed", False):
+        grad_checkpoint(model.layers[0])
+        block._grpo_mlx_checkpointed = True
 
 
 def make_optimizer(config: TrainConfig) -> optim.Optimizer:
@@ -123,38 +175,46 @@ def sample_groups(run: Run, step: int):
 
     With dynamic sampling (DAPO) groups whose rewards are all equal are dropped
     and more prompts are drawn, up to `max_sampling_rounds` extra rounds.
+
+    With R ranks each round draws the prompts all ranks still need from the one
+    data stream, as a single process would, and rank r keeps its share in rank
+    order: the first round gives rank r prompts r*B/R .. (r+1)*B/R-1. Every rank
+    runs the same rounds and advances `data_position` alike.
     """
     from .data import render_prompt, take_examples
-    from .rewards import score_completions
+    from .rewards import RewardError
 
     c = run.config
     G = c.group_size
+    rank = distributed.world().rank()
+    local_batch = distributed.local_batch_size(c.batch_size, distributed.world().size())
     sampler = make_sampler(c.temperature, c.top_p, c.top_k, c.min_p)
     kept_rollouts, kept_examples, kept_rewards, kept_valid, kept_columns = [], [], [], [], []
     gen_time = reward_time = 0.0
-    gen_tokens = 0
-    for round_ in range(1 + (c.max_sampling_rounds if c.dynamic_sampling else 0)):
-        need = c.batch_size - len(kept_examples)
-        examples = take_examples(run.examples, c.seed, run.data_position, need)
-        run.data_position += need
+    gen_tokens = rounds = 0
+    for _ in range(1 + (c.max_sampling_rounds if c.dynamic_sampling else 0)):
+        needs = distributed.gather_counts(local_batch - len(kept_examples))  # every rank's shortfall
+        if sum(needs) == 0:
+            break
+        drawn = take_examples(run.examples, c.seed, run.data_position, sum(needs))
+        run.data_position += sum(needs)
+        rounds += 1
+        examples = drawn[sum(needs[:rank]) : sum(needs[: rank + 1])]
+        if not examples:  # this rank is full; the others draw more
+            continue
         prompts = [render_prompt(run.tokenizer, ex, run.system_prompt) for ex in examples]
 
         tic = time.perf_counter()
-        rollout = generate_rollout(run.model, run.tokenizer, prompts, G, c.max_tokens, sampler)
+        rollout = run.rollout_fn(run.model, run.tokenizer, prompts, G, c.max_tokens, sampler, with_logprobs=False)
         gen_time += time.perf_counter() - tic
         gen_tokens += sum(rollout.completion_lengths)
 
         tic = time.perf_counter()
-        rewards, valid, columns = score_completions(
-            run.reward_fns,
-            run.reward_weights,
-            rollout.texts,
-            [ex.answer for ex in examples for _ in range(G)],
-            [ex.meta for ex in examples for _ in range(G)],
-            completion_lengths=rollout.completion_lengths,
-            group_size=G,
-            max_completion_length=c.max_tokens,
-        )
+        try:
+            rewards, valid, columns = score_groups(run.reward_fns, run.reward_weights, c, examples, rollout.texts, rollout.completion_lengths)
+        except RewardError as e:
+            where = failing_example(run, examples, rollout.texts, rollout.completion_lengths)
+            raise RewardError(f"{e}; at step {step}, {where}") from e
         reward_time += time.perf_counter() - tic
 
         grouped = np.array(rewards, dtype=np.float64).reshape(-1, G)
@@ -166,26 +226,82 @@ def sample_groups(run: Run, step: int):
             kept_valid += valid[rows]
             kept_columns.append({k: v[rows] for k, v in columns.items()})
         kept_rollouts.append(rollout.select_groups(informative))
-        if len(kept_examples) >= c.batch_size:
-            break
 
     rollout = Rollout.concatenate(kept_rollouts)
     columns = {k: [x for col in kept_columns for x in col[k]] for k in columns}
-    timing = {"time/generation": gen_time, "time/rewards": reward_time, "generated_tokens": gen_tokens, "sampling_rounds": round_ + 1}
+    timing = {"time/generation": gen_time, "time/rewards": reward_time, "generated_tokens": gen_tokens, "sampling_rounds": rounds}
     return rollout, kept_examples, kept_rewards, kept_valid, columns, timing
+
+
+def score_groups(reward_fns, reward_weights, config: TrainConfig, examples, texts, completion_lengths):
+    """Score G completions per example with every reward function: (rewards, valid, columns)."""
+    from .rewards import score_completions
+
+    G = config.group_size
+    return score_completions(
+        reward_fns,
+        reward_weights,
+        texts,
+        [ex.answer for ex in examples for _ in range(G)],
+        [ex.meta for ex in examples for _ in range(G)],
+        completion_lengths=completion_lengths,
+        group_size=G,
+        max_completion_length=config.max_tokens,
+    )
+
+
+def failing_example(run: Run, examples, texts, completion_lengths) -> str:
+    """Name the example a reward failed on: the first group that also fails when scored alone."""
+    from .rewards import RewardError
+
+    G = run.config.group_size
+    for g, ex in enumerate(examples):
+        rows = slice(g * G, (g + 1) * G)
+        try:
+            score_groups(run.reward_fns, run.reward_weights, run.config, [ex], texts[rows], completion_lengths[rows])
+        except RewardError:
+            return f"example {prompt_text(ex)[:80]!r} (answer {ex.answer!r})"
+    return f"a batch of {len(examples)} examples starting with {prompt_text(examples[0])[:80]!r}"
 
 
 # ---------------------------------------------------------------- loss
 
 
+def loss_normaliser(loss_type: str, num_sequences: float, num_tokens: float, batch_tokens: float) -> float:
+    """1 / the count the whole batch's summed loss is divided by (grpo.policy_loss's table).
+
+    The loss function leaves each micro-batch's loss as a sum; dividing every
+    micro-batch by the whole batch's count makes the accumulated gradient the
+    full batch's for every loss_type. bnpo counts this process's tokens
+    (`batch_tokens`), dapo the global batch's (`num_tokens`).
+    """
+    if loss_type in ("grpo", "dr_grpo"):
+        return 1.0 / max(num_sequences, 1.0)
+    if loss_type == "bnpo":
+        return 1.0 / max(batch_tokens, 1.0)
+    return 1.0 / max(num_tokens, 1.0)
+
+
 def make_loss_fn(config: TrainConfig):
-    def loss_fn(model, tokens, completion_mask, advantages, old_logprobs, ref_logprobs, num_sequences, num_tokens, scale):
+    """The loss of one micro-batch: (loss, (metrics, logprobs)), traceable by mx.compile.
+
+    Everything that changes from step to step is an array (`normaliser`, 0-d),
+    so a new batch or token count reuses the compiled graph. `old_logprobs`
+    None means the sampling policy is the current one (mu = 1, or the first of
+    mu updates): its log-probs are the stop-gradient of this forward's, which
+    the function also returns so later updates can reuse them.
+    """
+    # policy_loss_terms divides by these counts; with 1 it leaves the sums, which
+    # the trainer divides by the whole batch's counts (`normaliser`). bnpo and
+    # dapo differ only in whose tokens they count, so both sum here.
+    loss_type = "dapo" if config.loss_type == "bnpo" else config.loss_type
+
+    def loss_fn(model, tokens, completion_mask, advantages, old_logprobs, ref_logprobs, normaliser):
         logprobs, entropy = token_logprobs(model, tokens, config.temperature, with_entropy=True)
-        if old_logprobs is None:  # mu = 1: the sampling policy is the current one
-            old_logprobs = mx.stop_gradient(logprobs)
+        current = mx.stop_gradient(logprobs)
         loss, metrics = policy_loss_terms(
             logprobs,
-            old_logprobs,
+            current if old_logprobs is None else old_logprobs,
             ref_logprobs,
             advantages,
             completion_mask,
@@ -193,17 +309,62 @@ def make_loss_fn(config: TrainConfig):
             epsilon_high=config.epsilon_high,
             beta=config.beta,
             kl_estimator=config.kl_estimator,
-            loss_type=config.loss_type,
+            loss_type=loss_type,
             importance_level=config.importance_level,
             max_completion_length=config.max_tokens,
-            num_sequences=num_sequences,
-            num_tokens=num_tokens,
+            num_sequences=1.0,
+            num_tokens=1.0,
         )
         mask = completion_mask.astype(mx.float32)
         metrics["entropy"] = (entropy * mask).sum() / mx.maximum(mask.sum(), 1.0)
-        return loss * scale, metrics
+        return loss * normaliser, (metrics, current)
 
     return loss_fn
+
+
+def make_grad_step(model: nn.Module, config: TrainConfig):
+    """`grad_step(tokens, mask, advantages, old, ref, normaliser) -> ((loss, (metrics, logprobs)), grads)`.
+
+    With `config.compile` the step is compiled once; each new padded shape
+    (LENGTH_BUCKET multiples) traces once more. The model's state goes in and
+    out of the compiled function explicitly: a compiled closure over the model
+    would capture its weights as constants, and later steps would differentiate
+    stale weights (mlx-lm's tuner does the same).
+    """
+    loss_and_grad = nn.value_and_grad(model, make_loss_fn(config))
+
+    def grad_step(tokens, completion_mask, advantages, old_logprobs, ref_logprobs, normaliser):
+        return loss_and_grad(model, tokens, completion_mask, advantages, old_logprobs, ref_logprobs, normaliser)
+
+    if not config.compile:
+        return grad_step
+    state = [model.state, mx.random.state]  # random state: LoRA dropout draws inside the step
+    return mx.compile(grad_step, inputs=state, outputs=state)
+
+
+def accumulate_gradients(grad_step, tokens, completion_mask, advantages, old_logprobs, ref_logprobs, batches, normaliser):
+    """Sum the micro-batches' gradients; returns (grads, loss, parts, logprobs).
+
+    `parts` holds (completion tokens, metrics) per micro-batch for weighting;
+    `logprobs` the current policy's, per micro-batch, for later updates' ratios.
+    """
+    normaliser = mx.array(normaliser, dtype=mx.float32)
+    grads, loss, parts, logprobs = None, 0.0, [], []
+    for b in batches:
+        (mb_loss, (m, lp)), g = grad_step(
+            tokens[b],
+            completion_mask[b],
+            advantages[b],
+            None if old_logprobs is None else old_logprobs[b],
+            None if ref_logprobs is None else ref_logprobs[b],
+            normaliser,
+        )
+        grads = g if grads is None else tree_map(mx.add, grads, g)
+        mx.eval(grads, mb_loss, m, lp)
+        loss += mb_loss.item()
+        parts.append((float(completion_mask[b].sum().item()), {k: v.item() for k, v in m.items()}))
+        logprobs.append(lp)
+    return grads, loss, parts, mx.concatenate(logprobs, axis=0)
 
 
 def micro_batches(n: int, size: int | None, group_size: int) -> list[slice]:
@@ -228,35 +389,43 @@ def grpo_step(run: Run, step: int):
     """One GRPO step; returns (metrics, sample)."""
     c = run.config
     step_start = time.perf_counter()
-    mx.random.seed(c.seed * 1_000_003 + step)  # sampling depends on (seed, step) only: exact resume
+    # Sampling depends on (seed, step, rank) only: exact resume; ranks draw different noise.
+    mx.random.seed((c.seed * 1_000_003 + step) * distributed.world().size() + distributed.world().rank())
     mx.reset_peak_memory()
 
     rollout, examples, rewards, valid, columns, timing = sample_groups(run, step)
     G = c.group_size
     n = rollout.num_rows
-    metrics = reward_metrics(rewards, valid, columns, G)
-    metrics.update(completion_metrics(rollout))
+    metrics = batch_metrics(rollout, rewards, valid, columns, c)
     metrics["time/generation"] = timing["time/generation"]
     metrics["time/rewards"] = timing["time/rewards"]
     metrics["tokens_per_sec/generation"] = timing["generated_tokens"] / max(timing["time/generation"], 1e-9)
     if c.dynamic_sampling:
         metrics["sampling_rounds"] = timing["sampling_rounds"]
-        metrics["num_groups"] = len(examples)
     sample = make_sample(step, rollout, examples, rewards) if examples else None
 
-    if n == 0:  # dynamic sampling found no informative group
+    mask_rows = rollout.truncated if c.mask_truncated_completions else None
+    tokens, completion_mask = pad_batch(rollout.prompt_tokens, rollout.completion_tokens, 0, LENGTH_BUCKET, mask_rows) if n else (None, None)
+    batch_tokens = float(completion_mask.sum().item()) if n else 0.0
+    # The global batch's counts, summed over ranks: every rank normalises by them, so
+    # the ranks' gradients add up to the one-process gradient.
+    num_sequences, num_tokens, ranks_with_rows = distributed.sum_across([n, batch_tokens, n > 0])
+    if num_sequences == 0:  # dynamic sampling found no informative group
         metrics.update(step=step, skipped_update=1.0, step_time=time.perf_counter() - step_start)
+        return metrics, sample
+    if n == 0:  # only this rank found none: it joins the others' updates with zero gradients
+        for _ in range(c.num_iterations):
+            metrics.update(apply_update(run, None, 0.0, []))
+        metrics["learning_rate"] = float(np.array(run.optimizer.learning_rate))
+        metrics.update(step=step, step_time=time.perf_counter() - step_start)
         return metrics, sample
 
     advantages = group_advantages(mx.array(rewards), G, scale=c.scale_rewards, valid=mx.array(valid))
-    mask_rows = rollout.truncated if c.mask_truncated_completions else None
-    tokens, completion_mask = pad_batch(rollout.prompt_tokens, rollout.completion_tokens, 0, LENGTH_BUCKET, mask_rows)
     batches = micro_batches(n, c.micro_batch_size, G)
-    num_tokens = float(completion_mask.sum().item())
-    scale = 1.0 / len(batches) if c.loss_type == "bnpo" else 1.0  # bnpo normalises per micro-batch
+    # bnpo across ranks: the mean over ranks of each rank's token-mean loss.
+    normaliser = loss_normaliser(c.loss_type, num_sequences, num_tokens, batch_tokens * ranks_with_rows)
 
     tic = time.perf_counter()
-    old_logprobs = forward_logprobs(run.model, tokens, c.temperature, batches) if c.num_iterations > 1 else None
     ref_logprobs = None
     if c.beta != 0.0:
         with reference_mode(run.model):
@@ -264,27 +433,16 @@ def grpo_step(run: Run, step: int):
     metrics["time/logprobs"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
-    loss_and_grad = nn.value_and_grad(run.model, make_loss_fn(c))
+    if run.grad_step is None:
+        run.grad_step = make_grad_step(run.model, c)
     update_metrics = []
+    old_logprobs = None  # the first update's policy is the sampling one: its forward gives the old log-probs
     for _ in range(c.num_iterations):
-        grads, losses, parts = None, [], []
-        for b in batches:
-            (loss, m), g = loss_and_grad(
-                run.model,
-                tokens[b],
-                completion_mask[b],
-                advantages[b],
-                None if old_logprobs is None else old_logprobs[b],
-                None if ref_logprobs is None else ref_logprobs[b],
-                n,
-                num_tokens,
-                scale,
-            )
-            grads = g if grads is None else tree_map(mx.add, grads, g)
-            mx.eval(grads, loss, m)
-            losses.append(loss.item())
-            parts.append((float(completion_mask[b].sum().item()), {k: v.item() for k, v in m.items()}))
-        update_metrics.append(apply_update(run, grads, sum(losses), parts))
+        grads, loss, parts, logprobs = accumulate_gradients(
+            run.grad_step, tokens, completion_mask, advantages, old_logprobs, ref_logprobs, batches, normaliser
+        )
+        old_logprobs = logprobs if old_logprobs is None else old_logprobs
+        update_metrics.append(apply_update(run, grads, loss, parts))
     metrics["time/train"] = time.perf_counter() - tic
     # Report the first update's view (ratios of 1 for mu = 1) and the last one's ratios.
     metrics.update(update_metrics[0])
@@ -302,15 +460,21 @@ def grpo_step(run: Run, step: int):
 
 
 def apply_update(run: Run, grads, loss: float, parts) -> dict:
-    """Clip, check for non-finite values, step the optimizer; returns update metrics."""
+    """Sum over ranks, clip, check for non-finite values, step the optimizer; returns update metrics.
+
+    `grads` None: this rank has no rows and adds nothing. The clip, the finiteness
+    check and the update see the global gradient, so every rank takes the same step.
+    """
     c = run.config
+    if grads is None:
+        grads = tree_map(mx.zeros_like, run.model.trainable_parameters())
+    grads = distributed.sum_gradients(grads)
+    loss, metrics = reduce_update_metrics(loss, parts)
     if c.max_grad_norm > 0:
         grads, grad_norm = optim.clip_grad_norm(grads, c.max_grad_norm)
     else:
         grad_norm = mx.sqrt(sum((g * g).sum() for _, g in tree_flatten(grads)))
     grad_norm = float(grad_norm.item())
-    total = max(sum(w for w, _ in parts), 1.0)
-    metrics = {k: sum(w * m[k] for w, m in parts) / total for k in parts[0][1]}
     metrics.update(loss=loss, grad_norm=grad_norm, skipped_update=0.0)
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         run.bad_steps += 1
@@ -318,7 +482,7 @@ def apply_update(run: Run, grads, loss: float, parts) -> dict:
         if run.bad_steps >= MAX_BAD_STEPS:
             raise NonFiniteError(
                 f"training stopped: {run.bad_steps} steps in a row had a non-finite loss or gradient; "
-                "lower --learning-rate or check the rewards (the last good adapters are saved)"
+                "lower --learning-rate or check the rewards"
             )
         return metrics
     run.bad_steps = 0
@@ -329,6 +493,21 @@ def apply_update(run: Run, grads, loss: float, parts) -> dict:
 
 class NonFiniteError(UserError):
     """Too many consecutive non-finite steps."""
+
+
+# What the loss function reports per micro-batch; ranks reduce these by name, in this order.
+UPDATE_METRICS = ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "ratio/mean", "entropy")
+
+
+def reduce_update_metrics(loss: float, parts) -> tuple[float, dict]:
+    """The global loss (a sum over micro-batches and ranks) and the token-weighted metrics.
+
+    `parts` holds (completion tokens, metrics) per micro-batch of this rank.
+    """
+    local = [loss, sum(w for w, _ in parts)] + [sum(w * m[k] for w, m in parts) for k in UPDATE_METRICS]
+    total = distributed.sum_across(local)
+    weight = max(total[1], 1.0)
+    return float(total[0]), {k: float(v / weight) for k, v in zip(UPDATE_METRICS, total[2:])}
 
 
 # ---------------------------------------------------------------- metrics
@@ -352,14 +531,36 @@ def reward_metrics(rewards, valid, columns, group_size) -> dict:
     return metrics
 
 
-def completion_metrics(rollout: Rollout) -> dict:
-    lengths = np.array(rollout.completion_lengths or [0])
+def completion_metrics(lengths, truncated) -> dict:
+    lengths = np.asarray(lengths, dtype=np.float64) if len(lengths) else np.zeros(1)
     return {
         "completions/mean_length": float(lengths.mean()),
         "completions/max_length": float(lengths.max()),
         "completions/min_length": float(lengths.min()),
-        "completions/clipped_ratio": float(np.mean(rollout.truncated)) if rollout.num_rows else 0.0,
+        "completions/clipped_ratio": float(np.mean(truncated)) if len(truncated) else 0.0,
     }
+
+
+def batch_metrics(rollout: Rollout, rewards, valid, columns, config: TrainConfig) -> dict:
+    """Reward and completion metrics of the global batch: every rank's rows, in rank order.
+
+    Ranks send their rows, not their means, so the numbers equal one process's.
+    """
+    G = config.group_size
+    names = sorted(columns)  # every rank runs the same reward functions
+    table = np.zeros((rollout.num_rows, 4 + len(names)))
+    table[:, 0], table[:, 1] = rewards, valid
+    table[:, 2], table[:, 3] = rollout.completion_lengths, rollout.truncated
+    for i, name in enumerate(names):  # a reward that does not apply (None) travels as NaN
+        table[:, 4 + i] = [np.nan if v is None else float(v) for v in columns[name]]
+    capacity = distributed.local_batch_size(config.batch_size, distributed.world().size()) * G
+    rows = distributed.gather_rows(table, capacity)
+    columns = {name: [None if np.isnan(v) else float(v) for v in rows[:, 4 + i]] for i, name in enumerate(names)}
+    metrics = reward_metrics(list(rows[:, 0]), list(rows[:, 1] > 0), columns, G)
+    metrics.update(completion_metrics(rows[:, 2], rows[:, 3] > 0))
+    if config.dynamic_sampling:
+        metrics["num_groups"] = len(rows) // G
+    return metrics
 
 
 def prompt_text(example) -> str:
@@ -386,7 +587,13 @@ def train(run: Run, stop_requested=lambda: False):
     """Yield (metrics, sample) for each step from run.step + 1 to config.steps."""
     while run.step < run.config.steps and not stop_requested():
         step = run.step + 1
-        metrics, sample = grpo_step(run, step)
+        position = run.data_position
+        try:
+            metrics, sample = grpo_step(run, step)
+        except Exception:
+            # A failed step is redone whole on --resume: it must draw the same prompts again.
+            run.data_position = position
+            raise
         run.step = step
         yield metrics, sample
 
@@ -396,38 +603,84 @@ def trainer_state(run: Run) -> dict:
 
 
 def save(run: Run, run_dir: Path) -> None:
+    """Checkpoint the run; rank 0 alone writes (the ranks hold the same adapters)."""
     from .checkpoint import save_checkpoint
 
+    if not distributed.is_main():
+        return
     save_checkpoint(run_dir, run.model, run.optimizer, run.adapter_config, trainer_state(run), run.config.keep_checkpoints)
 
 
 def prepare_run_dir(config: TrainConfig) -> Path:
     """Create the run directory; refuse to mix runs unless --resume or --overwrite."""
     run_dir = Path(config.output)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--output {run_dir} is a file, not a directory: choose another --output")
     has_run = run_dir.is_dir() and any((run_dir / f).exists() for f in ("config.yaml", "metrics.jsonl", "checkpoints"))
     if has_run and not (config.resume or config.overwrite):
         raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, --overwrite to replace it, or another --output")
     if config.resume and not has_run:
         raise UserError(f"nothing to resume in {run_dir}: it holds no run; drop --resume to start one")
-    if has_run and config.overwrite:
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if config.resume:
+        check_same_adapters(config, run_dir)
+    try:
+        if has_run and config.overwrite:
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot prepare run directory {run_dir} ({e.strerror or e}): choose another --output")
     return run_dir
 
 
+# Fields that shape the model and its adapters: a run resumed with others would load mismatched weights.
+RESUME_MUST_MATCH = ("model", "quantize", "q_bits", "q_group_size", "lora_rank", "lora_layers", "dora")
+
+
+def check_same_adapters(config: TrainConfig, run_dir: Path) -> None:
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    try:
+        saved = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        return  # written atomically by us; unreadable only if edited by hand: the checkpoint decides
+    ours = config_to_dict(config)
+    changed = [f"{k} {saved[k]!r} -> {ours[k]!r}" for k in RESUME_MUST_MATCH if k in saved and saved[k] != ours[k]]
+    if changed:
+        raise UserError(
+            f"{run_dir} holds a different run ({', '.join(changed)}): resume it with its own settings, "
+            "pass --overwrite to replace it, or choose another --output"
+        )
+
+
 def resume(run: Run, run_dir: Path, log=lambda msg: None) -> None:
+    """Load the newest checkpoint; with several ranks rank 0 reads it and hands it to the others."""
     from .checkpoint import load_latest_checkpoint
 
-    found = load_latest_checkpoint(run_dir)
-    if found is None:
-        log(f"no checkpoint in {run_dir}: starting from step 0")
-        return
-    weights, optimizer_state, state, path = found
-    run.model.load_weights(list(weights.items()), strict=False)
-    run.optimizer.state = optimizer_state
-    run.step, run.data_position = state["step"], state["data_position"]
+    found = load_latest_checkpoint(run_dir, warn=log) if distributed.is_main() else None
+    if found is not None:
+        weights, optimizer_state, state, path = found
+        run.model.load_weights(list(weights.items()), strict=False)
+        run.optimizer.state = optimizer_state
+        run.step, run.data_position = state["step"], state["data_position"]
+    if distributed.world().size() > 1:
+        share_main_state(run)
     mx.eval(run.model.parameters())
-    log(f"resumed from {path.name}")
+    log(f"resumed from {path.name}" if found is not None else f"no checkpoint in {run_dir}: starting from step 0")
+
+
+def share_main_state(run: Run) -> None:
+    """Rank 0's adapters, optimizer state, step and data position, on every rank.
+
+    The other ranks may be other machines, without the run directory.
+    """
+    run.optimizer.init(run.model.trainable_parameters())  # the same state tree on every rank
+    run.optimizer.state = distributed.broadcast_from_main(run.optimizer.state)
+    run.model.update(distributed.broadcast_from_main(run.model.trainable_parameters()))
+    counters = [run.step, run.data_position] if distributed.is_main() else [0, 0]
+    run.step, run.data_position = (int(x) for x in distributed.sum_across(counters))
 
 
 def write_config(config: TrainConfig, run_dir: Path) -> None:
@@ -444,18 +697,28 @@ def run_training(config: TrainConfig, console=None) -> Path:
     from .dashboard import Dashboard, MetricsLogger, read_metrics
     from .rewards import RewardError
 
-    run_dir = prepare_run_dir(config)
-    dashboard = Dashboard(config.steps, console=console, log_every=config.log_every)
+    # With several ranks, rank 0 alone writes the run directory and draws the dashboard.
+    main = distributed.is_main()
+    run_dir = prepare_run_dir(config) if main else Path(config.output)
+    if main:
+        dashboard = Dashboard(config.steps, console=console, log_every=config.log_every)
+    else:
+        from rich.console import Console
+
+        dashboard = Dashboard(config.steps, console=Console(quiet=True), plain=True)
     with dashboard:
         run = setup(config, log=dashboard.message)
         if config.resume:
             resume(run, run_dir, log=dashboard.message)
-            keep_metrics_until(run_dir / "metrics.jsonl", run.step, read_metrics)
-        write_config(config, run_dir)
-        logger = MetricsLogger(run_dir)
+            if main:
+                keep_metrics_until(run_dir / "metrics.jsonl", run.step, read_metrics)
+        if main:
+            write_config(config, run_dir)
+        logger = MetricsLogger(run_dir) if main else _NoLogger()
         stop = install_signal_handlers(dashboard.message)
         try:
-            for metrics, sample in train(run, stop_requested=stop.is_set):
+            # A signal may reach one rank only: all stop after the same step.
+            for metrics, sample in train(run, stop_requested=lambda: distributed.any_rank(stop.is_set())):
                 logger.log(metrics)
                 dashboard.update(metrics)
                 if sample is not None and (run.step % config.sample_every == 0 or run.step == 1):
@@ -463,11 +726,13 @@ def run_training(config: TrainConfig, console=None) -> Path:
                     dashboard.show_sample(sample)
                 if run.step % config.save_every == 0 or run.step == config.steps:
                     save(run, run_dir)
-            if stop.is_set() and run.step < config.steps:
+            if run.step < config.steps:  # the loop ended early: some rank was asked to stop
                 save(run, run_dir)
-                dashboard.message(f"interrupted: saved step {run.step}; continue with --resume")
+                raise Interrupted(f"interrupted: saved step {run.step} to {run_dir}; continue with --resume", stop.signum or signal.SIGINT)
         except (RewardError, NonFiniteError) as e:
             # The failing step made no update: the weights are the last good ones.
+            if run.step == 0:
+                raise UserError(f"{e} (no step completed, nothing saved)") from e
             save(run, run_dir)
             raise UserError(f"{e} (saved step {run.step} to {run_dir}; continue with --resume)") from e
         finally:
@@ -475,6 +740,19 @@ def run_training(config: TrainConfig, console=None) -> Path:
             logger.close()
         dashboard.message(f"adapters saved to {run_dir}")
     return run_dir
+
+
+class _NoLogger:
+    """Ranks other than 0 write no metrics."""
+
+    def log(self, metrics):
+        pass
+
+    def log_sample(self, sample):
+        pass
+
+    def close(self):
+        pass
 
 
 def keep_metrics_until(path: Path, step: int, read_metrics) -> None:
@@ -492,6 +770,7 @@ def keep_metrics_until(path: Path, step: int, read_metrics) -> None:
 class _StopFlag:
     def __init__(self):
         self._set = False
+        self.signum = None  # the first signal received
         self._previous = {}
 
     def is_set(self):
@@ -509,7 +788,7 @@ def install_signal_handlers(log) -> _StopFlag:
     def handler(signum, frame):
         if flag._set:
             raise KeyboardInterrupt
-        flag._set = True
+        flag._set, flag.signum = True, signum
         log("stopping after this step (press Ctrl-C again to quit at once)")
 
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -4,3 +4,13 @@
 def text_length(completions, answers, **example_fields):
     """Characters in the completion / 10: random byte-level tokens decode to varied lengths."""
     return [len(c) / 10 for c in completions]
+
+
+def constant_one(completions, answers, **example_fields):
+    """The same reward for every completion: every group has zero variance."""
+    return [1.0] * len(completions)
+
+
+def char_codes(completions, answers, **example_fields):
+    """Sum of character codes: differs between completions of even a single token."""
+    return [float(sum(map(ord, c))) for c in completions]

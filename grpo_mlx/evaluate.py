@@ -1,0 +1,314 @@
+"""Evaluation: greedy accuracy, pass@k and maj@k on a data set with gold answers.
+
+Choices, and why:
+1. Accuracy is greedy (temperature 0, one completion per problem), scored by the
+   `accuracy` reward, so an evaluation agrees with the reward training optimised.
+2. With K > 1 samples per problem (at --temperature), pass@k is the unbiased
+   estimator of Chen et al. 2021 ("Evaluating Large Language Models Trained on
+   Code", Eq. 1), averaged over problems: 1 - C(n-c, k) / C(n, k) for n samples
+   of which c are correct, reported for k = 1, 2, 4, ... < K and K.
+3. maj@K is a majority vote over the K extracted answers (`rewards.extract_answer`),
+   answers counted as equal by value (`rewards.numbers_equal`) or, when not
+   numbers, by `rewards.normalize_text`. Completions with no answer do not vote;
+   a tie goes to the answer that appeared first among the samples; with no vote
+   at all the problem counts as wrong.
+4. Decoding goes through the training rollout (`rollout.generate_rollout`):
+   `batch_size` prompts per batch, all K samples of a prompt in the same batch
+   with one shared prefill. Sampling reseeds MLX's generator per batch from
+   (seed, batch index), so a run is reproducible for a given seed and batch size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+DEMO_MAX_TOKENS = 8  # the embedded demo's answers are a few digits (config.DEMO_PRESET)
+DEFAULT_MAX_TOKENS = 256
+
+
+# ---------------------------------------------------------------- pass@k and maj@k
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k for one problem: the chance that k of the n samples, drawn
+    without replacement, include at least one of the c correct ones.
+
+    1 - C(n-c, k) / C(n, k), computed as 1 - prod_{i=n-c+1}^{n} (1 - k/i) so large
+    n never forms a binomial coefficient (Chen et al. 2021, Fig. 3).
+    """
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:  # every k-subset holds a correct sample
+        return 1.0
+    product = 1.0
+    for i in range(n - c + 1, n + 1):
+        product *= 1.0 - k / i
+    return 1.0 - product
+
+
+def k_values(num_samples: int) -> list[int]:
+    """The k to report pass@k for: powers of two below num_samples, and num_samples itself."""
+    ks, k = [], 1
+    while k < num_samples:
+        ks.append(k)
+        k *= 2
+    return ks + [num_samples]
+
+
+def same_answer(a: str, b: str) -> bool:
+    """Whether two extracted answers agree: by value when both are numbers, else as normalised text."""
+    from .rewards import normalize_text, numbers_equal, to_number
+
+    value_a, value_b = to_number(a), to_number(b)
+    if value_a is not None and value_b is not None:
+        return numbers_equal(value_a, value_b)
+    return normalize_text(a) == normalize_text(b)
+
+
+def majority_vote(answers: list[str | None]) -> int | None:
+    """Index of the sample whose answer wins the vote, or None when no sample gives an answer.
+
+    Answers are grouped with `same_answer`; the largest group wins, a tie goes to
+    the group whose first member comes first, and the winning index is that first
+    member. None (no answer extracted) does not vote.
+    """
+    groups: list[list[int]] = []  # sample indices, in order of each group's first appearance
+    for i, answer in enumerate(answers):
+        if answer is None:
+            continue
+        group = next((g for g in groups if same_answer(answers[g[0]], answer)), None)
+        if group is None:
+            groups.append([i])
+        else:
+            group.append(i)
+    if not groups:
+        return None
+    best = max(groups, key=len)  # max keeps the first of equally large groups
+    return best[0]
+
+
+# ---------------------------------------------------------------- decoding and scoring
+
+
+def _batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield start // size, items[start:start + size]
+
+
+def decode_all(model, tokenizer, prompts: list[list[int]], group_size: int, max_tokens: int, sampler,
+               batch_size: int, seed: int | None = None, on_batch=None) -> tuple[list[str], list[str]]:
+    """(texts, finish_reasons) for group_size completions of each prompt, prompt i's at rows i*G .. i*G+G-1.
+
+    `seed` (for sampling) reseeds MLX before each batch; `on_batch(num_prompts)` reports progress.
+    """
+    import mlx.core as mx
+
+    from .rollout import generate_rollout
+
+    texts, finish = [], []
+    for index, batch in _batches(prompts, batch_size):
+        if seed is not None:
+            mx.random.seed(seed * 1_000_003 + index)
+        # No log-probs: eval needs none, and keeping them holds each step's [N, V] log-softmax alive.
+        rollout = generate_rollout(model, tokenizer, batch, group_size, max_tokens, sampler, with_logprobs=False)
+        texts += rollout.texts
+        finish += rollout.finish_reasons
+        if on_batch is not None:
+            on_batch(len(batch))
+    return texts, finish
+
+
+def _score(texts: list[str], golds: list[str]) -> tuple[list[str | None], list[bool]]:
+    from .rewards import accuracy_reward, extract_answer
+
+    correct = [score == 1.0 for score in accuracy_reward(texts, golds)]
+    return [extract_answer(t) for t in texts], correct
+
+
+def evaluate_examples(model, tokenizer, examples, samples: int = 1, system_prompt: str | None = None,
+                      max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float = 1.0, top_p: float = 1.0,
+                      seed: int = 0, batch_size: int = 8, on_progress=None) -> dict:
+    """Metrics and per-example records for a loaded model on `examples` (each with a gold answer).
+
+    `on_progress(phase, num_prompts)` is called after each batch, phase "greedy" or "sampled".
+    Returns {"accuracy", "correct", "num_examples", "greedy_truncated", ["pass@k", "maj@K"], "examples"}.
+    """
+    from .data import render_prompt, resolve_system_prompt
+    from .rewards import parse_gold
+    from .rollout import make_sampler
+
+    golds = [ex.answer for ex in examples]
+    system = resolve_system_prompt(system_prompt)
+    prompts = [render_prompt(tokenizer, ex, system) for ex in examples]
+
+    def report(phase):  # on_batch callback for one phase, or None
+        return None if on_progress is None else (lambda prompts: on_progress(phase, prompts))
+
+    texts, finish = decode_all(model, tokenizer, prompts, 1, max_tokens, make_sampler(0.0), batch_size,
+                               on_batch=report("greedy"))
+    extracted, correct = _score(texts, golds)
+    records = [
+        {"index": i, "prompt": ex.prompt, "gold": ex.answer, "gold_answer": parse_gold(ex.answer),
+         "completion": texts[i], "extracted": extracted[i], "correct": correct[i], "finish_reason": finish[i]}
+        for i, ex in enumerate(examples)
+    ]
+    n = len(examples)
+    result = {
+        "accuracy": sum(correct) / n,
+        "correct": sum(correct),
+        "num_examples": n,
+        "greedy_truncated": sum(r == "length" for r in finish),
+    }
+    if samples > 1:
+        sampler = make_sampler(temperature, top_p)
+        sample_texts, _ = decode_all(model, tokenizer, prompts, samples, max_tokens, sampler, batch_size,
+                                     seed=seed, on_batch=report("sampled"))
+        sample_answers, sample_correct = _score(sample_texts, [g for g in golds for _ in range(samples)])
+        for i, record in enumerate(records):
+            rows = slice(i * samples, (i + 1) * samples)
+            answers, flags = sample_answers[rows], sample_correct[rows]
+            winner = majority_vote(answers)
+            record.update(samples=sample_texts[rows], sample_answers=answers, sample_correct=flags,
+                          num_correct=sum(flags), majority_answer=None if winner is None else answers[winner],
+                          majority_correct=winner is not None and flags[winner])
+        for k in k_values(samples):
+            result[f"pass@{k}"] = sum(pass_at_k(samples, r["num_correct"], k) for r in records) / n
+        result[f"maj@{samples}"] = sum(r["majority_correct"] for r in records) / n
+    result["examples"] = records
+    return result
+
+
+# ---------------------------------------------------------------- the `grpo-mlx eval` entry point
+
+
+def check_settings(samples: int, max_tokens: int | None, temperature: float, top_p: float, batch_size: int,
+                   limit: int | None) -> None:
+    """Reject settings evaluation cannot run with; the message names the flag."""
+    if samples < 1:
+        raise UserError(f"--samples {samples}: must be at least 1 (1 runs greedy accuracy only)")
+    if max_tokens is not None and max_tokens < 1:
+        raise UserError(f"--max-tokens {max_tokens}: must be at least 1")
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be at least 1")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit {limit}: must be at least 1, or leave it out to use the whole split")
+    if samples > 1 and temperature <= 0:
+        raise UserError(f"--temperature {temperature}: sampling K > 1 completions needs a temperature > 0")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top-p {top_p}: must be in (0, 1]")
+
+
+def evaluate(model: str | None = None, adapter_path: str | None = None, dataset: str = "arithmetic",
+             split: str = "test", limit: int | None = None, samples: int = 1, system_prompt: str | None = None,
+             max_tokens: int | None = None, temperature: float = 1.0, top_p: float = 1.0,
+             dataset_config: str | None = None, prompt_field: str | None = None, answer_field: str | None = None,
+             seed: int = 0, batch_size: int = 8, on_progress=None, on_start=None) -> dict:
+    """Load the data set and the model (+ adapters), evaluate, and return the result dict.
+
+    No --model means the base model recorded in the adapters' config, else the
+    embedded demo model, whose max_tokens default is DEMO_MAX_TOKENS. `seed`
+    also draws a built-in task's problems, as in training.
+    `on_start(total_prompts)` is called once before decoding, for a progress bar.
+    """
+    from .data import load_examples
+    from .fuse import load_with_adapters, trained_base_model
+
+    check_settings(samples, max_tokens, temperature, top_p, batch_size, limit)
+    if model is None and adapter_path is not None:
+        model = trained_base_model(adapter_path)
+    if max_tokens is None:
+        max_tokens = DEMO_MAX_TOKENS if model is None else DEFAULT_MAX_TOKENS
+    examples = load_examples(dataset, split=split, dataset_config=dataset_config, prompt_field=prompt_field,
+                             answer_field=answer_field, limit=limit, seed=seed)
+    if any(ex.answer is None for ex in examples):
+        raise UserError(f"{dataset} has no gold answers to score against: name the answer field with --answer-field")
+    model_obj, tokenizer, _ = load_with_adapters(model, adapter_path)
+
+    if on_start is not None:
+        on_start(len(examples) * (2 if samples > 1 else 1))
+    tic = time.perf_counter()
+    result = evaluate_examples(model_obj, tokenizer, examples, samples=samples, system_prompt=system_prompt,
+                               max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                               batch_size=batch_size, on_progress=on_progress)
+    settings = {
+        "model": model or "embedded-demo", "adapter_path": None if adapter_path is None else str(adapter_path), "dataset": dataset,
+        "dataset_config": dataset_config, "split": split, "limit": limit, "samples": samples,
+        "system_prompt": system_prompt, "max_tokens": max_tokens, "temperature": temperature if samples > 1 else None,
+        "top_p": top_p, "seed": seed, "batch_size": batch_size, "seconds": round(time.perf_counter() - tic, 3),
+    }
+    examples_out = result.pop("examples")
+    return {**result, "settings": settings, "examples": examples_out}
+
+
+def write_result(result: dict, path: str | Path) -> Path:
+    """Write the result as indented JSON, creating parent folders; a folder path is a user error."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--output {path} is a folder: give a file name such as {path / 'result.json'}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+# ---------------------------------------------------------------- progress and summary (stderr / stdout)
+
+
+class EvalProgress:
+    """A rich progress bar over prompts decoded on a terminal; plain lines on stderr otherwise."""
+
+    PLAIN_EVERY = 2.0  # seconds between plain lines
+
+    def __init__(self, console=None, plain: bool | None = None):
+        from rich.console import Console
+
+        self.console = console if console is not None else Console(stderr=True)
+        self.plain = (not self.console.is_terminal or self.console.is_dumb_terminal) if plain is None else plain
+        self.total = self.done = 0
+        self._bar = self._task = None
+        self._last_line = -math.inf
+
+    def start(self, total: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.total = total
+        if not self.plain:
+            self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), console=self.console)
+            self._task = self._bar.add_task("greedy", total=total)
+            self._bar.start()
+
+    def advance(self, phase: str, prompts: int) -> None:
+        self.done += prompts
+        if self._bar is not None:
+            self._bar.update(self._task, advance=prompts, description=phase)
+        elif time.monotonic() - self._last_line >= self.PLAIN_EVERY or self.done >= self.total:
+            self._last_line = time.monotonic()
+            self.console.print(f"eval {phase} {self.done}/{self.total} prompts", highlight=False)
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def summary_table(result: dict):
+    """A rich table of the headline numbers: accuracy, pass@k, maj@K."""
+    from rich.table import Table
+
+    settings = result["settings"]
+    table = Table(title=f"{settings['dataset']} ({settings['split']}), {result['num_examples']} problems")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("accuracy (greedy)", f"{result['accuracy']:.2%} ({result['correct']}/{result['num_examples']})")
+    for key, value in result.items():
+        if key.startswith(("pass@", "maj@")):
+            table.add_row(f"{key} (T={settings['temperature']:g})", f"{value:.2%}")
+    table.add_row("greedy cut at max tokens", str(result["greedy_truncated"]))
+    return table

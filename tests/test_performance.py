@@ -1,0 +1,196 @@
+"""The speed and memory optimisations change no numbers: compile, length buckets,
+gradient checkpointing, micro-batching, rollouts without sampler log-probs."""
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.utils import load
+
+from grpo_mlx.config import TrainConfig
+from grpo_mlx.grpo import LOSS_TYPES
+from grpo_mlx.policy import attach_adapters
+from grpo_mlx.rollout import generate_rollout, make_sampler, pad_batch
+from grpo_mlx.trainer import (
+    accumulate_gradients,
+    enable_grad_checkpoint,
+    loss_normaliser,
+    make_grad_step,
+    micro_batches,
+)
+
+
+def lora_model(model_dir, seed=0):
+    model, tokenizer = load(str(model_dir))
+    mx.random.seed(seed)
+    attach_adapters(model, rank=4, num_layers=-1, scale=20.0)
+    # Nonzero B matrices: every adapter then moves the logits, and A gets a gradient too.
+    lora_b = [(k, mx.random.normal(v.shape) * 0.01) for k, v in tree_flatten(model.trainable_parameters()) if k.endswith("lora_b")]
+    model.update(tree_unflatten(lora_b))
+    mx.eval(model.parameters())
+    return model, tokenizer
+
+
+def ragged_batch(seed=0, rows=6, vocab=200):
+    """Prompts and completions of different lengths, as a rollout would give."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(3, vocab, size=int(rng.integers(4, 9))).tolist() for _ in range(rows)]
+    completions = [rng.integers(3, vocab, size=int(rng.integers(1, 12))).tolist() for _ in range(rows)]
+    return prompts, completions
+
+
+def config_for(**overrides):
+    values = dict(model="unused", beta=0.04, temperature=0.8, max_tokens=12, epsilon_high=0.28)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def step_inputs(prompts, completions, bucket, config, seed=0):
+    """(tokens, mask, advantages, old, ref, normaliser) with a policy that has moved off the old one."""
+    tokens, mask = pad_batch(prompts, completions, 0, bucket)
+    rng = np.random.default_rng(seed)
+    advantages = mx.array(rng.normal(size=len(prompts)).astype(np.float32))
+    # Old and reference log-probs that differ from the current ones, so ratios clip and KL is nonzero.
+    old = mx.array(rng.normal(-5.0, 0.3, size=mask.shape).astype(np.float32))
+    ref = mx.array(rng.normal(-5.0, 0.3, size=mask.shape).astype(np.float32))
+    n, num_tokens = len(prompts), float(mask.sum().item())
+    return tokens, mask, advantages, old, ref, loss_normaliser(config.loss_type, n, num_tokens, num_tokens)
+
+
+def flat_grads(grads):
+    return {k: np.array(v) for k, v in tree_flatten(grads)}
+
+
+def assert_same_grads(a, b, rtol=1e-4, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=k)
+
+
+def run_accumulated(model, config, tokens, mask, advantages, old, ref, batches, normaliser, grad_step=None):
+    grad_step = grad_step or make_grad_step(model, config)
+    grads, loss, parts, logprobs = accumulate_gradients(grad_step, tokens, mask, advantages, old, ref, batches, normaliser)
+    return flat_grads(grads), loss, parts, np.array(logprobs)
+
+
+# ---------------------------------------------------------------- compile
+
+
+def test_compiled_step_gives_the_same_loss_and_gradients_and_sees_new_weights(tiny_model_dir):
+    model, _ = lora_model(tiny_model_dir)
+    prompts, completions = ragged_batch()
+    plain_config, compiled_config = config_for(compile=False), config_for(compile=True)
+    tokens, mask, adv, old, ref, norm = step_inputs(prompts, completions, 32, plain_config)
+    batches = [slice(0, len(prompts))]
+    plain_step, compiled_step = make_grad_step(model, plain_config), make_grad_step(model, compiled_config)
+
+    for update in range(2):
+        g_plain, loss_plain, parts_plain, lp_plain = run_accumulated(model, plain_config, tokens, mask, adv, old, ref, batches, norm, plain_step)
+        g_comp, loss_comp, parts_comp, lp_comp = run_accumulated(model, compiled_config, tokens, mask, adv, old, ref, batches, norm, compiled_step)
+        assert loss_comp == pytest.approx(loss_plain, rel=1e-5, abs=1e-7)
+        assert_same_grads(g_plain, g_comp)
+        np.testing.assert_allclose(lp_comp, lp_plain, rtol=1e-5, atol=1e-5)
+        for k, v in parts_plain[0][1].items():
+            assert parts_comp[0][1][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+        lora_b = [v for k, v in g_comp.items() if k.endswith("lora_b")]
+        assert lora_b and all(np.abs(v).max() > 0 for v in lora_b)
+        # An optimizer update between calls: a compiled step that captured the weights
+        # as constants would still differentiate the old ones and drift from the plain step.
+        optimizer = optim.SGD(learning_rate=0.5)
+        optimizer.update(model, tree_unflatten([(k, mx.array(g)) for k, g in g_plain.items()]))
+        mx.eval(model.parameters())
+        if update == 0:
+            first_loss = loss_plain
+    assert loss_plain != pytest.approx(first_loss, rel=1e-4)  # the update moved the loss
+
+
+# ---------------------------------------------------------------- padding
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo"])
+def test_bucket_padding_does_not_change_loss_or_gradients(tiny_model_dir, loss_type):
+    model, _ = lora_model(tiny_model_dir)
+    prompts, completions = ragged_batch(seed=1)
+    config = config_for(loss_type=loss_type)
+    exact = step_inputs(prompts, completions, 1, config)
+    bucketed = step_inputs(prompts, completions, 32, config)
+    assert bucketed[0].shape[1] % 32 == 0 and bucketed[0].shape[1] > exact[0].shape[1]
+    # Same old/ref values on the real positions; the bucket's extra columns are padding.
+    width = exact[1].shape[1]
+    old = mx.concatenate([exact[3], mx.zeros((len(prompts), bucketed[1].shape[1] - width))], axis=1)
+    ref = mx.concatenate([exact[4], mx.zeros((len(prompts), bucketed[1].shape[1] - width))], axis=1)
+    batches = [slice(0, len(prompts))]
+    g_exact, loss_exact, _, lp_exact = run_accumulated(model, config, *exact[:3], exact[3], exact[4], batches, exact[5])
+    g_bucket, loss_bucket, _, lp_bucket = run_accumulated(model, config, *bucketed[:3], old, ref, batches, bucketed[5])
+    assert loss_bucket == pytest.approx(loss_exact, rel=1e-5, abs=1e-7)
+    assert_same_grads(g_exact, g_bucket)
+    np.testing.assert_allclose(lp_bucket[:, :width] * np.array(exact[1]), lp_exact * np.array(exact[1]), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- gradient checkpointing
+
+
+def test_checkpointed_backward_gives_the_same_gradients(tiny_model_dir, monkeypatch):
+    model, _ = lora_model(tiny_model_dir)
+    config = config_for()
+    inputs = step_inputs(*ragged_batch(seed=2), 32, config)
+    batches = [slice(0, inputs[0].shape[0])]
+    g_plain, loss_plain, _, _ = run_accumulated(model, config, *inputs[:5], batches, inputs[5])
+
+    block = type(model.layers[0])
+    monkeypatch.setattr(block, "__call__", block.__call__)  # undone after the test: the patch is process-wide
+    monkeypatch.setattr(block, "_grpo_mlx_checkpointed", False, raising=False)
+    checkpointed_calls = []
+    real_checkpoint = mx.checkpoint
+    monkeypatch.setattr(mx, "checkpoint", lambda fn: checkpointed_calls.append(1) or real_checkpoint(fn))
+    enable_grad_checkpoint(model)
+    enable_grad_checkpoint(model)  # a second setup in the same process must not nest checkpoints
+    g_ckpt, loss_ckpt, _, _ = run_accumulated(model, config, *inputs[:5], batches, inputs[5])
+    assert len(checkpointed_calls) == len(model.layers)  # every block, once each
+    assert loss_ckpt == pytest.approx(loss_plain, rel=1e-6, abs=1e-7)
+    assert_same_grads(g_plain, g_ckpt, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- micro-batching
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("importance_level", ["token", "sequence"])
+def test_micro_batched_accumulation_equals_the_full_batch_gradient(tiny_model_dir, loss_type, importance_level):
+    model, _ = lora_model(tiny_model_dir)
+    config = config_for(loss_type=loss_type, importance_level=importance_level)
+    tokens, mask, adv, old, ref, norm = step_inputs(*ragged_batch(seed=3, rows=7), 32, config)
+    n = tokens.shape[0]
+    full = run_accumulated(model, config, tokens, mask, adv, old, ref, [slice(0, n)], norm)
+    batches = micro_batches(n, 3, group_size=1)  # 3 + 3 + 1 rows, unequal token counts
+    assert len(batches) == 3
+    micro = run_accumulated(model, config, tokens, mask, adv, old, ref, batches, norm)
+    assert micro[1] == pytest.approx(full[1], rel=1e-5, abs=1e-7)
+    assert_same_grads(full[0], micro[0])
+    assert any(np.abs(v).max() > 0 for v in full[0].values())
+    np.testing.assert_allclose(micro[3], full[3], rtol=1e-5, atol=1e-5)
+
+
+def test_normaliser_divides_by_the_count_each_loss_type_names():
+    assert loss_normaliser("grpo", 8, 100, 60) == pytest.approx(1 / 8)
+    assert loss_normaliser("dr_grpo", 8, 100, 60) == pytest.approx(1 / 8)
+    assert loss_normaliser("bnpo", 8, 100, 60) == pytest.approx(1 / 60)  # this process's tokens
+    assert loss_normaliser("dapo", 8, 100, 60) == pytest.approx(1 / 100)  # the global batch's
+    assert loss_normaliser("dapo", 8, 0, 0) == 1.0  # no completion tokens: no division by zero
+
+
+# ---------------------------------------------------------------- rollout
+
+
+def test_rollout_without_sampler_logprobs_samples_the_same_completions(tiny_model_dir):
+    model, tokenizer = load(str(tiny_model_dir))
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 4 plus 5?"}], add_generation_prompt=True)
+    mx.random.seed(7)
+    with_lp = generate_rollout(model, tokenizer, [prompt], 4, 8, make_sampler(1.0))
+    mx.random.seed(7)
+    without = generate_rollout(model, tokenizer, [prompt], 4, 8, make_sampler(1.0), with_logprobs=False)
+    assert without.sampling_logprobs is None
+    assert [len(x) for x in with_lp.sampling_logprobs] == with_lp.completion_lengths
+    assert without.completion_tokens == with_lp.completion_tokens
+    assert without.finish_reasons == with_lp.finish_reasons

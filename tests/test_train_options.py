@@ -1,0 +1,182 @@
+"""`grpo-mlx train` options beyond the defaults: QLoRA, DoRA, the reference policy, DAPO's pieces, generate."""
+
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from mlx.utils import tree_flatten
+
+from grpo_mlx.cli import cli, main
+from grpo_mlx.config import build_config
+from grpo_mlx.data import Example, render_prompt
+from grpo_mlx.fuse import load_with_adapters
+from grpo_mlx.policy import reference_mode
+from grpo_mlx.trainer import setup, train
+
+PLUGINS = Path(__file__).parent / "plugin_rewards.py"
+TEXT_REWARD = f"{PLUGINS}:text_length"
+
+
+def train_cli(model_dir, run_dir, *extra):
+    args = ["train", "--model", str(model_dir), "--output", str(run_dir), "--steps", "2", "--batch-size", "2",
+            "--group-size", "4", "--max-tokens", "6", "--learning-rate", "0.05", "--reward", TEXT_REWARD,
+            "--seed", "1", *extra]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    return run_dir
+
+
+def prompt_tokens(tokenizer):
+    return mx.array(render_prompt(tokenizer, Example("What is 21 plus 21?", "42")))[None]
+
+
+def lora_b(model):
+    return {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters()) if k.endswith("lora_b")}
+
+
+def test_qlora_trains_on_a_4bit_base_and_fuses_with_and_without_dequantize(tiny_model_dir, tmp_path):
+    from mlx_lm.utils import load
+
+    run_dir = train_cli(tiny_model_dir, tmp_path / "run", "--quantize")
+    adapted, tokenizer, _ = load_with_adapters(str(tiny_model_dir), run_dir)
+    # The base under the adapters is quantized: that is what QLoRA trains against.
+    assert any(isinstance(m, nn.QuantizedLinear) for _, m in adapted.named_modules())
+    x = prompt_tokens(tokenizer)
+    adapted_logits = np.array(adapted(x))
+    base, _ = load(str(tiny_model_dir))
+    assert np.abs(adapted_logits - np.array(base(x))).max() > 1e-2  # quantization + adapters changed it
+
+    fused = {}
+    for name, flag in (("float", "--dequantize"), ("4bit", None)):
+        out = tmp_path / f"fused-{name}"
+        args = ["fuse", "--model", str(tiny_model_dir), "--adapter-path", str(run_dir), "--output", str(out)]
+        result = CliRunner().invoke(cli, args + ([flag] if flag else []))
+        assert result.exit_code == 0, result.output
+        fused[name], _ = load(str(out))
+
+    # De-quantized weights plus the merged low-rank update are exactly base+adapters.
+    assert not any(isinstance(m, nn.QuantizedLinear) for _, m in fused["float"].named_modules())
+    np.testing.assert_allclose(np.array(fused["float"](x)), adapted_logits, atol=1e-4, rtol=1e-4)
+
+    # Without --dequantize the merged weights are quantized again, at the base's bits and group
+    # size: each weight within one quantization step of the exact merged weight (MLX's affine
+    # quantization shifts its grid so that zero is exact, so half a step is not guaranteed).
+    float_layers = dict(fused["float"].named_modules())
+    checked = 0
+    for name, layer in fused["4bit"].named_modules():
+        if isinstance(layer, nn.QuantizedLinear):
+            assert (layer.bits, layer.group_size) == (4, 64)
+            exact = np.array(float_layers[name].weight)
+            rounded = np.array(mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits))
+            step = np.repeat(np.abs(np.array(layer.scales)), layer.group_size, axis=-1)
+            assert np.all(np.abs(rounded - exact) <= step + 1e-5), name
+            checked += 1
+    assert checked > 0
+
+
+def test_dora_adapters_train_and_load_unchanged_in_mlx_lm(tiny_model_dir, tmp_path):
+    from mlx_lm.tuner.dora import DoRALinear
+    from mlx_lm.utils import load
+
+    run_dir = train_cli(tiny_model_dir, tmp_path / "run", "--dora")
+    adapted, tokenizer, _ = load_with_adapters(str(tiny_model_dir), run_dir)
+    assert any(isinstance(m, DoRALinear) for _, m in adapted.named_modules())
+    x = prompt_tokens(tokenizer)
+    reloaded, _ = load(str(tiny_model_dir), adapter_path=str(run_dir))
+    np.testing.assert_allclose(np.array(reloaded(x)), np.array(adapted(x)), atol=1e-5)
+    base, _ = load(str(tiny_model_dir))
+    assert np.abs(np.array(adapted(x)) - np.array(base(x))).max() > 1e-3
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_reference_mode_is_the_base_model_and_restores_the_adapters(tiny_model_dir, tmp_path, dora):
+    from mlx_lm.utils import load
+
+    run = setup(build_config({}, dict(model=str(tiny_model_dir), output=str(tmp_path / "r"), dora=dora, steps=1,
+                                      batch_size=2, group_size=4, max_tokens=6, reward=[TEXT_REWARD])))
+    # Adapters that matter: random B matrices (they start at zero).
+    run.model.load_weights([(k, mx.random.normal(v.shape) * 0.1) for k, v in tree_flatten(run.model.trainable_parameters())
+                            if k.endswith("lora_b")], strict=False)
+    x = prompt_tokens(run.tokenizer)
+    adapted = np.array(run.model(x))
+    base, _ = load(str(tiny_model_dir))
+    with reference_mode(run.model):
+        reference = np.array(run.model(x))
+        assert not tree_flatten(run.model.trainable_parameters())  # no adapter is in the graph
+    np.testing.assert_allclose(reference, np.array(base(x)), atol=1e-5)
+    np.testing.assert_allclose(np.array(run.model(x)), adapted, atol=1e-6)  # adapters back in place
+    assert np.abs(adapted - reference).max() > 1e-3
+
+
+def test_dynamic_sampling_drops_constant_groups_and_draws_more_prompts(tiny_model_dir, tmp_path):
+    constant = f"{PLUGINS}:constant_one"
+    config = build_config({}, dict(model=str(tiny_model_dir), output=str(tmp_path / "r"), steps=1, batch_size=2,
+                                   group_size=4, max_tokens=4, reward=[constant], dynamic_sampling=True,
+                                   max_sampling_rounds=2))
+    run = setup(config)
+    (metrics, _), = list(train(run))
+    # Every group is constant: all three rounds (1 + 2 extra) ran, nothing was kept, no update.
+    assert metrics["sampling_rounds"] == 3
+    assert metrics["skipped_update"] == 1.0
+    assert run.data_position == 2 * 3
+    assert all(np.all(b == 0) for b in lora_b(run.model).values())
+
+    varied = build_config({}, dict(model=str(tiny_model_dir), output=str(tmp_path / "v"), steps=1, batch_size=2,
+                                   group_size=4, max_tokens=6, reward=[TEXT_REWARD], dynamic_sampling=True, seed=3))
+    run = setup(varied)
+    (metrics, _), = list(train(run))
+    assert metrics["frac_reward_zero_std"] == 0.0  # only informative groups reach the update
+    assert metrics["skipped_update"] == 0.0
+
+
+def test_masked_truncated_completions_leave_the_loss(tiny_model_dir, tmp_path):
+    # One token per completion on a random model: every completion is cut at max tokens.
+    def one_step(mask):
+        config = build_config({}, dict(model=str(tiny_model_dir), output=str(tmp_path / str(mask)), steps=1,
+                                       batch_size=2, group_size=4, max_tokens=1, reward=[f"{PLUGINS}:char_codes"],
+                                       mask_truncated_completions=mask, learning_rate=1e-2, seed=4))
+        run = setup(config)
+        (metrics, _), = list(train(run))
+        return run, metrics
+
+    run, metrics = one_step(False)
+    assert metrics["completions/clipped_ratio"] == 1.0
+    assert any(np.abs(b).max() > 0 for b in lora_b(run.model).values())
+    run, metrics = one_step(True)
+    assert metrics["completions/clipped_ratio"] == 1.0
+    assert all(np.all(b == 0) for b in lora_b(run.model).values())  # nothing left in the loss
+
+
+def test_entropy_metric_is_the_policy_entropy_on_the_completions(tiny_model_dir, tmp_path):
+    run = setup(build_config({}, dict(model=str(tiny_model_dir), output=str(tmp_path / "r"), steps=1, batch_size=1,
+                                      group_size=2, max_tokens=4, reward=[TEXT_REWARD], learning_rate=1e-9)))
+    (metrics, _), = list(train(run))
+    vocab = run.model.args.vocab_size
+    # A random model is near uniform: its entropy is a large fraction of log(V), never above it.
+    assert 0.5 * np.log(vocab) < metrics["entropy"] <= np.log(vocab) + 1e-4
+
+
+def test_generate_with_adapters_matches_mlx_lm_on_base_plus_adapters(tiny_model_dir, tmp_path):
+    from mlx_lm.generate import generate
+    from mlx_lm.utils import load
+
+    run_dir = train_cli(tiny_model_dir, tmp_path / "run")
+    result = CliRunner().invoke(cli, ["generate", "--model", str(tiny_model_dir), "--adapter-path", str(run_dir),
+                                      "--prompt", "What is 21 plus 21?", "--max-tokens", "8"])
+    assert result.exit_code == 0, result.output
+    model, tokenizer = load(str(tiny_model_dir), adapter_path=str(run_dir))
+    expected = generate(model, tokenizer, render_prompt(tokenizer, Example("What is 21 plus 21?", None)), max_tokens=8)
+    assert result.output.rstrip("\n") == expected
+
+
+def test_gguf_export_of_an_unsupported_architecture_is_a_one_line_error(tiny_model_dir, tmp_path, capsys):
+    run_dir = train_cli(tiny_model_dir, tmp_path / "run")
+    with pytest.raises(SystemExit) as e:
+        main(["fuse", "--model", str(tiny_model_dir), "--adapter-path", str(run_dir), "--output",
+              str(tmp_path / "fused"), "--export-gguf"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "GGUF" in err[0] and "qwen2" in err[0]
