@@ -95,12 +95,47 @@ def group_advantages(
 # ---------------------------------------------------------------- log-probs
 
 
+def lm_head_split(model):
+    """(body, head) with head(body(x)) == model(x) for mlx-lm's plain causal LMs, else None.
+
+    Llama, Qwen, Mistral and most mlx-lm models end in `model.model` (embeddings,
+    blocks, final norm) followed by `lm_head`, or by the tied embedding used as a
+    linear layer. Models that do more after the head (logit soft-capping, scaling)
+    share the attribute names, so `lm_head_split_matches` checks the split numerically
+    before a trainer relies on it.
+    """
+    body = getattr(model, "model", None)
+    if body is None or not callable(body):
+        return None
+    head = getattr(model, "lm_head", None)
+    if head is None and getattr(getattr(model, "args", None), "tie_word_embeddings", False):
+        embed = getattr(body, "embed_tokens", None)
+        head = getattr(embed, "as_linear", None)
+    return None if head is None else (body, head)
+
+
+def lm_head_split_matches(model, atol: float = 1e-4) -> bool:
+    """Whether head(body(x)) reproduces model(x) on a short input (see `lm_head_split`)."""
+    split = lm_head_split(model)
+    if split is None:
+        return False
+    body, head = split
+    x = mx.array([[1, 2, 3, 4, 5]])
+    try:
+        expected, got = model(x).astype(mx.float32), head(body(x)).astype(mx.float32)
+        return expected.shape == got.shape and bool(mx.allclose(expected, got, atol=atol, rtol=atol).item())
+    except Exception:  # an architecture whose body needs other arguments
+        return False
+
+
 def token_logprobs(
     model,
     tokens: mx.array,
     temperature: float = 1.0,
     chunk_size: int | None = None,
     with_entropy: bool = False,
+    start: int = 0,
+    split_head: bool = False,
 ):
     """log pi(tokens[:, t+1] | tokens[:, :t+1]) under softmax(logits / temperature).
 
@@ -108,29 +143,46 @@ def token_logprobs(
     completions were sampled from. Returns float32 [N, T-1] (and the per-token
     entropy [N, T-1], without gradient, when `with_entropy`).
 
-    Memory: the model's logits [N, T-1, V] are the one full copy; the float32
-    log-softmax is never materialised whole. Each chunk of `chunk_size`
-    positions (all at once when None) is cast, its logsumexp taken and the
-    chosen token's logit gathered.
+    `start`: positions t < start are not scored and come back as 0. A trainer
+    passes the first completion position, since prompt tokens never enter the loss.
+    `split_head`: run the model's body, then its LM head only on positions
+    >= start (see `lm_head_split`; check it with `lm_head_split_matches` first).
+    The LM head and the log-softmax over the vocabulary cost the most memory per
+    token, and prompts are often as long as completions.
+
+    Memory: the logits of the scored positions are the one full copy (one chunk
+    at a time with `split_head` and `chunk_size`); the float32 log-softmax is
+    never materialised whole. Each chunk of `chunk_size` positions (all at once
+    when None) is cast, its logsumexp taken and the chosen token's logit gathered.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
-    logits = model(tokens[:, :-1])
-    targets = tokens[:, 1:]
+    inputs, targets = tokens[:, :-1], tokens[:, start + 1 :]
+    if split_head:
+        body, head = lm_head_split(model)
+        hidden = body(inputs)[:, start:]
+        logits_of = lambda a, b: head(hidden[:, a:b])  # noqa: E731
+    else:
+        logits = model(inputs)[:, start:]
+        logits_of = lambda a, b: logits[:, a:b]  # noqa: E731
     length = targets.shape[1]
-    step = length if not chunk_size else chunk_size
+    step = chunk_size or max(length, 1)
     logprob_chunks, entropy_chunks = [], []
-    for start in range(0, length, step):
-        chunk = logits[:, start : start + step].astype(mx.float32)
+    for a in range(0, length, step):
+        chunk = logits_of(a, a + step).astype(mx.float32)
         if temperature != 1.0:
             chunk = chunk / temperature
         lse = mx.logsumexp(chunk, axis=-1)
-        chosen = mx.take_along_axis(chunk, targets[:, start : start + step, None], axis=-1)[..., 0]
+        chosen = mx.take_along_axis(chunk, targets[:, a : a + step, None], axis=-1)[..., 0]
         logprob_chunks.append(chosen - lse)
         if with_entropy:
             c = mx.stop_gradient(chunk)
             probs = mx.softmax(c, axis=-1)
             entropy_chunks.append(mx.stop_gradient(lse) - (probs * c).sum(axis=-1))
+    if start > 0:  # unscored prompt positions
+        zeros = mx.zeros((tokens.shape[0], start), dtype=mx.float32)
+        logprob_chunks.insert(0, zeros)
+        entropy_chunks.insert(0, zeros)
     logprobs = mx.concatenate(logprob_chunks, axis=1) if len(logprob_chunks) > 1 else logprob_chunks[0]
     if not with_entropy:
         return logprobs

@@ -47,7 +47,7 @@ from mlx.utils import tree_flatten, tree_map
 from .config import TrainConfig, config_to_dict
 from . import distributed
 from .errors import Interrupted, UserError
-from .grpo import group_advantages, policy_loss_terms, token_logprobs
+from .grpo import group_advantages, lm_head_split_matches, policy_loss_terms, token_logprobs
 from .policy import attach_adapters, load_model, reference_mode
 from .rollout import Rollout, generate_rollout, make_sampler, pad_batch
 
@@ -71,6 +71,9 @@ class Run:
     step: int = 0
     data_position: int = 0
     bad_steps: int = 0
+    # Whether the model's body and LM head can run apart (grpo.lm_head_split_matches):
+    # then logits are formed for completion positions only.
+    split_head: bool = False
     # generate_rollout's signature; tests inject fixed completions through it
     rollout_fn: object = generate_rollout
     grad_step: object = None  # make_grad_step's function, built on the first step
@@ -122,6 +125,7 @@ def setup(config: TrainConfig, log=lambda msg: None) -> Run:
         reward_weights=dict(zip(config.reward, weights)),
         optimizer=make_optimizer(config),
         system_prompt=resolve_system_prompt(config.system_prompt),
+        split_head=lm_head_split_matches(model),
     )
 
 
@@ -282,7 +286,7 @@ def loss_normaliser(loss_type: str, num_sequences: float, num_tokens: float, bat
     return 1.0 / max(num_tokens, 1.0)
 
 
-def make_loss_fn(config: TrainConfig):
+def make_loss_fn(config: TrainConfig, split_head: bool = False):
     """The loss of one micro-batch: (loss, (metrics, logprobs)), traceable by mx.compile.
 
     Everything that changes from step to step is an array (`normaliser`, 0-d),
@@ -296,8 +300,10 @@ def make_loss_fn(config: TrainConfig):
     # dapo differ only in whose tokens they count, so both sum here.
     loss_type = "dapo" if config.loss_type == "bnpo" else config.loss_type
 
-    def loss_fn(model, tokens, completion_mask, advantages, old_logprobs, ref_logprobs, normaliser):
-        logprobs, entropy = token_logprobs(model, tokens, config.temperature, with_entropy=True)
+    def loss_fn(model, tokens, completion_mask, advantages, old_logprobs, ref_logprobs, normaliser, start=0):
+        logprobs, entropy = token_logprobs(
+            model, tokens, config.temperature, with_entropy=True, start=start, split_head=split_head
+        )
         current = mx.stop_gradient(logprobs)
         loss, metrics = policy_loss_terms(
             logprobs,
@@ -322,8 +328,11 @@ def make_loss_fn(config: TrainConfig):
     return loss_fn
 
 
-def make_grad_step(model: nn.Module, config: TrainConfig):
-    """`grad_step(tokens, mask, advantages, old, ref, normaliser) -> ((loss, (metrics, logprobs)), grads)`.
+def make_grad_step(model: nn.Module, config: TrainConfig, split_head: bool = False):
+    """`grad_step(tokens, mask, advantages, old, ref, normaliser, start) -> ((loss, (metrics, logprobs)), grads)`.
+
+    `start` is the first scored position (see `token_logprobs`); a new value traces
+    the compiled step once more, as a new shape does.
 
     With `config.compile` the step is compiled once; each new padded shape
     (LENGTH_BUCKET multiples) traces once more. The model's state goes in and
@@ -331,10 +340,10 @@ def make_grad_step(model: nn.Module, config: TrainConfig):
     would capture its weights as constants, and later steps would differentiate
     stale weights (mlx-lm's tuner does the same).
     """
-    loss_and_grad = nn.value_and_grad(model, make_loss_fn(config))
+    loss_and_grad = nn.value_and_grad(model, make_loss_fn(config, split_head))
 
-    def grad_step(tokens, completion_mask, advantages, old_logprobs, ref_logprobs, normaliser):
-        return loss_and_grad(model, tokens, completion_mask, advantages, old_logprobs, ref_logprobs, normaliser)
+    def grad_step(tokens, completion_mask, advantages, old_logprobs, ref_logprobs, normaliser, start=0):
+        return loss_and_grad(model, tokens, completion_mask, advantages, old_logprobs, ref_logprobs, normaliser, start)
 
     if not config.compile:
         return grad_step
@@ -342,7 +351,7 @@ def make_grad_step(model: nn.Module, config: TrainConfig):
     return mx.compile(grad_step, inputs=state, outputs=state)
 
 
-def accumulate_gradients(grad_step, tokens, completion_mask, advantages, old_logprobs, ref_logprobs, batches, normaliser):
+def accumulate_gradients(grad_step, tokens, completion_mask, advantages, old_logprobs, ref_logprobs, batches, normaliser, start=0):
     """Sum the micro-batches' gradients; returns (grads, loss, parts, logprobs).
 
     `parts` holds (completion tokens, metrics) per micro-batch for weighting;
@@ -358,6 +367,7 @@ def accumulate_gradients(grad_step, tokens, completion_mask, advantages, old_log
             None if old_logprobs is None else old_logprobs[b],
             None if ref_logprobs is None else ref_logprobs[b],
             normaliser,
+            start,
         )
         grads = g if grads is None else tree_map(mx.add, grads, g)
         mx.eval(grads, mb_loss, m, lp)
@@ -367,16 +377,24 @@ def accumulate_gradients(grad_step, tokens, completion_mask, advantages, old_log
     return grads, loss, parts, mx.concatenate(logprobs, axis=0)
 
 
+def first_scored_position(prompt_tokens) -> int:
+    """The first position whose next token is a completion token in some row, rounded down
+    to a LENGTH_BUCKET multiple (few distinct shapes for a compiled step). Positions before
+    it predict prompt tokens only: no logits are formed there."""
+    first = min(len(p) for p in prompt_tokens) - 1
+    return first // LENGTH_BUCKET * LENGTH_BUCKET
+
+
 def micro_batches(n: int, size: int | None, group_size: int) -> list[slice]:
     size = n if size is None else max(1, size)
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def forward_logprobs(model, tokens, temperature, batches) -> mx.array:
+def forward_logprobs(model, tokens, temperature, batches, start=0, split_head=False) -> mx.array:
     """Log-probs without gradient, one micro-batch at a time (old or reference policy)."""
     parts = []
     for b in batches:
-        lp = mx.stop_gradient(token_logprobs(model, tokens[b], temperature))
+        lp = mx.stop_gradient(token_logprobs(model, tokens[b], temperature, start=start, split_head=split_head))
         mx.eval(lp)
         parts.append(lp)
     return mx.concatenate(parts, axis=0)
@@ -422,6 +440,7 @@ def grpo_step(run: Run, step: int):
 
     advantages = group_advantages(mx.array(rewards), G, scale=c.scale_rewards, valid=mx.array(valid))
     batches = micro_batches(n, c.micro_batch_size, G)
+    start = first_scored_position(rollout.prompt_tokens)
     # bnpo across ranks: the mean over ranks of each rank's token-mean loss.
     normaliser = loss_normaliser(c.loss_type, num_sequences, num_tokens, batch_tokens * ranks_with_rows)
 
@@ -429,17 +448,17 @@ def grpo_step(run: Run, step: int):
     ref_logprobs = None
     if c.beta != 0.0:
         with reference_mode(run.model):
-            ref_logprobs = forward_logprobs(run.model, tokens, c.temperature, batches)
+            ref_logprobs = forward_logprobs(run.model, tokens, c.temperature, batches, start, run.split_head)
     metrics["time/logprobs"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
     if run.grad_step is None:
-        run.grad_step = make_grad_step(run.model, c)
+        run.grad_step = make_grad_step(run.model, c, run.split_head)
     update_metrics = []
     old_logprobs = None  # the first update's policy is the sampling one: its forward gives the old log-probs
     for _ in range(c.num_iterations):
         grads, loss, parts, logprobs = accumulate_gradients(
-            run.grad_step, tokens, completion_mask, advantages, old_logprobs, ref_logprobs, batches, normaliser
+            run.grad_step, tokens, completion_mask, advantages, old_logprobs, ref_logprobs, batches, normaliser, start
         )
         old_logprobs = logprobs if old_logprobs is None else old_logprobs
         update_metrics.append(apply_update(run, grads, loss, parts))

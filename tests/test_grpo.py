@@ -297,3 +297,69 @@ def test_token_logprobs_gradient_reaches_the_weights(tiny_lm):
 
     norms = [float(mx.abs(g).sum()) for _, g in tree_flatten(grads)]
     assert all(np.isfinite(norms)) and sum(n > 0 for n in norms) > len(norms) // 2
+
+
+@pytest.fixture(scope="module")
+def tied_lm():
+    from mlx_lm.models import qwen2
+
+    args = qwen2.ModelArgs(
+        model_type="qwen2", hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=97,
+        tie_word_embeddings=True,
+    )
+    mx.random.seed(1)
+    model = qwen2.Model(args)
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+@pytest.mark.parametrize("which", ["untied", "tied"])
+def test_scoring_from_start_with_a_split_head_equals_full_logprobs(tiny_lm, tied_lm, which, chunk_size):
+    from grpo_mlx.grpo import lm_head_split_matches
+
+    model = tiny_lm if which == "untied" else tied_lm
+    assert lm_head_split_matches(model)
+    tokens = mx.array(np.random.default_rng(2).integers(0, 97, size=(3, 12)))
+    full, full_entropy = token_logprobs(model, tokens, temperature=0.8, with_entropy=True)
+    start = 5
+    got, entropy = token_logprobs(model, tokens, temperature=0.8, chunk_size=chunk_size, with_entropy=True,
+                                  start=start, split_head=True)
+    assert got.shape == full.shape == (3, 11)
+    np.testing.assert_allclose(np.array(got)[:, start:], np.array(full)[:, start:], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.array(entropy)[:, start:], np.array(full_entropy)[:, start:], rtol=1e-5, atol=1e-5)
+    assert np.all(np.array(got)[:, :start] == 0) and np.all(np.array(entropy)[:, :start] == 0)
+
+
+def test_gradient_through_a_split_head_equals_the_full_models(tiny_lm):
+    from mlx.utils import tree_flatten
+
+    tokens = mx.array(np.random.default_rng(3).integers(0, 97, size=(2, 9)))
+    mask = mx.concatenate([mx.zeros((2, 4)), mx.ones((2, 4))], axis=1)
+
+    def loss(split):
+        return lambda m: (token_logprobs(m, tokens, start=4 if split else 0, split_head=split) * mask).sum()
+
+    full = dict(tree_flatten(nn.value_and_grad(tiny_lm, loss(False))(tiny_lm)[1]))
+    split = dict(tree_flatten(nn.value_and_grad(tiny_lm, loss(True))(tiny_lm)[1]))
+    assert full.keys() == split.keys()
+    for k in full:
+        np.testing.assert_allclose(np.array(split[k]), np.array(full[k]), rtol=1e-4, atol=1e-6, err_msg=k)
+    assert float(mx.abs(split["lm_head.weight"]).sum()) > 0  # the head still learns when it is trainable
+
+
+def test_a_model_that_changes_its_logits_after_the_head_is_not_split(tiny_lm):
+    from grpo_mlx.grpo import lm_head_split, lm_head_split_matches
+
+    class SoftCapped(nn.Module):  # like Gemma 2: logits soft-capped after the head
+        def __init__(self, inner):
+            super().__init__()
+            self.model, self.lm_head, self.args = inner.model, inner.lm_head, inner.args
+
+        def __call__(self, x):
+            return 5.0 * mx.tanh(self.lm_head(self.model(x)) / 5.0)
+
+    capped = SoftCapped(tiny_lm)
+    assert lm_head_split(capped) is not None  # the attribute names look right...
+    assert not lm_head_split_matches(capped)  # ...but the numbers do not, so the trainer keeps model(x)

@@ -194,3 +194,36 @@ def test_rollout_without_sampler_logprobs_samples_the_same_completions(tiny_mode
     assert [len(x) for x in with_lp.sampling_logprobs] == with_lp.completion_lengths
     assert without.completion_tokens == with_lp.completion_tokens
     assert without.finish_reasons == with_lp.finish_reasons
+
+
+# ---------------------------------------------------------------- logits on completion positions only
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+def test_scoring_completion_positions_only_gives_the_same_loss_and_gradients(tiny_model_dir, compile_):
+    from grpo_mlx.grpo import lm_head_split_matches
+    from grpo_mlx.trainer import first_scored_position
+
+    model, _ = lora_model(tiny_model_dir)
+    assert lm_head_split_matches(model)
+    rng = np.random.default_rng(4)
+    # Long prompts (>= 40 tokens): the first scored position is past a whole length bucket.
+    prompts = [rng.integers(3, 200, size=int(rng.integers(40, 50))).tolist() for _ in range(4)]
+    completions = [rng.integers(3, 200, size=int(rng.integers(1, 12))).tolist() for _ in range(4)]
+    start = first_scored_position(prompts)
+    assert start == 32
+    config = config_for(compile=compile_)
+    tokens, mask, adv, old, ref, norm = step_inputs(prompts, completions, 32, config)
+    batches = micro_batches(4, 3, 2)  # two micro-batches
+    full = make_grad_step(model, config)
+    split = make_grad_step(model, config, split_head=True)
+    g_full, loss_full, parts_full, lp_full = run_accumulated(model, config, tokens, mask, adv, old, ref, batches, norm, full)
+    grads, loss, parts, logprobs = accumulate_gradients(split, tokens, mask, adv, old, ref, batches, norm, start)
+    assert loss == pytest.approx(loss_full, rel=1e-5, abs=1e-7)
+    assert_same_grads(g_full, flat_grads(grads))
+    m = np.array(mask)
+    np.testing.assert_allclose(np.array(logprobs) * m, lp_full * m, rtol=1e-5, atol=1e-5)
+    for (w, metrics), (w_full, metrics_full) in zip(parts, parts_full):
+        assert w == w_full
+        for k, v in metrics_full.items():
+            assert metrics[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
