@@ -47,7 +47,14 @@ from mlx.utils import tree_flatten, tree_map
 from .config import TrainConfig, config_to_dict
 from . import distributed
 from .errors import Interrupted, UserError
-from .grpo import group_advantages, lm_head_split_matches, policy_loss_terms, token_logprobs
+from .grpo import (
+    group_advantages,
+    group_token_logprobs,
+    lm_head_split_matches,
+    policy_loss_terms,
+    supports_shared_prompt,
+    token_logprobs,
+)
 from .policy import attach_adapters, load_model, reference_mode
 from .rollout import Rollout, generate_rollout, make_sampler, pad_batch
 
@@ -74,6 +81,8 @@ class Run:
     # Whether the model's body and LM head can run apart (grpo.lm_head_split_matches):
     # then logits are formed for completion positions only.
     split_head: bool = False
+    # Whether a group's prompt can run once for its G rows (grpo.supports_shared_prompt).
+    shared_prompt: bool = False
     # generate_rollout's signature; tests inject fixed completions through it
     rollout_fn: object = generate_rollout
     grad_step: object = None  # make_grad_step's function, built on the first step
@@ -126,6 +135,7 @@ def setup(config: TrainConfig, log=lambda msg: None) -> Run:
         optimizer=make_optimizer(config),
         system_prompt=resolve_system_prompt(config.system_prompt),
         split_head=lm_head_split_matches(model),
+        shared_prompt=supports_shared_prompt(model),
     )
 
 
@@ -300,10 +310,8 @@ def make_loss_fn(config: TrainConfig, split_head: bool = False):
     # dapo differ only in whose tokens they count, so both sum here.
     loss_type = "dapo" if config.loss_type == "bnpo" else config.loss_type
 
-    def loss_fn(model, tokens, completion_mask, advantages, old_logprobs, ref_logprobs, normaliser, start=0):
-        logprobs, entropy = token_logprobs(
-            model, tokens, config.temperature, with_entropy=True, start=start, split_head=split_head
-        )
+    def loss_fn(model, tokens, completion_mask, advantages, old_logprobs, ref_logprobs, normaliser, start=0, groups=None):
+        logprobs, entropy = policy_logprobs(model, tokens, config.temperature, start, split_head, groups, with_entropy=True)
         current = mx.stop_gradient(logprobs)
         loss, metrics = policy_loss_terms(
             logprobs,
@@ -328,11 +336,31 @@ def make_loss_fn(config: TrainConfig, split_head: bool = False):
     return loss_fn
 
 
-def make_grad_step(model: nn.Module, config: TrainConfig, split_head: bool = False):
-    """`grad_step(tokens, mask, advantages, old, ref, normaliser, start) -> ((loss, (metrics, logprobs)), grads)`.
+def policy_logprobs(model, tokens, temperature, start=0, split_head=False, groups=None, with_entropy=False):
+    """Token log-probs of a padded batch: per prompt group when `groups` is given
+    (`group_token_logprobs`: each prompt runs once), else row by row from `start`."""
+    if groups is not None:
+        return group_token_logprobs(model, tokens, groups, temperature, with_entropy=with_entropy)
+    return token_logprobs(model, tokens, temperature, with_entropy=with_entropy, start=start, split_head=split_head)
 
-    `start` is the first scored position (see `token_logprobs`); a new value traces
-    the compiled step once more, as a new shape does.
+
+def prompt_groups(prompt_tokens, rows: slice) -> tuple:
+    """(first_row, end_row, prompt_length) of each run of rows sharing a prompt, within `rows`,
+    counted from rows.start: a micro-batch's groups for `group_token_logprobs`."""
+    groups, first = [], rows.start
+    for i in range(rows.start + 1, rows.stop + 1):
+        if i == rows.stop or prompt_tokens[i] != prompt_tokens[first]:
+            groups.append((first - rows.start, i - rows.start, len(prompt_tokens[first])))
+            first = i
+    return tuple(groups)
+
+
+def make_grad_step(model: nn.Module, config: TrainConfig, split_head: bool = False):
+    """`grad_step(tokens, mask, advantages, old, ref, normaliser, start, groups) -> ((loss, (metrics, logprobs)), grads)`.
+
+    `start` is the first scored position (see `token_logprobs`); `groups` the rows
+    sharing a prompt (see `prompt_groups`), or None. A new value of either traces the
+    compiled step once more, as a new shape does.
 
     With `config.compile` the step is compiled once; each new padded shape
     (LENGTH_BUCKET multiples) traces once more. The model's state goes in and
@@ -342,8 +370,8 @@ def make_grad_step(model: nn.Module, config: TrainConfig, split_head: bool = Fal
     """
     loss_and_grad = nn.value_and_grad(model, make_loss_fn(config, split_head))
 
-    def grad_step(tokens, completion_mask, advantages, old_logprobs, ref_logprobs, normaliser, start=0):
-        return loss_and_grad(model, tokens, completion_mask, advantages, old_logprobs, ref_logprobs, normaliser, start)
+    def grad_step(tokens, completion_mask, advantages, old_logprobs, ref_logprobs, normaliser, start=0, groups=None):
+        return loss_and_grad(model, tokens, completion_mask, advantages, old_logprobs, ref_logprobs, normaliser, start, groups)
 
     if not config.compile:
         return grad_step
@@ -351,15 +379,17 @@ def make_grad_step(model: nn.Module, config: TrainConfig, split_head: bool = Fal
     return mx.compile(grad_step, inputs=state, outputs=state)
 
 
-def accumulate_gradients(grad_step, tokens, completion_mask, advantages, old_logprobs, ref_logprobs, batches, normaliser, start=0):
+def accumulate_gradients(grad_step, tokens, completion_mask, advantages, old_logprobs, ref_logprobs, batches, normaliser,
+                         start=0, batch_groups=None):
     """Sum the micro-batches' gradients; returns (grads, loss, parts, logprobs).
 
     `parts` holds (completion tokens, metrics) per micro-batch for weighting;
     `logprobs` the current policy's, per micro-batch, for later updates' ratios.
+    `batch_groups`: each micro-batch's `prompt_groups`, or None.
     """
     normaliser = mx.array(normaliser, dtype=mx.float32)
     grads, loss, parts, logprobs = None, 0.0, [], []
-    for b in batches:
+    for b, groups in zip(batches, batch_groups or [None] * len(batches)):
         (mb_loss, (m, lp)), g = grad_step(
             tokens[b],
             completion_mask[b],
@@ -368,6 +398,7 @@ def accumulate_gradients(grad_step, tokens, completion_mask, advantages, old_log
             None if ref_logprobs is None else ref_logprobs[b],
             normaliser,
             start,
+            groups,
         )
         grads = g if grads is None else tree_map(mx.add, grads, g)
         mx.eval(grads, mb_loss, m, lp)
@@ -390,11 +421,11 @@ def micro_batches(n: int, size: int | None, group_size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def forward_logprobs(model, tokens, temperature, batches, start=0, split_head=False) -> mx.array:
+def forward_logprobs(model, tokens, temperature, batches, start=0, split_head=False, batch_groups=None) -> mx.array:
     """Log-probs without gradient, one micro-batch at a time (old or reference policy)."""
     parts = []
-    for b in batches:
-        lp = mx.stop_gradient(token_logprobs(model, tokens[b], temperature, start=start, split_head=split_head))
+    for b, groups in zip(batches, batch_groups or [None] * len(batches)):
+        lp = mx.stop_gradient(policy_logprobs(model, tokens[b], temperature, start, split_head, groups))
         mx.eval(lp)
         parts.append(lp)
     return mx.concatenate(parts, axis=0)
@@ -441,6 +472,8 @@ def grpo_step(run: Run, step: int):
     advantages = group_advantages(mx.array(rewards), G, scale=c.scale_rewards, valid=mx.array(valid))
     batches = micro_batches(n, c.micro_batch_size, G)
     start = first_scored_position(rollout.prompt_tokens)
+    # Each group's prompt runs once in the log-prob passes, not G times.
+    batch_groups = [prompt_groups(rollout.prompt_tokens, b) for b in batches] if run.shared_prompt else None
     # bnpo across ranks: the mean over ranks of each rank's token-mean loss.
     normaliser = loss_normaliser(c.loss_type, num_sequences, num_tokens, batch_tokens * ranks_with_rows)
 
@@ -448,7 +481,7 @@ def grpo_step(run: Run, step: int):
     ref_logprobs = None
     if c.beta != 0.0:
         with reference_mode(run.model):
-            ref_logprobs = forward_logprobs(run.model, tokens, c.temperature, batches, start, run.split_head)
+            ref_logprobs = forward_logprobs(run.model, tokens, c.temperature, batches, start, run.split_head, batch_groups)
     metrics["time/logprobs"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
@@ -458,7 +491,8 @@ def grpo_step(run: Run, step: int):
     old_logprobs = None  # the first update's policy is the sampling one: its forward gives the old log-probs
     for _ in range(c.num_iterations):
         grads, loss, parts, logprobs = accumulate_gradients(
-            run.grad_step, tokens, completion_mask, advantages, old_logprobs, ref_logprobs, batches, normaliser, start
+            run.grad_step, tokens, completion_mask, advantages, old_logprobs, ref_logprobs, batches, normaliser, start,
+            batch_groups,
         )
         old_logprobs = logprobs if old_logprobs is None else old_logprobs
         update_metrics.append(apply_update(run, grads, loss, parts))

@@ -320,7 +320,9 @@ def main() -> None:
     (work / "our_rewards.py").write_text(OUR_REWARD)
     (work / "mlx_lm_lora_rewards.py").write_text(MLX_LM_LORA_REWARD)
     dataset = str(GSM8K) if GSM8K.exists() else "arithmetic"
-    examples = load_examples(dataset, seed=0)[: 64 * B]
+    # Exactly B prompts: every step (ours and mlx-lm-lora's) trains on the same prompts, so
+    # each step has the padded shape the "forward+backward alone" baseline is timed on.
+    examples = load_examples(dataset, seed=0)[:B]
     data_file = work / "prompts.jsonl"
     data_file.write_text("".join(json.dumps({"question": ex.prompt, "answer": str(ex.answer)}) + "\n" for ex in examples))
     data_dir = write_data(work, examples)

@@ -257,19 +257,23 @@ def test_policy_loss_rejects_unknown_options(option, value):
 # ---------------------------------------------------------------- token log-probs
 
 
-@pytest.fixture(scope="module")
-def tiny_lm():
+def random_qwen2(tie_word_embeddings: bool, seed: int):
     from mlx_lm.models import qwen2
 
     args = qwen2.ModelArgs(
         model_type="qwen2", hidden_size=32, num_hidden_layers=2, intermediate_size=64,
         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=97,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
-    mx.random.seed(0)
+    mx.random.seed(seed)
     model = qwen2.Model(args)
     mx.eval(model.parameters())
     return model
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    return random_qwen2(tie_word_embeddings=False, seed=0)
 
 
 @pytest.mark.parametrize("temperature,chunk_size", [(1.0, None), (0.7, 3), (1.3, 5)])
@@ -301,17 +305,7 @@ def test_token_logprobs_gradient_reaches_the_weights(tiny_lm):
 
 @pytest.fixture(scope="module")
 def tied_lm():
-    from mlx_lm.models import qwen2
-
-    args = qwen2.ModelArgs(
-        model_type="qwen2", hidden_size=32, num_hidden_layers=2, intermediate_size=64,
-        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=97,
-        tie_word_embeddings=True,
-    )
-    mx.random.seed(1)
-    model = qwen2.Model(args)
-    mx.eval(model.parameters())
-    return model
+    return random_qwen2(tie_word_embeddings=True, seed=1)
 
 
 @pytest.mark.parametrize("chunk_size", [None, 2])
@@ -363,3 +357,70 @@ def test_a_model_that_changes_its_logits_after_the_head_is_not_split(tiny_lm):
     capped = SoftCapped(tiny_lm)
     assert lm_head_split(capped) is not None  # the attribute names look right...
     assert not lm_head_split_matches(capped)  # ...but the numbers do not, so the trainer keeps model(x)
+
+
+def shared_prompt_batch(prompt_lengths=(6, 1, 9), rows=(3, 2, 2), width=16, seed=5):
+    """Rows that share prompts in consecutive groups, right-padded: (tokens, groups, mask)."""
+    rng = np.random.default_rng(seed)
+    tokens = np.zeros((sum(rows), width), dtype=np.int32)
+    mask = np.zeros((sum(rows), width - 1), dtype=np.float32)
+    groups, first = [], 0
+    for length, count in zip(prompt_lengths, rows):
+        prompt = rng.integers(1, 97, size=length)
+        for i in range(first, first + count):
+            completion = rng.integers(1, 97, size=int(rng.integers(1, width - length + 1)))
+            tokens[i, :length], tokens[i, length : length + len(completion)] = prompt, completion
+            mask[i, length - 1 : length - 1 + len(completion)] = 1
+        groups.append((first, first + count, length))
+        first += count
+    return mx.array(tokens), groups, mx.array(mask)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_shared_prompt_logprobs_equal_row_by_row_logprobs(tiny_lm, tied_lm, chunk_size):
+    from grpo_mlx.grpo import group_token_logprobs, supports_shared_prompt
+
+    for model in (tiny_lm, tied_lm):
+        assert supports_shared_prompt(model)
+        tokens, groups, mask = shared_prompt_batch()
+        full, full_entropy = token_logprobs(model, tokens, temperature=0.8, with_entropy=True)
+        got, entropy = group_token_logprobs(model, tokens, groups, temperature=0.8, chunk_size=chunk_size,
+                                            with_entropy=True)
+        m = np.array(mask)
+        assert got.shape == full.shape
+        np.testing.assert_allclose(np.array(got) * m, np.array(full) * m, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.array(entropy) * m, np.array(full_entropy) * m, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_prompt_gradient_equals_row_by_row_gradient(tiny_lm):
+    from mlx.utils import tree_flatten
+
+    from grpo_mlx.grpo import group_token_logprobs
+
+    tokens, groups, mask = shared_prompt_batch(seed=6)
+    weights = mx.array(np.random.default_rng(7).normal(size=mask.shape).astype(np.float32)) * mask
+    full = dict(tree_flatten(nn.value_and_grad(tiny_lm, lambda m: (token_logprobs(m, tokens) * weights).sum())(tiny_lm)[1]))
+    shared = dict(tree_flatten(nn.value_and_grad(
+        tiny_lm, lambda m: (group_token_logprobs(m, tokens, groups) * weights).sum())(tiny_lm)[1]))
+    for k in full:
+        np.testing.assert_allclose(np.array(shared[k]), np.array(full[k]), rtol=1e-4, atol=1e-5, err_msg=k)
+    # The prompt's own weights get gradient through the shared keys and values.
+    assert float(mx.abs(shared["model.layers.0.self_attn.k_proj.weight"]).sum()) > 0
+
+
+def test_a_model_with_a_cache_of_its_own_does_not_share_prompts(tiny_lm):
+    from grpo_mlx.grpo import supports_shared_prompt
+
+    class Windowed(nn.Module):  # like Gemma 3 or Mistral with a sliding window: it makes its own cache
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.layers = inner.layers
+
+        def make_cache(self):
+            return [None] * len(self.layers)
+
+        def __call__(self, x, cache=None):
+            return self.inner(x, cache=cache)
+
+    assert not supports_shared_prompt(Windowed(tiny_lm))

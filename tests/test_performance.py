@@ -227,3 +227,33 @@ def test_scoring_completion_positions_only_gives_the_same_loss_and_gradients(tin
         assert w == w_full
         for k, v in metrics_full.items():
             assert metrics[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+
+
+@pytest.mark.parametrize("micro_batch_size", [None, 3])
+def test_running_each_prompt_once_per_group_gives_the_same_loss_and_gradients(tiny_model_dir, micro_batch_size):
+    from grpo_mlx.grpo import supports_shared_prompt
+    from grpo_mlx.trainer import forward_logprobs, prompt_groups
+
+    model, _ = lora_model(tiny_model_dir)
+    assert supports_shared_prompt(model)
+    rng = np.random.default_rng(8)
+    G = 4
+    prompts = [p for p in (rng.integers(3, 200, size=int(rng.integers(4, 20))).tolist() for _ in range(2)) for _ in range(G)]
+    completions = [rng.integers(3, 200, size=int(rng.integers(1, 12))).tolist() for _ in prompts]
+    config = config_for()
+    tokens, mask, adv, old, ref, norm = step_inputs(prompts, completions, 32, config)
+    batches = micro_batches(len(prompts), micro_batch_size, G)
+    groups = [prompt_groups(prompts, b) for b in batches]
+    # Micro-batches of 3 cut the groups of 4: each part runs its prompt once.
+    assert groups[0] == ((0, 4, len(prompts[0])), (4, 8, len(prompts[4]))) if micro_batch_size is None else \
+        groups[:2] == [((0, 3, len(prompts[0])),), ((0, 1, len(prompts[0])), (1, 3, len(prompts[4])))]
+    step = make_grad_step(model, config)
+    g_rows, loss_rows, _, lp_rows = run_accumulated(model, config, tokens, mask, adv, old, ref, batches, norm, step)
+    grads, loss, _, logprobs = accumulate_gradients(step, tokens, mask, adv, old, ref, batches, norm, 0, groups)
+    assert loss == pytest.approx(loss_rows, rel=1e-5, abs=1e-7)
+    assert_same_grads(g_rows, flat_grads(grads))
+    m = np.array(mask)
+    np.testing.assert_allclose(np.array(logprobs) * m, lp_rows * m, rtol=1e-5, atol=1e-5)
+    reference = forward_logprobs(model, tokens, 0.8, batches, batch_groups=groups)
+    np.testing.assert_allclose(np.array(reference) * m, np.array(forward_logprobs(model, tokens, 0.8, batches)) * m,
+                               rtol=1e-5, atol=1e-5)

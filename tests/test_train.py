@@ -32,7 +32,7 @@ def lora_b_matrices(model):
 
 def test_one_step_moves_every_lora_b_off_zero(tiny_model_dir, tmp_path):
     run = setup(small_config(tiny_model_dir, tmp_path, reward=[TEXT_REWARD]))
-    assert run.split_head  # Qwen2: logits are formed for completion positions only
+    assert run.split_head and run.shared_prompt  # Qwen2: prompts once per group, logits for completions only
     assert all(np.all(b == 0) for b in lora_b_matrices(run.model).values())
     (metrics, _), = list(train(run))
     moved = {k: float(np.abs(b).max()) for k, b in lora_b_matrices(run.model).items()}
