@@ -169,6 +169,10 @@ def _status(message: str):
 def main(argv=None):
     """Entry point: user errors print as one line and exit 2; --debug shows the traceback."""
     debug = "--debug" in (argv if argv is not None else sys.argv)
+    if argv is None:  # a real command line, not a call from Python
+        from .openblas import reexec_with_openblas
+
+        reexec_with_openblas()
     try:
         cli.main(args=argv, standalone_mode=False)
     except UserError as e:

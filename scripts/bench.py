@@ -36,7 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+from grpo_mlx.openblas import openblas_loaded, reexec_with_openblas
+
 REPO = Path(__file__).resolve().parents[1]
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 SYSTEM_PROMPT = "Solve the problem. Show your reasoning, then give the final number."
@@ -55,21 +56,6 @@ from mlx_lm_lora.trainer.grpo_reward_functions import register_reward_function
 def digit_fraction(prompts, completions, answer, types=None):
     return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
 '''
-
-
-def openblas_loaded() -> bool:
-    maps = Path("/proc/self/maps")
-    return maps.exists() and "openblas" in maps.read_text()
-
-
-def reexec_with_openblas() -> None:
-    """MLX's CPU matmuls use whatever BLAS is loaded first; OpenBLAS is ~30x the fallback."""
-    if sys.platform != "linux" or not Path(OPENBLAS).exists() or openblas_loaded():
-        return
-    if os.environ.get("GRPO_MLX_BENCH_REEXEC"):
-        return  # tried once already
-    env = {**os.environ, "LD_PRELOAD": OPENBLAS, "GRPO_MLX_BENCH_REEXEC": "1"}
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
 # ---------------------------------------------------------------- model and data
@@ -292,7 +278,7 @@ def main() -> None:
     parser.add_argument("--skip-variants", action="store_true", help="only the default step (no memory variants)")
     parser.add_argument("--work-dir", help="where the model, data and logs go (default: a temporary folder)")
     args = parser.parse_args()
-    reexec_with_openblas()
+    reexec_with_openblas([sys.executable, *sys.argv])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.path.insert(0, str(REPO))
