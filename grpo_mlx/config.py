@@ -76,7 +76,7 @@ class TrainConfig:
     warmup_steps: int = _opt(0, "Linear learning-rate warm-up steps.")
     max_grad_norm: float = _opt(1.0, "Clip the gradient's global norm to this; 0 disables it.")
     num_iterations: int = _opt(1, "Updates per rollout (mu); mu > 1 stores old log-probs.")
-    micro_batch_size: int | None = _opt(None, "Completions per forward/backward; gradients accumulate. Unset: all.")
+    micro_batch_size: int | None = _opt(None, "Completions per forward/backward; gradients accumulate. Unset: as many as keep the float32 logits under 1 GiB.")
     grad_checkpoint: bool = _opt(False, "Recompute activations in the backward pass to save memory.")
     compile: bool = _opt(False, "Compile the loss and gradient step with mx.compile.")
     seed: int = _opt(0, "Random seed for data order, sampling and adapters.")

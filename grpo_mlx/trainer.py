@@ -416,6 +416,22 @@ def first_scored_position(prompt_tokens) -> int:
     return first // LENGTH_BUCKET * LENGTH_BUCKET
 
 
+LOGITS_BUDGET_BYTES = 2**30  # float32 logits of one micro-batch, when --micro-batch-size is unset
+
+
+def auto_micro_batch_size(scored_width: int, vocab_size: int | None, budget: int = LOGITS_BUDGET_BYTES) -> int | None:
+    """Rows whose float32 logits over `scored_width` positions fit `budget`; None: no limit known.
+
+    The logits are the largest activation of a real model's pass: 32 completions of 512
+    tokens over Qwen2.5's 151,936-token vocabulary are 10 GB, more than many Macs have.
+    Micro-batches accumulate to the same gradient (policy_loss is normalised by the
+    whole batch), so this bounds memory without changing the update.
+    """
+    if not vocab_size or scored_width <= 0:
+        return None
+    return max(1, budget // (scored_width * vocab_size * 4))
+
+
 def micro_batches(n: int, size: int | None, group_size: int) -> list[slice]:
     size = n if size is None else max(1, size)
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
@@ -470,8 +486,10 @@ def grpo_step(run: Run, step: int):
         return metrics, sample
 
     advantages = group_advantages(mx.array(rewards), G, scale=c.scale_rewards, valid=mx.array(valid))
-    batches = micro_batches(n, c.micro_batch_size, G)
     start = first_scored_position(rollout.prompt_tokens)
+    vocab = getattr(getattr(run.model, "args", None), "vocab_size", None)
+    size = c.micro_batch_size or auto_micro_batch_size(tokens.shape[1] - 1 - start, vocab, LOGITS_BUDGET_BYTES)
+    batches = micro_batches(n, size, G)
     # Each group's prompt runs once in the log-prob passes, not G times.
     batch_groups = [prompt_groups(rollout.prompt_tokens, b) for b in batches] if run.shared_prompt else None
     # bnpo across ranks: the mean over ranks of each rank's token-mean loss.
