@@ -432,7 +432,7 @@ def auto_micro_batch_size(scored_width: int, vocab_size: int | None, budget: int
     return max(1, budget // (scored_width * vocab_size * 4))
 
 
-def micro_batches(n: int, size: int | None, group_size: int) -> list[slice]:
+def micro_batches(n: int, size: int | None) -> list[slice]:
     size = n if size is None else max(1, size)
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
@@ -489,7 +489,7 @@ def grpo_step(run: Run, step: int):
     start = first_scored_position(rollout.prompt_tokens)
     vocab = getattr(getattr(run.model, "args", None), "vocab_size", None)
     size = c.micro_batch_size or auto_micro_batch_size(tokens.shape[1] - 1 - start, vocab, LOGITS_BUDGET_BYTES)
-    batches = micro_batches(n, size, G)
+    batches = micro_batches(n, size)
     # Each group's prompt runs once in the log-prob passes, not G times.
     batch_groups = [prompt_groups(rollout.prompt_tokens, b) for b in batches] if run.shared_prompt else None
     # bnpo across ranks: the mean over ranks of each rank's token-mean loss.

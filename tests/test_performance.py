@@ -165,7 +165,7 @@ def test_micro_batched_accumulation_equals_the_full_batch_gradient(tiny_model_di
     tokens, mask, adv, old, ref, norm = step_inputs(*ragged_batch(seed=3, rows=7), 32, config)
     n = tokens.shape[0]
     full = run_accumulated(model, config, tokens, mask, adv, old, ref, [slice(0, n)], norm)
-    batches = micro_batches(n, 3, group_size=1)  # 3 + 3 + 1 rows, unequal token counts
+    batches = micro_batches(n, 3)  # 3 + 3 + 1 rows, unequal token counts
     assert len(batches) == 3
     micro = run_accumulated(model, config, tokens, mask, adv, old, ref, batches, norm)
     assert micro[1] == pytest.approx(full[1], rel=1e-5, abs=1e-7)
@@ -216,7 +216,7 @@ def test_scoring_completion_positions_only_gives_the_same_loss_and_gradients(tin
     assert start == 32
     config = config_for(compile=compile_)
     tokens, mask, adv, old, ref, norm = step_inputs(prompts, completions, 32, config)
-    batches = micro_batches(4, 3, 2)  # two micro-batches
+    batches = micro_batches(4, 3)  # two micro-batches
     full = make_grad_step(model, config)
     split = make_grad_step(model, config, split_head=True)
     g_full, loss_full, parts_full, lp_full = run_accumulated(model, config, tokens, mask, adv, old, ref, batches, norm, full)
@@ -244,7 +244,7 @@ def test_running_each_prompt_once_per_group_gives_the_same_loss_and_gradients(ti
     completions = [rng.integers(3, 200, size=int(rng.integers(1, 12))).tolist() for _ in prompts]
     config = config_for()
     tokens, mask, adv, old, ref, norm = step_inputs(prompts, completions, 32, config)
-    batches = micro_batches(len(prompts), micro_batch_size, G)
+    batches = micro_batches(len(prompts), micro_batch_size)
     groups = [prompt_groups(prompts, b) for b in batches]
     # Micro-batches of 3 cut the groups of 4: each part runs its prompt once.
     assert groups[0] == ((0, 4, len(prompts[0])), (4, 8, len(prompts[4]))) if micro_batch_size is None else \
