@@ -25,6 +25,7 @@ import math
 import time
 from pathlib import Path
 
+from .display import wants_plain_lines
 from .errors import UserError
 
 DEMO_MAX_TOKENS = 8  # the embedded demo's answers are a few digits (config.DEMO_PRESET)
@@ -269,7 +270,7 @@ class EvalProgress:
         from rich.console import Console
 
         self.console = console if console is not None else Console(stderr=True)
-        self.plain = (not self.console.is_terminal or self.console.is_dumb_terminal) if plain is None else plain
+        self.plain = wants_plain_lines(self.console) if plain is None else plain
         self.total = self.done = 0
         self._bar = self._task = None
         self._last_line = -math.inf

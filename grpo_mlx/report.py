@@ -17,8 +17,9 @@ from pathlib import Path
 
 from rich.table import Table
 
-from .dashboard import fmt, fmt_duration, is_number, read_metrics, reward_functions
+from .display import format_duration, format_value, is_number, reward_functions
 from .errors import UserError
+from .run_log import read_metrics
 
 # (metric, y-axis label) of the three panels of the plot.
 PLOTTED = [("reward", "reward"), ("kl", "KL"), ("completions/mean_length", "mean completion length")]
@@ -111,10 +112,10 @@ def summary_table(summaries: list[dict]) -> Table:
         table.add_column(name, justify="right")
 
     def show(value, kind="num"):
-        return "-" if value is None else fmt(value, kind)
+        return "-" if value is None else format_value(value, kind)
 
     def best(s):
-        return "-" if s["best_reward"] is None else f"{fmt(s['best_reward'])} (step {s['best_step']})"
+        return "-" if s["best_reward"] is None else f"{format_value(s['best_reward'])} (step {s['best_step']})"
 
     rows = [(field.replace("_", " "), [str(s[field]) if s[field] is not None else "-" for s in summaries])
             for field in CONFIG_FIELDS if any(s[field] is not None for s in summaries)]
@@ -127,7 +128,7 @@ def summary_table(summaries: list[dict]) -> Table:
     rows += [(f"  final {label}", [show(s["rewards"].get(label)) for s in summaries]) for label in labels]
     rows += [
         ("final KL", [show(s["final_kl"]) for s in summaries]),
-        ("time", ["-" if s["time"] is None else fmt_duration(s["time"]) for s in summaries]),
+        ("time", ["-" if s["time"] is None else format_duration(s["time"]) for s in summaries]),
         ("tokens generated", [show(s["tokens"]) for s in summaries]),
     ]
     for label, cells in rows:

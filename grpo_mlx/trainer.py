@@ -765,8 +765,9 @@ def write_config(config: TrainConfig, run_dir: Path) -> None:
 
 def run_training(config: TrainConfig, console=None) -> Path:
     """The `grpo-mlx train` command: set up, train with a dashboard, checkpoint, save."""
-    from .dashboard import Dashboard, MetricsLogger, read_metrics
+    from .dashboard import Dashboard
     from .rewards import RewardError
+    from .run_log import MetricsLogger, keep_metrics_until
 
     # With several ranks, rank 0 alone writes the run directory and draws the dashboard.
     main = distributed.is_main()
@@ -782,7 +783,7 @@ def run_training(config: TrainConfig, console=None) -> Path:
         if config.resume:
             resume(run, run_dir, log=dashboard.message)
             if main:
-                keep_metrics_until(run_dir / "metrics.jsonl", run.step, read_metrics)
+                keep_metrics_until(run_dir, run.step)
         if main:
             write_config(config, run_dir)
         logger = MetricsLogger(run_dir) if main else _NoLogger()
@@ -824,18 +825,6 @@ class _NoLogger:
 
     def close(self):
         pass
-
-
-def keep_metrics_until(path: Path, step: int, read_metrics) -> None:
-    """On resume, drop metric lines of steps after the checkpoint: they will be redone."""
-    if not path.exists():
-        return
-    import json
-
-    from .checkpoint import atomic_write
-
-    kept = [m for m in read_metrics(path) if m.get("step", 0) <= step]
-    atomic_write(path, lambda p: Path(p).write_text("".join(json.dumps(m) + "\n" for m in kept)))
 
 
 class _StopFlag:

@@ -13,15 +13,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from grpo_mlx.dashboard import (
-    Dashboard,
-    MetricsLogger,
-    fmt,
-    parse_plain_line,
-    plain_line,
-    read_metrics,
-    sparkline,
-)
+from grpo_mlx.dashboard import Dashboard, parse_plain_line, plain_line, sparkline
+from grpo_mlx.display import format_value, wants_plain_lines
+from grpo_mlx.run_log import MetricsLogger, keep_metrics_until, read_metrics
 
 TEXT_REWARD = f"{Path(__file__).parent / 'plugin_rewards.py'}:text_length"
 ANSI_OR_CONTROL = re.compile(r"\x1b|[\x00-\x08\x0b-\x1f\x7f]")
@@ -266,8 +260,8 @@ def test_parse_plain_line_reads_back_special_values():
         (float("inf"), "num", "inf"),
     ],
 )
-def test_fmt(value, kind, text):
-    assert fmt(value, kind) == text
+def test_format_value(value, kind, text):
+    assert format_value(value, kind) == text
 
 
 def test_sparkline_buckets_long_series_and_drops_non_finite():
@@ -344,3 +338,26 @@ def test_metrics_survive_sigkill_mid_run(tiny_model_dir, tmp_path):
     for p in printed:
         assert p["total_steps"] == 1000
         assert p["reward"] == pytest.approx(records[p["step"] - 1]["reward"], rel=5e-3, abs=1e-9)
+
+
+def test_resume_keeps_metric_lines_up_to_the_checkpoint_step(tmp_path):
+    keep_metrics_until(tmp_path, 2)  # no metrics.jsonl yet: nothing to cut, nothing written
+    assert not (tmp_path / "metrics.jsonl").exists()
+    with MetricsLogger(tmp_path) as logger:
+        for step in (1, 2, 3, 4):
+            logger.log({"step": step, "reward": step / 4})
+    keep_metrics_until(tmp_path, 2)
+    assert read_metrics(tmp_path) == [{"step": 1, "reward": 0.25}, {"step": 2, "reward": 0.5}]
+
+
+# ---------------------------------------------------------------- terminal or plain lines
+
+
+@pytest.mark.parametrize("terminal, environ, plain", [(False, {}, True), (True, {"TERM": "dumb"}, True), (True, {"TERM": "xterm"}, False)])
+def test_dashboard_and_eval_progress_pick_plain_lines_the_same_way(terminal, environ, plain):
+    from grpo_mlx.evaluate import EvalProgress
+
+    console = Console(file=io.StringIO(), force_terminal=terminal, _environ=environ)
+    assert wants_plain_lines(console) is plain
+    assert Dashboard(total_steps=3, console=console).plain is plain
+    assert EvalProgress(console).plain is plain

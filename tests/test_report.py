@@ -3,6 +3,8 @@
 import builtins
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -131,3 +133,10 @@ def test_plot_into_a_missing_folder_is_a_user_error(two_runs, tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib is the optional extra grpo-mlx[plot]")
     with pytest.raises(UserError, match="does not exist"):
         plot_runs(two_runs, tmp_path / "no" / "out.png")
+
+
+def test_report_reads_runs_without_loading_the_dashboard_or_mlx():
+    # report reads metrics.jsonl through run_log; the live screen and MLX stay unloaded.
+    code = "import sys, grpo_mlx.report; print(sorted(m for m in ('grpo_mlx.dashboard', 'mlx.core') if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"
