@@ -47,14 +47,8 @@ from mlx.utils import tree_flatten, tree_map
 from .config import TrainConfig, config_to_dict
 from . import distributed
 from .errors import Interrupted, UserError
-from .grpo import (
-    group_advantages,
-    group_token_logprobs,
-    lm_head_split_matches,
-    policy_loss_terms,
-    supports_shared_prompt,
-    token_logprobs,
-)
+from .grpo import group_advantages, loss_normaliser, policy_loss
+from .logprobs import group_token_logprobs, lm_head_split_matches, supports_shared_prompt, token_logprobs
 from .policy import attach_adapters, load_model, reference_mode
 from .rollout import Rollout, generate_rollout, make_sampler, pad_batch
 
@@ -78,10 +72,10 @@ class Run:
     step: int = 0
     data_position: int = 0
     bad_steps: int = 0
-    # Whether the model's body and LM head can run apart (grpo.lm_head_split_matches):
+    # Whether the model's body and LM head can run apart (logprobs.lm_head_split_matches):
     # then logits are formed for completion positions only.
     split_head: bool = False
-    # Whether a group's prompt can run once for its G rows (grpo.supports_shared_prompt).
+    # Whether a group's prompt can run once for its G rows (logprobs.supports_shared_prompt).
     shared_prompt: bool = False
     # generate_rollout's signature; tests inject fixed completions through it
     rollout_fn: object = generate_rollout
@@ -281,57 +275,36 @@ def failing_example(run: Run, examples, texts, completion_lengths) -> str:
 # ---------------------------------------------------------------- loss
 
 
-def loss_normaliser(loss_type: str, num_sequences: float, num_tokens: float, batch_tokens: float) -> float:
-    """1 / the count the whole batch's summed loss is divided by (grpo.policy_loss's table).
-
-    The loss function leaves each micro-batch's loss as a sum; dividing every
-    micro-batch by the whole batch's count makes the accumulated gradient the
-    full batch's for every loss_type. bnpo counts this process's tokens
-    (`batch_tokens`), dapo the global batch's (`num_tokens`).
-    """
-    if loss_type in ("grpo", "dr_grpo"):
-        return 1.0 / max(num_sequences, 1.0)
-    if loss_type == "bnpo":
-        return 1.0 / max(batch_tokens, 1.0)
-    return 1.0 / max(num_tokens, 1.0)
-
-
 def make_loss_fn(config: TrainConfig, split_head: bool = False):
     """The loss of one micro-batch: (loss, (metrics, logprobs)), traceable by mx.compile.
 
-    Everything that changes from step to step is an array (`normaliser`, 0-d),
-    so a new batch or token count reuses the compiled graph. `old_logprobs`
+    `normaliser` (0-d) is `grpo.loss_normaliser` of the whole batch's counts.
+    Everything that changes from step to step is an array, so a new batch or
+    token count reuses the compiled graph. `old_logprobs`
     None means the sampling policy is the current one (mu = 1, or the first of
     mu updates): its log-probs are the stop-gradient of this forward's, which
     the function also returns so later updates can reuse them.
     """
-    # policy_loss_terms divides by these counts; with 1 it leaves the sums, which
-    # the trainer divides by the whole batch's counts (`normaliser`). bnpo and
-    # dapo differ only in whose tokens they count, so both sum here.
-    loss_type = "dapo" if config.loss_type == "bnpo" else config.loss_type
-
     def loss_fn(model, tokens, completion_mask, advantages, old_logprobs, ref_logprobs, normaliser, start=0, groups=None):
         logprobs, entropy = policy_logprobs(model, tokens, config.temperature, start, split_head, groups, with_entropy=True)
         current = mx.stop_gradient(logprobs)
-        loss, metrics = policy_loss_terms(
+        loss, metrics = policy_loss(
             logprobs,
             current if old_logprobs is None else old_logprobs,
             ref_logprobs,
             advantages,
             completion_mask,
+            normaliser=normaliser,
             epsilon_low=config.epsilon,
             epsilon_high=config.epsilon_high,
             beta=config.beta,
             kl_estimator=config.kl_estimator,
-            loss_type=loss_type,
+            loss_type=config.loss_type,
             importance_level=config.importance_level,
-            max_completion_length=config.max_tokens,
-            num_sequences=1.0,
-            num_tokens=1.0,
         )
         mask = completion_mask.astype(mx.float32)
         metrics["entropy"] = (entropy * mask).sum() / mx.maximum(mask.sum(), 1.0)
-        return loss * normaliser, (metrics, current)
+        return loss, (metrics, current)
 
     return loss_fn
 
@@ -493,7 +466,7 @@ def grpo_step(run: Run, step: int):
     # Each group's prompt runs once in the log-prob passes, not G times.
     batch_groups = [prompt_groups(rollout.prompt_tokens, b) for b in batches] if run.shared_prompt else None
     # bnpo across ranks: the mean over ranks of each rank's token-mean loss.
-    normaliser = loss_normaliser(c.loss_type, num_sequences, num_tokens, batch_tokens * ranks_with_rows)
+    normaliser = loss_normaliser(c.loss_type, num_sequences, num_tokens, batch_tokens * ranks_with_rows, c.max_tokens)
 
     tic = time.perf_counter()
     ref_logprobs = None

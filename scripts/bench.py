@@ -127,7 +127,7 @@ def forward_backward_timer(model, tokens):
     import mlx.core as mx
     import mlx.nn as nn
 
-    from grpo_mlx.grpo import token_logprobs
+    from grpo_mlx.logprobs import token_logprobs
 
     loss_and_grad = nn.value_and_grad(model, lambda m, t: token_logprobs(m, t).mean())
     return lambda: mx.eval(loss_and_grad(model, tokens))

@@ -1,13 +1,16 @@
-"""The GRPO math against a float64 NumPy reference written here, independently."""
+"""The GRPO math against a float64 NumPy reference written here, independently,
+and the loss training computes (trainer.make_loss_fn, grpo.loss_normaliser) against it."""
 
 import itertools
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
 
-from grpo_mlx.grpo import group_advantages, policy_loss, token_logprobs
+from grpo_mlx.config import TrainConfig
+from grpo_mlx.grpo import IMPORTANCE_LEVELS, KL_ESTIMATORS, LOSS_TYPES, group_advantages, loss_normaliser, policy_loss
+from grpo_mlx.logprobs import token_logprobs
+from grpo_mlx.trainer import make_loss_fn
 
 # ---------------------------------------------------------------- float64 reference
 
@@ -140,50 +143,111 @@ def test_group_advantages_reject_bad_options():
 # ---------------------------------------------------------------- policy loss
 
 
-GRID = list(itertools.product(["grpo", "bnpo", "dr_grpo", "dapo"], ["k1", "k2", "k3"], ["token", "sequence"]))
+GRID = list(itertools.product(LOSS_TYPES, KL_ESTIMATORS, IMPORTANCE_LEVELS))
 
 
-@pytest.mark.parametrize("loss_type,estimator,level", GRID)
-def test_policy_loss_matches_float64_reference(loss_type, estimator, level):
-    lp, old, ref, adv, mask = random_case(seed=hash((loss_type, estimator, level)) % 2**32)
-    kwargs = dict(epsilon_low=0.2, epsilon_high=0.28, beta=0.04, kl_estimator=estimator)
-    kwargs.update(loss_type=loss_type, importance_level=level, max_completion_length=16)
-    loss, metrics = policy_loss(mx.array(lp), mx.array(old), mx.array(ref), mx.array(adv), mx.array(mask), **kwargs)
+def loss_of(lp, old, ref, adv, mask, loss_type="grpo", max_len=16, **kwargs):
+    """grpo.policy_loss of one whole batch, normalised as training normalises it."""
+    lp, old, ref, adv, mask = (mx.array(x) if isinstance(x, np.ndarray) else x for x in (lp, old, ref, adv, mask))
+    tokens = float(mask.sum().item())
+    normaliser = loss_normaliser(loss_type, mask.shape[0], tokens, tokens, max_len)
+    return policy_loss(lp, old, ref, adv, mask, normaliser=normaliser, loss_type=loss_type, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny_policy():
+    """A random one-layer Qwen2: the policy whose log-probs the training loss computes."""
+    from mlx_lm.models import qwen2
+
+    args = qwen2.ModelArgs(
+        model_type="qwen2", hidden_size=32, num_hidden_layers=1, intermediate_size=64,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=97,
+    )
+    mx.random.seed(0)
+    model = qwen2.Model(args)
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.mark.parametrize("mu", [1, 2])
+@pytest.mark.parametrize("case", range(len(GRID)), ids=["-".join(c) for c in GRID])
+def test_training_loss_matches_float64_reference(tiny_policy, case, mu):
+    """The loss training computes (trainer.make_loss_fn with grpo.loss_normaliser of the whole
+    batch, as grpo_step passes it), whole and in micro-batches, against the paper's formulas."""
+    loss_type, estimator, level = GRID[case]
+    config = TrainConfig(model="unused", loss_type=loss_type, kl_estimator=estimator, importance_level=level,
+                         beta=0.04, epsilon=0.2, epsilon_high=0.28, temperature=0.8, max_tokens=16)
+    rng = np.random.default_rng(case)
+    n, width, prompt_length = 8, 12, 4
+    tokens = mx.array(rng.integers(0, 97, size=(n, width)))
+    lengths = rng.integers(1, width - prompt_length + 1, size=n)
+    lengths[0], lengths[2] = width - prompt_length, 0  # a full row and an empty (masked) one
+    positions = np.arange(width - 1)[None, :] - (prompt_length - 1)
+    mask = ((positions >= 0) & (positions < lengths[:, None])).astype(np.float32)
+    adv = rng.normal(size=n).astype(np.float32)
+    current = np.array(token_logprobs(tiny_policy, tokens, temperature=0.8))
+    ref = (current + rng.normal(0, 0.3, size=current.shape)).astype(np.float32)
+    # mu = 1: the old policy is the current one (make_loss_fn takes None); mu > 1: one moved off it.
+    old = None if mu == 1 else (current + rng.normal(0, 0.4, size=current.shape)).astype(np.float32)
+
+    num_tokens = float(mask.sum())
+    normaliser = mx.array(loss_normaliser(loss_type, n, num_tokens, num_tokens, config.max_tokens))
+    loss_fn = make_loss_fn(config)
+
+    def loss_over(rows):
+        loss, (metrics, _) = loss_fn(tiny_policy, tokens[rows], mx.array(mask[rows]), mx.array(adv[rows]),
+                                     None if old is None else mx.array(old[rows]), mx.array(ref[rows]), normaliser)
+        return float(loss.item()), {k: float(v.item()) for k, v in metrics.items()}
+
+    expected, expected_metrics = ref_policy_loss(current, current if old is None else old, ref, adv, mask,
+                                                 0.2, 0.28, 0.04, estimator, loss_type, level, 16)
+    whole, metrics = loss_over(slice(0, n))
+    micro = sum(loss_over(rows)[0] for rows in (slice(0, 3), slice(3, 6), slice(6, 8)))
+    assert_close(whole, expected)
+    assert_close(micro, expected)
+    for name, value in expected_metrics.items():
+        assert_close(metrics[name], value)
+    if mu == 1:
+        assert metrics["ratio/mean"] == 1.0 and metrics["clip_ratio/region_mean"] == 0.0
+    elif level == "token":  # the case must exercise clipping, or the comparison proves little
+        assert 0 < metrics["clip_ratio/region_mean"] < 1
+
+
+@pytest.mark.parametrize("case", range(len(GRID)), ids=["-".join(c) for c in GRID])
+def test_policy_loss_matches_float64_reference(case):
+    loss_type, estimator, level = GRID[case]
+    lp, old, ref, adv, mask = random_case(seed=case)
+    kwargs = dict(epsilon_low=0.2, epsilon_high=0.28, beta=0.04, kl_estimator=estimator, importance_level=level)
+    loss, metrics = loss_of(lp, old, ref, adv, mask, loss_type, max_len=16, **kwargs)
     ref_loss, ref_metrics = ref_policy_loss(lp, old, ref, adv, mask, 0.2, 0.28, 0.04, estimator, loss_type, level, 16)
     assert_close(loss, ref_loss)
     for name, value in ref_metrics.items():
-        assert isinstance(metrics[name], float)
         assert_close(metrics[name], value)
     # The case must exercise clipping, or the comparison proves little.
     if level == "token":
-        assert 0 < metrics["clip_ratio/region_mean"] < 1
+        assert 0 < float(metrics["clip_ratio/region_mean"]) < 1
 
 
 def test_policy_loss_without_reference_has_no_kl_term():
     lp, old, ref, adv, mask = random_case(seed=3)
-    args = (mx.array(lp), mx.array(old))
-    loss_none, metrics = policy_loss(*args, None, mx.array(adv), mx.array(mask))
-    loss_beta0, _ = policy_loss(*args, mx.array(ref), mx.array(adv), mx.array(mask), beta=0.0)
+    loss_none, metrics = loss_of(lp, old, None, adv, mask)
+    loss_beta0, _ = loss_of(lp, old, ref, adv, mask, beta=0.0)
     expected, _ = ref_policy_loss(lp, old, None, adv, mask, 0.2, None, 0.0, "k3", "grpo", "token", None)
     assert_close(loss_none, expected)
     assert_close(loss_beta0, expected)
-    assert metrics["kl"] == 0.0
+    assert float(metrics["kl"]) == 0.0
 
 
 def test_zero_length_completions_do_not_produce_nan():
     lp, old, ref, adv, mask = random_case(seed=4)
     mask[2] = 0.0
-    for loss_type, level in itertools.product(["grpo", "bnpo", "dr_grpo", "dapo"], ["token", "sequence"]):
-        loss, metrics = policy_loss(
-            mx.array(lp), mx.array(old), mx.array(ref), mx.array(adv), mx.array(mask),
-            loss_type=loss_type, importance_level=level,
-        )
-        ref_loss, _ = ref_policy_loss(lp, old, ref, adv, mask, 0.2, None, 0.04, "k3", loss_type, level, None)
-        assert np.isfinite(float(loss)) and all(np.isfinite(v) for v in metrics.values())
+    for loss_type, level in itertools.product(LOSS_TYPES, IMPORTANCE_LEVELS):
+        loss, metrics = loss_of(lp, old, ref, adv, mask, loss_type, importance_level=level)
+        ref_loss, _ = ref_policy_loss(lp, old, ref, adv, mask, 0.2, None, 0.04, "k3", loss_type, level, 16)
+        assert np.isfinite(float(loss)) and all(np.isfinite(float(v)) for v in metrics.values())
         assert_close(loss, ref_loss)
-    all_empty = np.zeros_like(mask)
-    loss, metrics = policy_loss(mx.array(lp), mx.array(old), mx.array(ref), mx.array(adv), mx.array(all_empty))
-    assert float(loss) == 0.0 and metrics["kl"] == 0.0
+    loss, metrics = loss_of(lp, old, ref, adv, np.zeros_like(mask))
+    assert float(loss) == 0.0 and float(metrics["kl"]) == 0.0
 
 
 def test_clipping_removes_the_gradient_where_the_objective_is_pessimistic():
@@ -195,27 +259,27 @@ def test_clipping_removes_the_gradient_where_the_objective_is_pessimistic():
     mask = mx.ones((4, 1))
 
     def loss_fn(x):
-        return policy_loss(x, old, None, adv, mask, beta=0.0, loss_type="grpo")[0]
+        return loss_of(x, old, None, adv, mask, beta=0.0)[0]
 
-    loss, metrics = policy_loss(lp, old, None, adv, mask, beta=0.0)
+    loss, metrics = loss_of(lp, old, None, adv, mask, beta=0.0)
     grad = np.array(mx.grad(loss_fn)(lp)).ravel()
     np.testing.assert_allclose(grad, [0.0, 0.0, -0.5 / 4, 1.5 / 4], rtol=1e-6, atol=1e-8)
     # Per-token objective: -min(r A, clip(r) A) = [-1.2, 0.8, -0.5, 1.5] -> mean 0.15.
     assert_close(loss, 0.15)
-    assert metrics["clip_ratio/high_mean"] == 0.25 and metrics["clip_ratio/low_mean"] == 0.25
-    assert metrics["clip_ratio/region_mean"] == 1.0
+    assert float(metrics["clip_ratio/high_mean"]) == 0.25 and float(metrics["clip_ratio/low_mean"]) == 0.25
+    assert float(metrics["clip_ratio/region_mean"]) == 1.0
 
 
 @pytest.mark.parametrize("loss_type,level", [("grpo", "token"), ("dr_grpo", "sequence"), ("dapo", "token")])
 def test_policy_loss_gradient_matches_central_differences(loss_type, level):
     lp, old, ref, adv, mask = random_case(seed=7, n=3, t=4)
-    kwargs = dict(epsilon_high=0.28, loss_type=loss_type, importance_level=level)
+    kwargs = dict(epsilon_high=0.28, importance_level=level)
 
     def f64(x):
-        return ref_policy_loss(x, old, ref, adv, mask, 0.2, 0.28, 0.04, "k3", loss_type, level, None)[0]
+        return ref_policy_loss(x, old, ref, adv, mask, 0.2, 0.28, 0.04, "k3", loss_type, level, 16)[0]
 
     def loss_fn(x):
-        return policy_loss(x, mx.array(old), mx.array(ref), mx.array(adv), mx.array(mask), **kwargs)[0]
+        return loss_of(x, old, ref, adv, mask, loss_type, **kwargs)[0]
 
     grad = np.array(mx.grad(loss_fn)(mx.array(lp)))
     h = 1e-6
@@ -230,19 +294,16 @@ def test_policy_loss_gradient_matches_central_differences(loss_type, level):
     assert np.abs(numeric).max() > 1e-3  # the check is not vacuous
 
 
-def test_dapo_normalises_by_the_global_token_count():
+def test_normaliser_of_the_whole_batch_makes_halves_add_up_to_it():
     lp, old, ref, adv, mask = random_case(seed=9)
     args = [mx.array(x) for x in (lp, old, ref, adv, mask)]
-    full, _ = policy_loss(*args, loss_type="dapo")
-    halves = [
-        policy_loss(*[a[s] for a in args], loss_type="dapo", num_tokens=float(mask.sum()))[0]
-        for s in (slice(0, 4), slice(4, 8))
-    ]
-    assert_close(halves[0] + halves[1], full)
-    grpo_halves = [
-        policy_loss(*[a[s] for a in args], loss_type="grpo", num_sequences=8)[0] for s in (slice(0, 4), slice(4, 8))
-    ]
-    assert_close(grpo_halves[0] + grpo_halves[1], policy_loss(*args, loss_type="grpo")[0])
+    num_tokens = float(mask.sum())
+    for loss_type in LOSS_TYPES:
+        normaliser = loss_normaliser(loss_type, 8, num_tokens, num_tokens, 16)
+        full, _ = policy_loss(*args, normaliser=normaliser, loss_type=loss_type)
+        halves = [policy_loss(*[a[s] for a in args], normaliser=normaliser, loss_type=loss_type)[0]
+                  for s in (slice(0, 4), slice(4, 8))]
+        assert_close(halves[0] + halves[1], full)
 
 
 @pytest.mark.parametrize(
@@ -251,176 +312,7 @@ def test_dapo_normalises_by_the_global_token_count():
 def test_policy_loss_rejects_unknown_options(option, value):
     lp, old, ref, adv, mask = random_case(seed=1)
     with pytest.raises(ValueError, match=option):
-        policy_loss(mx.array(lp), mx.array(old), mx.array(ref), mx.array(adv), mx.array(mask), **{option: value})
-
-
-# ---------------------------------------------------------------- token log-probs
-
-
-def random_qwen2(tie_word_embeddings: bool, seed: int):
-    from mlx_lm.models import qwen2
-
-    args = qwen2.ModelArgs(
-        model_type="qwen2", hidden_size=32, num_hidden_layers=2, intermediate_size=64,
-        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=97,
-        tie_word_embeddings=tie_word_embeddings,
-    )
-    mx.random.seed(seed)
-    model = qwen2.Model(args)
-    mx.eval(model.parameters())
-    return model
-
-
-@pytest.fixture(scope="module")
-def tiny_lm():
-    return random_qwen2(tie_word_embeddings=False, seed=0)
-
-
-@pytest.mark.parametrize("temperature,chunk_size", [(1.0, None), (0.7, 3), (1.3, 5)])
-def test_token_logprobs_equal_naive_log_softmax_gather(tiny_lm, temperature, chunk_size):
-    tokens = mx.array(np.random.default_rng(0).integers(0, 97, size=(3, 11)))
-    got, entropy = token_logprobs(tiny_lm, tokens, temperature=temperature, chunk_size=chunk_size, with_entropy=True)
-    logits = np.array(tiny_lm(tokens[:, :-1])).astype(np.float64) / temperature
-    log_softmax = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
-    log_softmax -= logits.max(-1, keepdims=True)
-    expected = np.take_along_axis(log_softmax, np.array(tokens[:, 1:])[..., None], axis=-1)[..., 0]
-    assert got.dtype == mx.float32 and got.shape == (3, 10)
-    np.testing.assert_allclose(np.array(got), expected, rtol=1e-5, atol=1e-5)
-    expected_entropy = -(np.exp(log_softmax) * log_softmax).sum(-1)
-    np.testing.assert_allclose(np.array(entropy), expected_entropy, rtol=1e-4, atol=1e-5)
-
-
-def test_token_logprobs_gradient_reaches_the_weights(tiny_lm):
-    tokens = mx.array(np.random.default_rng(1).integers(0, 97, size=(2, 6)))
-
-    def loss_fn(model):
-        return token_logprobs(model, tokens, chunk_size=2).sum()
-
-    grads = nn.value_and_grad(tiny_lm, loss_fn)(tiny_lm)[1]
-    from mlx.utils import tree_flatten
-
-    norms = [float(mx.abs(g).sum()) for _, g in tree_flatten(grads)]
-    assert all(np.isfinite(norms)) and sum(n > 0 for n in norms) > len(norms) // 2
-
-
-@pytest.fixture(scope="module")
-def tied_lm():
-    return random_qwen2(tie_word_embeddings=True, seed=1)
-
-
-@pytest.mark.parametrize("chunk_size", [None, 2])
-@pytest.mark.parametrize("which", ["untied", "tied"])
-def test_scoring_from_start_with_a_split_head_equals_full_logprobs(tiny_lm, tied_lm, which, chunk_size):
-    from grpo_mlx.grpo import lm_head_split_matches
-
-    model = tiny_lm if which == "untied" else tied_lm
-    assert lm_head_split_matches(model)
-    tokens = mx.array(np.random.default_rng(2).integers(0, 97, size=(3, 12)))
-    full, full_entropy = token_logprobs(model, tokens, temperature=0.8, with_entropy=True)
-    start = 5
-    got, entropy = token_logprobs(model, tokens, temperature=0.8, chunk_size=chunk_size, with_entropy=True,
-                                  start=start, split_head=True)
-    assert got.shape == full.shape == (3, 11)
-    np.testing.assert_allclose(np.array(got)[:, start:], np.array(full)[:, start:], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.array(entropy)[:, start:], np.array(full_entropy)[:, start:], rtol=1e-5, atol=1e-5)
-    assert np.all(np.array(got)[:, :start] == 0) and np.all(np.array(entropy)[:, :start] == 0)
-
-
-def test_gradient_through_a_split_head_equals_the_full_models(tiny_lm):
-    from mlx.utils import tree_flatten
-
-    tokens = mx.array(np.random.default_rng(3).integers(0, 97, size=(2, 9)))
-    mask = mx.concatenate([mx.zeros((2, 4)), mx.ones((2, 4))], axis=1)
-
-    def loss(split):
-        return lambda m: (token_logprobs(m, tokens, start=4 if split else 0, split_head=split) * mask).sum()
-
-    full = dict(tree_flatten(nn.value_and_grad(tiny_lm, loss(False))(tiny_lm)[1]))
-    split = dict(tree_flatten(nn.value_and_grad(tiny_lm, loss(True))(tiny_lm)[1]))
-    assert full.keys() == split.keys()
-    for k in full:
-        np.testing.assert_allclose(np.array(split[k]), np.array(full[k]), rtol=1e-4, atol=1e-6, err_msg=k)
-    assert float(mx.abs(split["lm_head.weight"]).sum()) > 0  # the head still learns when it is trainable
-
-
-def test_a_model_that_changes_its_logits_after_the_head_is_not_split(tiny_lm):
-    from grpo_mlx.grpo import lm_head_split, lm_head_split_matches
-
-    class SoftCapped(nn.Module):  # like Gemma 2: logits soft-capped after the head
-        def __init__(self, inner):
-            super().__init__()
-            self.model, self.lm_head, self.args = inner.model, inner.lm_head, inner.args
-
-        def __call__(self, x):
-            return 5.0 * mx.tanh(self.lm_head(self.model(x)) / 5.0)
-
-    capped = SoftCapped(tiny_lm)
-    assert lm_head_split(capped) is not None  # the attribute names look right...
-    assert not lm_head_split_matches(capped)  # ...but the numbers do not, so the trainer keeps model(x)
-
-
-def shared_prompt_batch(prompt_lengths=(6, 1, 9), rows=(3, 2, 2), width=16, seed=5):
-    """Rows that share prompts in consecutive groups, right-padded: (tokens, groups, mask)."""
-    rng = np.random.default_rng(seed)
-    tokens = np.zeros((sum(rows), width), dtype=np.int32)
-    mask = np.zeros((sum(rows), width - 1), dtype=np.float32)
-    groups, first = [], 0
-    for length, count in zip(prompt_lengths, rows):
-        prompt = rng.integers(1, 97, size=length)
-        for i in range(first, first + count):
-            completion = rng.integers(1, 97, size=int(rng.integers(1, width - length + 1)))
-            tokens[i, :length], tokens[i, length : length + len(completion)] = prompt, completion
-            mask[i, length - 1 : length - 1 + len(completion)] = 1
-        groups.append((first, first + count, length))
-        first += count
-    return mx.array(tokens), groups, mx.array(mask)
-
-
-@pytest.mark.parametrize("chunk_size", [None, 4])
-def test_shared_prompt_logprobs_equal_row_by_row_logprobs(tiny_lm, tied_lm, chunk_size):
-    from grpo_mlx.grpo import group_token_logprobs, supports_shared_prompt
-
-    for model in (tiny_lm, tied_lm):
-        assert supports_shared_prompt(model)
-        tokens, groups, mask = shared_prompt_batch()
-        full, full_entropy = token_logprobs(model, tokens, temperature=0.8, with_entropy=True)
-        got, entropy = group_token_logprobs(model, tokens, groups, temperature=0.8, chunk_size=chunk_size,
-                                            with_entropy=True)
-        m = np.array(mask)
-        assert got.shape == full.shape
-        np.testing.assert_allclose(np.array(got) * m, np.array(full) * m, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(np.array(entropy) * m, np.array(full_entropy) * m, rtol=1e-5, atol=1e-5)
-
-
-def test_shared_prompt_gradient_equals_row_by_row_gradient(tiny_lm):
-    from mlx.utils import tree_flatten
-
-    from grpo_mlx.grpo import group_token_logprobs
-
-    tokens, groups, mask = shared_prompt_batch(seed=6)
-    weights = mx.array(np.random.default_rng(7).normal(size=mask.shape).astype(np.float32)) * mask
-    full = dict(tree_flatten(nn.value_and_grad(tiny_lm, lambda m: (token_logprobs(m, tokens) * weights).sum())(tiny_lm)[1]))
-    shared = dict(tree_flatten(nn.value_and_grad(
-        tiny_lm, lambda m: (group_token_logprobs(m, tokens, groups) * weights).sum())(tiny_lm)[1]))
-    for k in full:
-        np.testing.assert_allclose(np.array(shared[k]), np.array(full[k]), rtol=1e-4, atol=1e-5, err_msg=k)
-    # The prompt's own weights get gradient through the shared keys and values.
-    assert float(mx.abs(shared["model.layers.0.self_attn.k_proj.weight"]).sum()) > 0
-
-
-def test_a_model_with_a_cache_of_its_own_does_not_share_prompts(tiny_lm):
-    from grpo_mlx.grpo import supports_shared_prompt
-
-    class Windowed(nn.Module):  # like Gemma 3 or Mistral with a sliding window: it makes its own cache
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-            self.layers = inner.layers
-
-        def make_cache(self):
-            return [None] * len(self.layers)
-
-        def __call__(self, x, cache=None):
-            return self.inner(x, cache=cache)
-
-    assert not supports_shared_prompt(Windowed(tiny_lm))
+        policy_loss(*(mx.array(x) for x in (lp, old, ref, adv, mask)), normaliser=1.0, **{option: value})
+    if option == "loss_type":
+        with pytest.raises(ValueError, match=option):
+            loss_normaliser(value, 8, 10, 10, 16)

@@ -11,13 +11,12 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import load
 
 from grpo_mlx.config import TrainConfig
-from grpo_mlx.grpo import LOSS_TYPES
+from grpo_mlx.grpo import LOSS_TYPES, loss_normaliser
 from grpo_mlx.policy import attach_adapters
 from grpo_mlx.rollout import generate_rollout, make_sampler, pad_batch
 from grpo_mlx.trainer import (
     accumulate_gradients,
     enable_grad_checkpoint,
-    loss_normaliser,
     make_grad_step,
     micro_batches,
 )
@@ -57,7 +56,7 @@ def step_inputs(prompts, completions, bucket, config, seed=0):
     old = mx.array(rng.normal(-5.0, 0.3, size=mask.shape).astype(np.float32))
     ref = mx.array(rng.normal(-5.0, 0.3, size=mask.shape).astype(np.float32))
     n, num_tokens = len(prompts), float(mask.sum().item())
-    return tokens, mask, advantages, old, ref, loss_normaliser(config.loss_type, n, num_tokens, num_tokens)
+    return tokens, mask, advantages, old, ref, loss_normaliser(config.loss_type, n, num_tokens, num_tokens, config.max_tokens)
 
 
 def flat_grads(grads):
@@ -175,11 +174,11 @@ def test_micro_batched_accumulation_equals_the_full_batch_gradient(tiny_model_di
 
 
 def test_normaliser_divides_by_the_count_each_loss_type_names():
-    assert loss_normaliser("grpo", 8, 100, 60) == pytest.approx(1 / 8)
-    assert loss_normaliser("dr_grpo", 8, 100, 60) == pytest.approx(1 / 8)
-    assert loss_normaliser("bnpo", 8, 100, 60) == pytest.approx(1 / 60)  # this process's tokens
-    assert loss_normaliser("dapo", 8, 100, 60) == pytest.approx(1 / 100)  # the global batch's
-    assert loss_normaliser("dapo", 8, 0, 0) == 1.0  # no completion tokens: no division by zero
+    assert loss_normaliser("grpo", 8, 100, 60, 16) == pytest.approx(1 / 8)
+    assert loss_normaliser("dr_grpo", 8, 100, 60, 16) == pytest.approx(1 / (8 * 16))  # N * max completion length
+    assert loss_normaliser("bnpo", 8, 100, 60, 16) == pytest.approx(1 / 60)  # this process's tokens
+    assert loss_normaliser("dapo", 8, 100, 60, 16) == pytest.approx(1 / 100)  # the global batch's
+    assert loss_normaliser("dapo", 8, 0, 0, 16) == 1.0  # no completion tokens: no division by zero
 
 
 # ---------------------------------------------------------------- rollout
@@ -203,7 +202,7 @@ def test_rollout_without_sampler_logprobs_samples_the_same_completions(tiny_mode
 
 @pytest.mark.parametrize("compile_", [False, True])
 def test_scoring_completion_positions_only_gives_the_same_loss_and_gradients(tiny_model_dir, compile_):
-    from grpo_mlx.grpo import lm_head_split_matches
+    from grpo_mlx.logprobs import lm_head_split_matches
     from grpo_mlx.trainer import first_scored_position
 
     model, _ = lora_model(tiny_model_dir)
@@ -233,7 +232,7 @@ def test_scoring_completion_positions_only_gives_the_same_loss_and_gradients(tin
 
 @pytest.mark.parametrize("micro_batch_size", [None, 3])
 def test_running_each_prompt_once_per_group_gives_the_same_loss_and_gradients(tiny_model_dir, micro_batch_size):
-    from grpo_mlx.grpo import supports_shared_prompt
+    from grpo_mlx.logprobs import supports_shared_prompt
     from grpo_mlx.trainer import forward_logprobs, prompt_groups
 
     model, _ = lora_model(tiny_model_dir)

@@ -4,7 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from grpo_mlx.grpo import token_logprobs
+from grpo_mlx.logprobs import token_logprobs
 from grpo_mlx.policy import load_model
 from grpo_mlx.rollout import generate_rollout, make_sampler, pad_batch
 

@@ -1,0 +1,169 @@
+"""Token log-probs (logprobs.py): the plain forward, the split LM head and the shared
+prompt give the same numbers and gradients as a naive log-softmax."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from grpo_mlx.logprobs import (
+    group_token_logprobs,
+    lm_head_split,
+    lm_head_split_matches,
+    supports_shared_prompt,
+    token_logprobs,
+)
+
+
+def random_qwen2(tie_word_embeddings: bool, seed: int):
+    from mlx_lm.models import qwen2
+
+    args = qwen2.ModelArgs(
+        model_type="qwen2", hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=97,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    mx.random.seed(seed)
+    model = qwen2.Model(args)
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    return random_qwen2(tie_word_embeddings=False, seed=0)
+
+
+@pytest.mark.parametrize("temperature,chunk_size", [(1.0, None), (0.7, 3), (1.3, 5)])
+def test_token_logprobs_equal_naive_log_softmax_gather(tiny_lm, temperature, chunk_size):
+    tokens = mx.array(np.random.default_rng(0).integers(0, 97, size=(3, 11)))
+    got, entropy = token_logprobs(tiny_lm, tokens, temperature=temperature, chunk_size=chunk_size, with_entropy=True)
+    logits = np.array(tiny_lm(tokens[:, :-1])).astype(np.float64) / temperature
+    log_softmax = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    log_softmax -= logits.max(-1, keepdims=True)
+    expected = np.take_along_axis(log_softmax, np.array(tokens[:, 1:])[..., None], axis=-1)[..., 0]
+    assert got.dtype == mx.float32 and got.shape == (3, 10)
+    np.testing.assert_allclose(np.array(got), expected, rtol=1e-5, atol=1e-5)
+    expected_entropy = -(np.exp(log_softmax) * log_softmax).sum(-1)
+    np.testing.assert_allclose(np.array(entropy), expected_entropy, rtol=1e-4, atol=1e-5)
+
+
+def test_token_logprobs_gradient_reaches_the_weights(tiny_lm):
+    tokens = mx.array(np.random.default_rng(1).integers(0, 97, size=(2, 6)))
+
+    def loss_fn(model):
+        return token_logprobs(model, tokens, chunk_size=2).sum()
+
+    grads = nn.value_and_grad(tiny_lm, loss_fn)(tiny_lm)[1]
+    norms = [float(mx.abs(g).sum()) for _, g in tree_flatten(grads)]
+    assert all(np.isfinite(norms)) and sum(n > 0 for n in norms) > len(norms) // 2
+
+
+@pytest.fixture(scope="module")
+def tied_lm():
+    return random_qwen2(tie_word_embeddings=True, seed=1)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+@pytest.mark.parametrize("which", ["untied", "tied"])
+def test_scoring_from_start_with_a_split_head_equals_full_logprobs(tiny_lm, tied_lm, which, chunk_size):
+    model = tiny_lm if which == "untied" else tied_lm
+    assert lm_head_split_matches(model)
+    tokens = mx.array(np.random.default_rng(2).integers(0, 97, size=(3, 12)))
+    full, full_entropy = token_logprobs(model, tokens, temperature=0.8, with_entropy=True)
+    start = 5
+    got, entropy = token_logprobs(model, tokens, temperature=0.8, chunk_size=chunk_size, with_entropy=True,
+                                  start=start, split_head=True)
+    assert got.shape == full.shape == (3, 11)
+    np.testing.assert_allclose(np.array(got)[:, start:], np.array(full)[:, start:], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.array(entropy)[:, start:], np.array(full_entropy)[:, start:], rtol=1e-5, atol=1e-5)
+    assert np.all(np.array(got)[:, :start] == 0) and np.all(np.array(entropy)[:, :start] == 0)
+
+
+def test_gradient_through_a_split_head_equals_the_full_models(tiny_lm):
+    tokens = mx.array(np.random.default_rng(3).integers(0, 97, size=(2, 9)))
+    mask = mx.concatenate([mx.zeros((2, 4)), mx.ones((2, 4))], axis=1)
+
+    def loss(split):
+        return lambda m: (token_logprobs(m, tokens, start=4 if split else 0, split_head=split) * mask).sum()
+
+    full = dict(tree_flatten(nn.value_and_grad(tiny_lm, loss(False))(tiny_lm)[1]))
+    split = dict(tree_flatten(nn.value_and_grad(tiny_lm, loss(True))(tiny_lm)[1]))
+    assert full.keys() == split.keys()
+    for k in full:
+        np.testing.assert_allclose(np.array(split[k]), np.array(full[k]), rtol=1e-4, atol=1e-6, err_msg=k)
+    assert float(mx.abs(split["lm_head.weight"]).sum()) > 0  # the head still learns when it is trainable
+
+
+def test_a_model_that_changes_its_logits_after_the_head_is_not_split(tiny_lm):
+    class SoftCapped(nn.Module):  # like Gemma 2: logits soft-capped after the head
+        def __init__(self, inner):
+            super().__init__()
+            self.model, self.lm_head, self.args = inner.model, inner.lm_head, inner.args
+
+        def __call__(self, x):
+            return 5.0 * mx.tanh(self.lm_head(self.model(x)) / 5.0)
+
+    capped = SoftCapped(tiny_lm)
+    assert lm_head_split(capped) is not None  # the attribute names look right...
+    assert not lm_head_split_matches(capped)  # ...but the numbers do not, so the trainer keeps model(x)
+
+
+def shared_prompt_batch(prompt_lengths=(6, 1, 9), rows=(3, 2, 2), width=16, seed=5):
+    """Rows that share prompts in consecutive groups, right-padded: (tokens, groups, mask)."""
+    rng = np.random.default_rng(seed)
+    tokens = np.zeros((sum(rows), width), dtype=np.int32)
+    mask = np.zeros((sum(rows), width - 1), dtype=np.float32)
+    groups, first = [], 0
+    for length, count in zip(prompt_lengths, rows):
+        prompt = rng.integers(1, 97, size=length)
+        for i in range(first, first + count):
+            completion = rng.integers(1, 97, size=int(rng.integers(1, width - length + 1)))
+            tokens[i, :length], tokens[i, length : length + len(completion)] = prompt, completion
+            mask[i, length - 1 : length - 1 + len(completion)] = 1
+        groups.append((first, first + count, length))
+        first += count
+    return mx.array(tokens), groups, mx.array(mask)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_shared_prompt_logprobs_equal_row_by_row_logprobs(tiny_lm, tied_lm, chunk_size):
+    for model in (tiny_lm, tied_lm):
+        assert supports_shared_prompt(model)
+        tokens, groups, mask = shared_prompt_batch()
+        full, full_entropy = token_logprobs(model, tokens, temperature=0.8, with_entropy=True)
+        got, entropy = group_token_logprobs(model, tokens, groups, temperature=0.8, chunk_size=chunk_size,
+                                            with_entropy=True)
+        m = np.array(mask)
+        assert got.shape == full.shape
+        np.testing.assert_allclose(np.array(got) * m, np.array(full) * m, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.array(entropy) * m, np.array(full_entropy) * m, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_prompt_gradient_equals_row_by_row_gradient(tiny_lm):
+    tokens, groups, mask = shared_prompt_batch(seed=6)
+    weights = mx.array(np.random.default_rng(7).normal(size=mask.shape).astype(np.float32)) * mask
+    full = dict(tree_flatten(nn.value_and_grad(tiny_lm, lambda m: (token_logprobs(m, tokens) * weights).sum())(tiny_lm)[1]))
+    shared = dict(tree_flatten(nn.value_and_grad(
+        tiny_lm, lambda m: (group_token_logprobs(m, tokens, groups) * weights).sum())(tiny_lm)[1]))
+    for k in full:
+        np.testing.assert_allclose(np.array(shared[k]), np.array(full[k]), rtol=1e-4, atol=1e-5, err_msg=k)
+    # The prompt's own weights get gradient through the shared keys and values.
+    assert float(mx.abs(shared["model.layers.0.self_attn.k_proj.weight"]).sum()) > 0
+
+
+def test_a_model_with_a_cache_of_its_own_does_not_share_prompts(tiny_lm):
+    class Windowed(nn.Module):  # like Gemma 3 or Mistral with a sliding window: it makes its own cache
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.layers = inner.layers
+
+        def make_cache(self):
+            return [None] * len(self.layers)
+
+        def __call__(self, x, cache=None):
+            return self.inner(x, cache=cache)
+
+    assert not supports_shared_prompt(Windowed(tiny_lm))
