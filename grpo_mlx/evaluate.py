@@ -7,9 +7,9 @@ Choices, and why:
    estimator of Chen et al. 2021 ("Evaluating Large Language Models Trained on
    Code", Eq. 1), averaged over problems: 1 - C(n-c, k) / C(n, k) for n samples
    of which c are correct, reported for k = 1, 2, 4, ... < K and K.
-3. maj@K is a majority vote over the K extracted answers (`rewards.extract_answer`),
-   answers counted as equal by value (`rewards.numbers_equal`) or, when not
-   numbers, by `rewards.normalize_text`. Completions with no answer do not vote;
+3. maj@K is a majority vote over the K extracted answers (`answers.extract_answer`),
+   answers counted as equal by `answers.same_answer`: by value when both are
+   numbers, else as normalised text. Completions with no answer do not vote;
    a tie goes to the answer that appeared first among the samples; with no vote
    at all the problem counts as wrong.
 4. Decoding goes through the training rollout (`rollout.generate_rollout`):
@@ -25,8 +25,10 @@ import math
 import time
 from pathlib import Path
 
+from .answers import extract_answer, parse_gold, same_answer
 from .display import wants_plain_lines
 from .errors import UserError
+from .rewards import accuracy_reward
 
 DEMO_MAX_TOKENS = 8  # the embedded demo's answers are a few digits (config.DEMO_PRESET)
 DEFAULT_MAX_TOKENS = 256
@@ -59,16 +61,6 @@ def k_values(num_samples: int) -> list[int]:
         ks.append(k)
         k *= 2
     return ks + [num_samples]
-
-
-def same_answer(a: str, b: str) -> bool:
-    """Whether two extracted answers agree: by value when both are numbers, else as normalised text."""
-    from .rewards import normalize_text, numbers_equal, to_number
-
-    value_a, value_b = to_number(a), to_number(b)
-    if value_a is not None and value_b is not None:
-        return numbers_equal(value_a, value_b)
-    return normalize_text(a) == normalize_text(b)
 
 
 def majority_vote(answers: list[str | None]) -> int | None:
@@ -125,8 +117,6 @@ def decode_all(model, tokenizer, prompts: list[list[int]], group_size: int, max_
 
 
 def _score(texts: list[str], golds: list[str]) -> tuple[list[str | None], list[bool]]:
-    from .rewards import accuracy_reward, extract_answer
-
     correct = [score == 1.0 for score in accuracy_reward(texts, golds)]
     return [extract_answer(t) for t in texts], correct
 
@@ -140,7 +130,6 @@ def evaluate_examples(model, tokenizer, examples, samples: int = 1, system_promp
     Returns {"accuracy", "correct", "num_examples", "greedy_truncated", ["pass@k", "maj@K"], "examples"}.
     """
     from .data import render_prompt, resolve_system_prompt
-    from .rewards import parse_gold
     from .rollout import make_sampler
 
     golds = [ex.answer for ex in examples]

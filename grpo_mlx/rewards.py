@@ -1,4 +1,4 @@
-"""Reward functions: answer extraction, math equivalence, the registry and plug-ins.
+"""Reward functions: the built-ins, the registry, plug-ins and checked, combined scoring.
 
 Pure Python, no MLX: rewards run on decoded text, and a user's plug-in should be
 testable without a model.
@@ -15,12 +15,9 @@ Keyword arguments the trainer passes where the function accepts them:
 each field of `Example.meta` as a list over the batch.
 
 Choices, and why:
-1. Answer extraction follows what models actually write: an R1 `<answer>` tag
-   beats `\\boxed{}` beats a GSM8K `####` line beats the last number in the text.
-2. Numbers compare by value (integers exactly, others within a relative
-   tolerance of 1e-6), after removing what does
-   not change the value: thousands commas, `$`, `%`, units, a trailing period.
-3. Every reward function, built-in or plug-in, is wrapped so a failure names the
+1. Answer extraction and math equivalence (what `accuracy`, `length` and
+   `cosine` count as correct) live in `answers`, shared with `eval`.
+2. Every reward function, built-in or plug-in, is wrapped so a failure names the
    reward and the completion it failed on, and a malformed return value is caught
    here rather than as a shape error deep in the loss.
 """
@@ -38,11 +35,10 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from .answers import answers_equal
 from .errors import UserError
 
 RewardFn = Callable[..., list]
-
-REL_TOL = 1e-6  # numeric answers equal within this relative tolerance
 
 # Cosine length scaling (Yeo et al. 2025, "Demystifying Long Chain-of-Thought
 # Reasoning in LLMs", Eq. 1): value at length 0 -> value at max length.
@@ -58,221 +54,6 @@ OVERLONG_MAX_LENGTH = 1024  # DAPO's L_max, tokens
 
 class RewardError(UserError):
     """A reward function failed or returned something that is not one score per completion."""
-
-
-# ---------------------------------------------------------------- numbers
-
-# A plain number: optional sign (not after a word or digit, so "3-5" is not -5),
-# thousands commas only in groups of three, optional decimals.
-_NUM = r"(?:(?<![\w.)\]}])-)?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|(?:(?<![\w.)\]}])-)?\.\d+"
-_TEX_FRAC = rf"-?\\[dt]?frac\s*\{{\s*({_NUM})\s*\}}\s*\{{\s*({_NUM})\s*\}}|-?\\[dt]?frac(\d)(\d)"
-_SLASH_FRAC = rf"({_NUM})\s*/\s*({_NUM})"
-# Numbers as they appear in running text: fractions first, so "3/4" is one number.
-_NUMBER_IN_TEXT = re.compile(rf"{_TEX_FRAC}|(?:{_NUM})/(?:{_NUM})(?![\d/])|{_NUM}")
-
-_UNIT = r"[A-Za-z][A-Za-z/^.²³]*\d?"
-_DECORATIONS = [
-    (re.compile(r"\\(?:text|textbf|mathrm|mbox|mathbf)\s*\{([^{}]*)\}"), r" \1 "),  # unwrap \text{ dollars}
-    (re.compile(r"\^\s*\{?\\circ\}?|°"), ""),  # degrees
-    (re.compile(r"\\[!,]"), ""),  # thin spaces: 1\,000
-    (re.compile(r"\{,\}"), ","),  # 1{,}000
-    (re.compile(r"\\[;: ]|\\left|\\right"), " "),  # LaTeX spacing
-    (re.compile(r"\\?[$%€£¥]"), ""),  # currency, percent
-    (re.compile(r"[−–]"), "-"),  # unicode minus and en dash
-]
-
-
-def _strip_decorations(text: str) -> str:
-    s = text
-    for pattern, repl in _DECORATIONS:
-        s = pattern.sub(repl, s)
-    s = s.strip().strip("*").strip()  # markdown bold: **18**
-    if s.startswith("{") and s.endswith("}"):
-        s = s[1:-1].strip()
-    s = re.sub(r"^(?:[A-Za-z]\w*\s*)?=\s*", "", s)  # "x = 5" -> "5"
-    return s.rstrip(".!").strip()
-
-
-def _plain_value(token: str) -> float:
-    return float(token.replace(",", ""))
-
-
-def to_number(text: str | None) -> float | None:
-    """The value of an answer that is one number, or None.
-
-    Accepts what does not change the value: `$`, `%`, thousands commas, units
-    after the number ("18 dollars", "5 km/h"), a trailing period, `x = `
-    before it, and fractions `3/4`, `\\frac{3}{4}`, `\\dfrac34`. Text that is
-    more than one number ("1, 2", "2\\sqrt{3}") is not a number.
-    """
-    if text is None:
-        return None
-    s = _strip_decorations(text)
-    match = re.fullmatch(rf"({_TEX_FRAC}|{_SLASH_FRAC}|{_NUM})(?:\s*{_UNIT}(?:\s+{_UNIT})*)?", s)
-    return None if match is None else _token_value(match.group(1))
-
-
-def _token_value(token: str) -> float | None:
-    """Value of one number token: plain, a/b, or \\frac{a}{b}; None for division by zero."""
-    token = token.strip()
-    if "frac" in token:
-        sign = -1.0 if token.startswith("-") else 1.0
-        m = re.search(rf"frac\s*\{{\s*({_NUM})\s*\}}\s*\{{\s*({_NUM})\s*\}}|frac(\d)(\d)", token)
-        num, den = (m.group(1), m.group(2)) if m.group(1) is not None else (m.group(3), m.group(4))
-        value = _divide(_plain_value(num), _plain_value(den))
-        return None if value is None else sign * value
-    if re.search(r"\d\s*/", token):
-        num, den = token.split("/")
-        return _divide(_plain_value(num), _plain_value(den))
-    return _plain_value(token)
-
-
-def _divide(num: float, den: float) -> float | None:
-    return None if den == 0 else num / den
-
-
-def last_number(text: str) -> str | None:
-    """The last number in running text, as written ("1,234", "3/4", "\\frac{1}{2}", "-5")."""
-    matches = list(_NUMBER_IN_TEXT.finditer(text.replace("−", "-")))
-    return matches[-1].group(0) if matches else None
-
-
-# ---------------------------------------------------------------- answer extraction
-
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_BOXED = re.compile(r"\\(?:boxed|fbox)\b")
-
-
-def _answer_tag(text: str) -> str | None:
-    """Content of the last <answer>…</answer>; an unclosed last tag runs to the end (truncated output)."""
-    start = text.rfind("<answer>")
-    if start < 0:
-        return None
-    matches = _ANSWER_TAG.findall(text)
-    if "</answer>" not in text[start:]:
-        return text[start + len("<answer>"):].strip() or None
-    return matches[-1].strip() if matches else None
-
-
-def _boxed(text: str) -> str | None:
-    """Content of the last complete \\boxed{…} (braces nested), or of `\\boxed 5`."""
-    for match in reversed(list(_BOXED.finditer(text))):
-        rest = text[match.end():].lstrip()
-        if not rest.startswith("{"):
-            token = re.match(r"[^\s$]+", rest)
-            if token:
-                return token.group(0)
-            continue
-        depth = 0
-        for i, ch in enumerate(rest):
-            depth += {"{": 1, "}": -1}.get(ch, 0)
-            if depth == 0:
-                content = rest[1:i].strip()
-                if content:
-                    return content
-                break
-    return None
-
-
-def _hash_line(text: str) -> str | None:
-    """The rest of the line after the last GSM8K `####`."""
-    start = text.rfind("####")
-    if start < 0:
-        return None
-    return text[start + 4:].split("\n", 1)[0].strip() or None
-
-
-def marked_answer(text: str) -> str | None:
-    """The raw text the completion marks as its answer: <answer> tag > \\boxed{} > ####, else None."""
-    tag = _answer_tag(text)
-    if tag is not None:
-        return _boxed(tag) or tag
-    return _boxed(text) or _hash_line(text)
-
-
-def extract_answer(text: str | None) -> str | None:
-    """The final answer a completion gives, as written, or None if it gives none.
-
-    Priority: `<answer>` tag > last `\\boxed{}` > `####` line > last number in
-    the text. The content of an answer tag or `####` line that is not itself a
-    number is reduced to the last number inside it ("The answer is 72." -> "72"),
-    when there is one; \\boxed{} content is kept as is, since it is often an
-    expression.
-    """
-    if text is None:
-        return None
-    tag = _answer_tag(text)
-    if tag is not None:
-        boxed = _boxed(tag)
-        return boxed if boxed is not None else _number_inside(tag)
-    boxed = _boxed(text)
-    if boxed is not None:
-        return boxed
-    line = _hash_line(text)
-    if line is not None:
-        return _number_inside(line)
-    return last_number(text)
-
-
-def _number_inside(content: str) -> str:
-    if to_number(content) is not None:
-        return content
-    return last_number(content) or content
-
-
-def parse_gold(answer: str | None) -> str | None:
-    """The final answer in a gold field: a full GSM8K solution ("…\\n#### 72") gives "72".
-
-    A gold field with a `####` line, a \\boxed{} or an <answer> tag is reduced
-    to it; anything else is taken whole, since gold fields are usually the
-    answer itself (and may be non-numeric, like "(1, 2)").
-    """
-    if answer is None:
-        return None
-    answer = str(answer)
-    if "####" in answer:
-        return _hash_line(answer)
-    return marked_answer(answer) or answer.strip()
-
-
-def normalize_text(text: str) -> str:
-    """Non-numeric answers compare after: strip, lowercase, drop surrounding $, spaces, trailing period."""
-    s = text.strip().lower()
-    s = re.sub(r"^\$+|\$+$", "", s)
-    s = re.sub(r"\s+", "", s)
-    return s.rstrip(".")
-
-
-def numbers_equal(a: float, b: float) -> bool:
-    """Equal within REL_TOL, but integers exactly: 1e-6 of 1,450,000 is more than 1."""
-    if a.is_integer() and b.is_integer():
-        return a == b
-    return math.isclose(a, b, rel_tol=REL_TOL)
-
-
-def answers_equal(predicted: str | None, gold: str | None) -> bool:
-    """Whether a completion (or an answer) gives the gold answer.
-
-    Both sides are reduced to their final answer first (`extract_answer` for the
-    prediction, `parse_gold` for the gold). Numbers compare by value, integers
-    exactly and others within a relative tolerance of 1e-6: 0.5 = 1/2 = \\frac{1}{2}, 1,000 = 1000,
-    $18 = 18.00, 50% = 50. A non-numeric gold compares with `normalize_text`,
-    against the extracted answer or the raw marked answer (so `<answer>(1, 2)</answer>`
-    matches gold "(1, 2)"). None and an empty gold equal nothing.
-    """
-    if predicted is None or gold is None:
-        return False
-    gold_answer = parse_gold(gold)
-    if not gold_answer or not normalize_text(gold_answer):  # an empty gold matches nothing
-        return False
-    answer = extract_answer(predicted)
-    gold_value = to_number(gold_answer)
-    if gold_value is not None:
-        value = to_number(answer) if answer is not None else None
-        return value is not None and numbers_equal(value, gold_value)
-    target = normalize_text(gold_answer)
-    candidates = [answer, marked_answer(predicted), predicted]
-    return any(c is not None and normalize_text(c) == target for c in candidates)
 
 
 # ---------------------------------------------------------------- registry
@@ -404,19 +185,36 @@ def checked_reward(fn: RewardFn, name: str) -> RewardFn:
     return reward
 
 
+def first_failing_rows(score: Callable[[slice], object], num_rows: int, block: int = 1) -> slice | None:
+    """Re-run `score(rows)` on each `block` consecutive rows in turn: the first rows it fails on alone, or None.
+
+    How a failure on a whole batch is pinned down: one row at a time names the
+    completion (`checked_reward`), one group of G at a time names the example (the trainer).
+    """
+    for start in range(0, num_rows, block):
+        rows = slice(start, start + block)
+        try:
+            score(rows)
+        except Exception:
+            return rows
+    return None
+
+
 def _failure_message(fn, label, completions, answers, kwargs, exc) -> str:
     """Name the first completion that fails on its own, by re-running the function one row at a time."""
     detail = f"{type(exc).__name__}: {exc}"
     n = len(completions)
-    for i in range(n):
-        row_kwargs = {k: (v[i:i + 1] if isinstance(v, (list, tuple)) and len(v) == n else v) for k, v in kwargs.items()}
+
+    def score_rows(rows: slice):
+        row_kwargs = {k: (v[rows] if isinstance(v, (list, tuple)) and len(v) == n else v) for k, v in kwargs.items()}
         if "group_size" in row_kwargs:
             row_kwargs["group_size"] = 1
-        try:
-            fn(completions[i:i + 1], answers[i:i + 1], **row_kwargs)
-        except Exception:
-            return f"{label} failed on completion {i} ({str(completions[i])[:60]!r}): {detail}"
-    return f"{label} failed on a batch of {n} completions: {detail}"
+        fn(completions[rows], answers[rows], **row_kwargs)
+
+    rows = first_failing_rows(score_rows, n)
+    if rows is None:
+        return f"{label} failed on a batch of {n} completions: {detail}"
+    return f"{label} failed on completion {rows.start} ({str(completions[rows.start])[:60]!r}): {detail}"
 
 
 def _check_values(values, n: int, label: str) -> list[float | None]:

@@ -260,16 +260,19 @@ def score_groups(reward_fns, reward_weights, config: TrainConfig, examples, text
 
 def failing_example(run: Run, examples, texts, completion_lengths) -> str:
     """Name the example a reward failed on: the first group that also fails when scored alone."""
-    from .rewards import RewardError
+    from .rewards import first_failing_rows
 
     G = run.config.group_size
-    for g, ex in enumerate(examples):
-        rows = slice(g * G, (g + 1) * G)
-        try:
-            score_groups(run.reward_fns, run.reward_weights, run.config, [ex], texts[rows], completion_lengths[rows])
-        except RewardError:
-            return f"example {prompt_text(ex)[:80]!r} (answer {ex.answer!r})"
-    return f"a batch of {len(examples)} examples starting with {prompt_text(examples[0])[:80]!r}"
+
+    def score_group(rows: slice):
+        g = rows.start // G
+        score_groups(run.reward_fns, run.reward_weights, run.config, examples[g:g + 1], texts[rows], completion_lengths[rows])
+
+    rows = first_failing_rows(score_group, len(examples) * G, block=G)
+    if rows is None:
+        return f"a batch of {len(examples)} examples starting with {prompt_text(examples[0])[:80]!r}"
+    ex = examples[rows.start // G]
+    return f"example {prompt_text(ex)[:80]!r} (answer {ex.answer!r})"
 
 
 # ---------------------------------------------------------------- loss

@@ -11,11 +11,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from grpo_mlx.answers import to_number
 from grpo_mlx.cli import main
 from grpo_mlx.data import arithmetic_examples, render_prompt
 from grpo_mlx.errors import UserError
 from grpo_mlx.evaluate import EvalProgress, evaluate, k_values, majority_vote, pass_at_k
-from grpo_mlx.rewards import accuracy_reward, list_rewards, to_number
+from grpo_mlx.rewards import accuracy_reward, list_rewards
 
 GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k"
 

@@ -6,15 +6,13 @@ from pathlib import Path
 
 import pytest
 
+from grpo_mlx.answers import answers_equal, extract_answer, parse_gold
 from grpo_mlx.errors import UserError
 from grpo_mlx.rewards import (
     RewardError,
-    answers_equal,
     combine_rewards,
-    extract_answer,
     get_reward,
     list_rewards,
-    parse_gold,
     register_reward,
     score_completions,
 )
