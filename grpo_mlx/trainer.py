@@ -737,7 +737,9 @@ def check_run_dir(config: TrainConfig, run_dir: Path) -> None:
                 "restore its checkpoints/ folder, or pass --overwrite to start over"
             )
         return
-    if foreign and not (marked and written and not config.overwrite):
+    # Files grpo-mlx did not write: a user's folder, or a run with the user's files in it. Only a plain
+    # `train` on a run of ours goes on, to the "already holds a run" message below.
+    if foreign and (config.overwrite or not (marked and written)):
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         action = "--overwrite removes only a grpo-mlx run's own files" if config.overwrite else "a run needs a new or empty folder"
         raise UserError(
@@ -811,7 +813,10 @@ def checkpoint_mismatch(run: Run, saved_config: dict, weights: dict) -> str | No
     expected = dict(tree_flatten(run.model.trainable_parameters()))
     missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
     if missing or unexpected:
-        return f"{len(missing)} adapter tensors missing (e.g. {missing[:1]}), {len(unexpected)} unexpected (e.g. {unexpected[:1]})"
+        def first(keys):
+            return f" ({keys[0]}{', ...' if len(keys) > 1 else ''})" if keys else ""
+
+        return f"{len(missing)} adapter tensors missing{first(missing)}, {len(unexpected)} unexpected{first(unexpected)}"
     for key, value in expected.items():
         if tuple(weights[key].shape) != tuple(value.shape):
             return f"tensor {key} has shape {tuple(weights[key].shape)}, this run's is {tuple(value.shape)}"
