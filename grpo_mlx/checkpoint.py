@@ -5,6 +5,11 @@ under a temporary name, every file fsynced, then renamed into place: a crash,
 a full disk or Ctrl-C mid-write leaves the previous checkpoints untouched.
 The latest adapters are also copied to `RUN_DIR/adapters.safetensors` +
 `adapter_config.json`, where mlx-lm's `--adapter-path RUN_DIR` finds them.
+
+The run directory itself carries a marker file (RUN_MARKER), written when
+`train` creates the run, and a lock file (RUN_LOCK) that a live run holds with
+flock: `--overwrite` removes only a marked directory holding nothing but
+RUN_FILES, and never one that a live run holds.
 """
 
 from __future__ import annotations
@@ -24,6 +29,11 @@ from .policy import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_weights
 CHECKPOINTS = "checkpoints"
 OPTIMIZER_STATE = "optimizer.safetensors"
 TRAINER_STATE = "state.json"
+RUN_MARKER = ".grpo-mlx-run"
+RUN_LOCK = ".grpo-mlx-lock"
+# Everything `train` writes at the top of a run directory (dashboard.py writes the two .jsonl files).
+RUN_FILES = (RUN_MARKER, RUN_LOCK, "config.yaml", "metrics.jsonl", "completions.jsonl", ADAPTER_WEIGHTS, ADAPTER_CONFIG, CHECKPOINTS)
+SYSTEM_FILES = (".DS_Store",)  # Finder writes it into any folder it shows: neither the user's nor the run's
 
 
 def _fsync(path: Path) -> None:
@@ -34,10 +44,14 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _tmp_name(name: str) -> str:
+    return f".{name}.tmp{Path(name).suffix}"
+
+
 def atomic_write(path: Path, writer) -> None:
     """Call writer(tmp_path), fsync it, then rename over `path`."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    tmp = path.with_name(_tmp_name(path.name))
     try:
         writer(tmp)
         _fsync(tmp)
@@ -109,18 +123,19 @@ def _save_arrays(path: Path, arrays: dict) -> None:
 
 
 def load_checkpoint(path: Path):
-    """Read one checkpoint: (adapter weights, optimizer state tree, trainer state); raises if damaged."""
+    """Read one checkpoint: (adapter weights, optimizer state tree, trainer state, adapter config); raises if damaged."""
     path = Path(path)
     state = json.loads((path / TRAINER_STATE).read_text())
+    adapter_config = json.loads((path / ADAPTER_CONFIG).read_text())
     weights = mx.load(str(path / ADAPTER_WEIGHTS))
     optimizer_state = tree_unflatten(list(mx.load(str(path / OPTIMIZER_STATE)).items()))
-    return weights, optimizer_state, state
+    return weights, optimizer_state, state, adapter_config
 
 
 def load_latest_checkpoint(run_dir: Path, warn=None):
     """The newest readable checkpoint, falling back past damaged ones with `warn(message)`.
 
-    Returns (weights, optimizer_state, state, path) or None when there is none.
+    Returns (weights, optimizer_state, state, adapter_config, path) or None when there is none.
     `warn` defaults to warnings.warn.
     """
     warn = warn or warnings.warn
@@ -131,3 +146,71 @@ def load_latest_checkpoint(run_dir: Path, warn=None):
             detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
             warn(f"warning: checkpoint {path.name} is unreadable ({type(e).__name__}: {detail}); using the one before it")
     return None
+
+
+# ---------------------------------------------------------------- the run directory
+
+
+def foreign_entries(run_dir: Path) -> list[str]:
+    """Names at the top of `run_dir` that no run writes (RUN_FILES and their atomic_write leftovers)."""
+    ours = set(RUN_FILES) | {_tmp_name(name) for name in RUN_FILES} | set(SYSTEM_FILES)
+    return sorted(p.name for p in Path(run_dir).iterdir() if p.name not in ours)
+
+
+def run_entries(run_dir: Path) -> list[Path]:
+    """What a run wrote in `run_dir`, less the marker and the lock, which stay with the directory."""
+    ours = (set(RUN_FILES) | {_tmp_name(name) for name in RUN_FILES}) - {RUN_MARKER, RUN_LOCK}
+    return sorted(p for p in Path(run_dir).iterdir() if p.name in ours)
+
+
+def remove_run_files(run_dir: Path) -> None:
+    """Delete the run's own files, leaving the directory, its marker and its (held) lock."""
+    for path in run_entries(run_dir):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+class RunLock:
+    """An flock on RUN_DIR/RUN_LOCK, held while a run trains.
+
+    The OS releases it when the process ends, however it ends: a SIGKILL leaves
+    no stale lock. Where flock does not exist (Windows) it locks nothing.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / RUN_LOCK
+        self._file = None
+
+    def acquire(self) -> bool:
+        """Take the lock; False when another process holds it."""
+        if self._file is not None:
+            return True
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return True
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            return False
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")  # says who holds it, for the refusal message
+        f.flush()
+        self._file = f
+        return True
+
+    def holder(self) -> str:
+        try:
+            return self.path.read_text().strip() or "unknown"
+        except OSError:
+            return "unknown"
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the file drops the flock
+            self._file = None

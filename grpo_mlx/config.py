@@ -84,8 +84,8 @@ class TrainConfig:
     output: str = _opt("runs/latest", "Run directory: adapters, checkpoints, metrics.jsonl, config.yaml.")
     save_every: int = _opt(10, "Save adapters and a checkpoint every N steps.")
     keep_checkpoints: int = _opt(3, "Checkpoints to keep.")
-    resume: bool = _opt(False, "Continue the run in --output from its latest checkpoint.")
-    overwrite: bool = _opt(False, "Replace an existing run in --output.")
+    resume: bool = _opt(False, "Continue the run in --output from its latest checkpoint (command line only).")
+    overwrite: bool = _opt(False, "Replace the run in --output, once the new one has loaded (command line only).")
     log_every: int = _opt(1, "Print a metrics line every N steps when not on a terminal.")
     sample_every: int = _opt(5, "Show and save a sampled prompt and completions every N steps.")
 
@@ -159,6 +159,11 @@ DEMO_PRESET = {
 }
 
 
+# Flags that act once on the run directory: never written to a run's config.yaml nor read from a config file,
+# so reusing a run's config.yaml cannot replay them.
+ONE_SHOT_ACTIONS = ("resume", "overwrite")
+
+
 def field_help(name: str) -> str:
     return next(f.metadata.get("help", "") for f in fields(TrainConfig) if f.name == name)
 
@@ -186,7 +191,12 @@ def load_config_file(path: str | Path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of option: value, got {type(data).__name__}")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    values = {k.replace("-", "_"): v for k, v in data.items()}
+    for key in ONE_SHOT_ACTIONS:
+        value = values.pop(key, None)
+        if value is True or str(value).lower() in ("1", "true", "yes", "on"):
+            raise UserError(f"config file {path} sets {key}: true; {key} acts once, so a config file cannot set it: pass --{key} on the command line")
+    return values
 
 
 def build_config(file_values: dict | None = None, flag_values: dict | None = None) -> TrainConfig:

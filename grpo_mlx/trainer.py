@@ -32,7 +32,6 @@ Choices, and why:
 from __future__ import annotations
 
 import math
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -658,32 +657,98 @@ def save(run: Run, run_dir: Path) -> None:
     save_checkpoint(run_dir, run.model, run.optimizer, run.adapter_config, trainer_state(run), run.config.keep_checkpoints)
 
 
-def prepare_run_dir(config: TrainConfig) -> Path:
-    """Create the run directory; refuse to mix runs unless --resume or --overwrite."""
+def prepare_run_dir(config: TrainConfig):
+    """Check --output, create and lock it: (run_dir, lock). Nothing is removed here.
+
+    A run directory is one `train` created: it holds RUN_MARKER. A new run needs a
+    new or empty directory; --resume a run with a checkpoint; --overwrite a marked
+    run holding only what a run writes, which `clear_old_run` empties once the new
+    run has loaded. A live run's lock refuses every second `train` on it.
+    """
+    from .checkpoint import RUN_MARKER, RunLock
+
     run_dir = Path(config.output)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--output {run_dir} is a file, not a directory: choose another --output")
-    has_run = run_dir.is_dir() and any((run_dir / f).exists() for f in ("config.yaml", "metrics.jsonl", "checkpoints"))
-    if has_run and not (config.resume or config.overwrite):
-        raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, --overwrite to replace it, or another --output")
-    if config.resume and not has_run:
-        raise UserError(f"nothing to resume in {run_dir}: it holds no run; drop --resume to start one")
-    if config.resume:
-        check_same_adapters(config, run_dir)
+    lock = RunLock(run_dir)
     try:
-        if has_run and config.overwrite:
-            shutil.rmtree(run_dir)
+        if lock.path.exists() and not lock.acquire():
+            raise UserError(
+                f"{run_dir} is in use by a running grpo-mlx train (pid {lock.holder()}): "
+                "wait for it to end or stop it, or choose another --output"
+            )
+        check_run_dir(config, run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        if not config.resume and not (run_dir / RUN_MARKER).exists():  # a new run in a new or empty directory
+            (run_dir / RUN_MARKER).write_text("written by grpo-mlx train: --overwrite may replace this run\n")
+        if not lock.acquire():  # another train created it in the meantime
+            raise UserError(f"{run_dir} is in use by a running grpo-mlx train (pid {lock.holder()}): choose another --output")
     except OSError as e:
+        lock.release()
         raise UserError(f"cannot prepare run directory {run_dir} ({e.strerror or e}): choose another --output")
-    return run_dir
+    except BaseException:
+        lock.release()
+        raise
+    return run_dir, lock
+
+
+def check_run_dir(config: TrainConfig, run_dir: Path) -> None:
+    """Refuse an --output the requested action does not fit; see prepare_run_dir."""
+    from .checkpoint import RUN_MARKER, checkpoint_dirs, foreign_entries, run_entries
+
+    if not run_dir.is_dir():
+        if config.resume:
+            raise UserError(f"nothing to resume in {run_dir}: it does not exist; drop --resume to start a run")
+        return
+    marked = (run_dir / RUN_MARKER).exists()
+    written = run_entries(run_dir)
+    foreign = foreign_entries(run_dir)
+    if config.resume:
+        if not written:
+            raise UserError(f"nothing to resume in {run_dir}: it holds no run; drop --resume to start one")
+        check_same_adapters(config, run_dir)
+        if not checkpoint_dirs(run_dir):
+            raise UserError(
+                f"no checkpoint in {run_dir}: --resume has nothing to continue from; "
+                "restore its checkpoints/ folder, or pass --overwrite to start over"
+            )
+        return
+    # Files grpo-mlx did not write: a user's folder, or a run with the user's files in it. Only a plain
+    # `train` on a run of ours goes on, to the "already holds a run" message below.
+    if foreign and (config.overwrite or not (marked and written)):
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        action = "--overwrite removes only a grpo-mlx run's own files" if config.overwrite else "a run needs a new or empty folder"
+        raise UserError(
+            f"--output {run_dir} holds files grpo-mlx did not write ({shown}): {action}; choose another --output"
+        )
+    if written and not config.overwrite:
+        raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, --overwrite to replace it, or another --output")
+    if written and not marked:
+        raise UserError(
+            f"{run_dir} has no {RUN_MARKER} marker (made by an older grpo-mlx, or not by grpo-mlx), so --overwrite "
+            "will not delete it: delete it by hand, or choose another --output"
+        )
+
+
+def clear_old_run(run_dir: Path, log=lambda msg: None) -> None:
+    """--overwrite: remove the old run's files, once the new run has loaded everything it needs."""
+    from .checkpoint import remove_run_files, run_entries
+
+    if not run_entries(run_dir):
+        return
+    try:
+        remove_run_files(run_dir)
+    except OSError as e:
+        raise UserError(f"cannot remove the old run in {run_dir} ({e.strerror or e}): remove it by hand or choose another --output")
+    log(f"removed the previous run in {run_dir} (--overwrite)")
 
 
 # Fields that shape the model and its adapters: a run resumed with others would load mismatched weights.
-RESUME_MUST_MATCH = ("model", "quantize", "q_bits", "q_group_size", "lora_rank", "lora_layers", "dora")
+RESUME_MUST_MATCH = ("model", "quantize", "q_bits", "q_group_size", "lora_rank", "lora_layers", "lora_scale", "dora")
 
 
 def check_same_adapters(config: TrainConfig, run_dir: Path) -> None:
+    """Compare with the run's config.yaml, before the model loads (`resume` checks the checkpoint itself)."""
     import yaml
 
     path = run_dir / "config.yaml"
@@ -693,6 +758,8 @@ def check_same_adapters(config: TrainConfig, run_dir: Path) -> None:
         saved = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError:
         return  # written atomically by us; unreadable only if edited by hand: the checkpoint decides
+    if not isinstance(saved, dict):
+        return
     ours = config_to_dict(config)
     changed = [f"{k} {saved[k]!r} -> {ours[k]!r}" for k in RESUME_MUST_MATCH if k in saved and saved[k] != ours[k]]
     if changed:
@@ -702,20 +769,72 @@ def check_same_adapters(config: TrainConfig, run_dir: Path) -> None:
         )
 
 
+def checkpoint_mismatch(run: Run, saved_config: dict, weights: dict) -> str | None:
+    """How a checkpoint's adapters differ from this run's (None: they fit).
+
+    Compares the checkpoint's own adapter_config.json, then every saved tensor
+    against the model's trainable parameters: same names, same shapes.
+    """
+    ours = run.adapter_config
+    changed = []
+    for key, flag in (("fine_tune_type", "--dora"), ("num_layers", "--lora-layers"), ("model", "--model"), ("quantized_on_load", "--quantize")):
+        if saved_config.get(key) != ours.get(key):
+            changed.append(f"{flag}: {saved_config.get(key)!r} -> {ours.get(key)!r}")
+    for key, flag in (("rank", "--lora-rank"), ("scale", "--lora-scale")):
+        saved, new = saved_config.get("lora_parameters", {}).get(key), ours["lora_parameters"][key]
+        if saved != new:
+            changed.append(f"{flag}: {saved!r} -> {new!r}")
+    if changed:
+        return ", ".join(changed)
+    expected = dict(tree_flatten(run.model.trainable_parameters()))
+    missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
+    if missing or unexpected:
+        def first(keys):
+            return f" ({keys[0]}{', ...' if len(keys) > 1 else ''})" if keys else ""
+
+        return f"{len(missing)} adapter tensors missing{first(missing)}, {len(unexpected)} unexpected{first(unexpected)}"
+    for key, value in expected.items():
+        if tuple(weights[key].shape) != tuple(value.shape):
+            return f"tensor {key} has shape {tuple(weights[key].shape)}, this run's is {tuple(value.shape)}"
+    return None
+
+
 def resume(run: Run, run_dir: Path, log=lambda msg: None) -> None:
-    """Load the newest checkpoint; with several ranks rank 0 reads it and hands it to the others."""
+    """Load the newest checkpoint; with several ranks rank 0 reads it and hands it to the others.
+
+    No readable checkpoint, or one whose adapters do not fit this run's, is an
+    error: --resume never starts over.
+    """
     from .checkpoint import load_latest_checkpoint
 
-    found = load_latest_checkpoint(run_dir, warn=log) if distributed.is_main() else None
-    if found is not None:
-        weights, optimizer_state, state, path = found
-        run.model.load_weights(list(weights.items()), strict=False)
-        run.optimizer.state = optimizer_state
-        run.step, run.data_position = state["step"], state["data_position"]
+    problem = None
+    if distributed.is_main():
+        found = load_latest_checkpoint(run_dir, warn=log)
+        if found is None:
+            problem = (
+                f"no readable checkpoint in {run_dir}: --resume will not start over; "
+                "restore its checkpoints/ folder, or pass --overwrite to start over"
+            )
+        else:
+            weights, optimizer_state, state, saved_config, path = found
+            mismatch = checkpoint_mismatch(run, saved_config, weights)
+            if mismatch:
+                problem = (
+                    f"checkpoint {path.name} in {run_dir} does not fit this run's adapters ({mismatch}): "
+                    "resume with the run's own settings, pass --overwrite to replace it, or choose another --output"
+                )
+            else:
+                run.model.load_weights(list(weights.items()), strict=False)  # every key and shape checked above
+                run.optimizer.state = optimizer_state
+                run.step, run.data_position = state["step"], state["data_position"]
     if distributed.world().size() > 1:
+        if distributed.any_rank(problem is not None):  # every rank stops, none waits in a collective
+            raise UserError(problem or "rank 0 could not resume the run; see its error")
         share_main_state(run)
+    elif problem:
+        raise UserError(problem)
     mx.eval(run.model.parameters())
-    log(f"resumed from {path.name}" if found is not None else f"no checkpoint in {run_dir}: starting from step 0")
+    log(f"resumed from step-{run.step:06d}")
 
 
 def share_main_state(run: Run) -> None:
@@ -735,19 +854,33 @@ def write_config(config: TrainConfig, run_dir: Path) -> None:
 
     from .checkpoint import atomic_write
 
-    text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
+    from .config import ONE_SHOT_ACTIONS
+
+    # --resume and --overwrite act once: a config.yaml reused as --config must not replay them.
+    values = {k: v for k, v in config_to_dict(config).items() if k not in ONE_SHOT_ACTIONS}
+    text = yaml.safe_dump(values, sort_keys=False)
     atomic_write(run_dir / "config.yaml", lambda p: Path(p).write_text(text))
 
 
 def run_training(config: TrainConfig, console=None) -> Path:
     """The `grpo-mlx train` command: set up, train with a dashboard, checkpoint, save."""
+    # With several ranks, rank 0 alone writes the run directory and draws the dashboard.
+    main = distributed.is_main()
+    run_dir, lock = prepare_run_dir(config) if main else (Path(config.output), None)
+    try:
+        return _train_in(config, run_dir, console)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_in(config: TrainConfig, run_dir: Path, console) -> Path:
+    """run_training's body, with the run directory prepared and locked."""
     from .dashboard import Dashboard
     from .rewards import RewardError
     from .run_log import MetricsLogger, keep_metrics_until
 
-    # With several ranks, rank 0 alone writes the run directory and draws the dashboard.
     main = distributed.is_main()
-    run_dir = prepare_run_dir(config) if main else Path(config.output)
     if main:
         dashboard = Dashboard(config.steps, console=console, log_every=config.log_every)
     else:
@@ -756,6 +889,8 @@ def run_training(config: TrainConfig, console=None) -> Path:
         dashboard = Dashboard(config.steps, console=Console(quiet=True), plain=True)
     with dashboard:
         run = setup(config, log=dashboard.message)
+        if config.overwrite and main:  # data, rewards and model loaded: only now does the old run go
+            clear_old_run(run_dir, log=dashboard.message)
         if config.resume:
             resume(run, run_dir, log=dashboard.message)
             if main:
