@@ -61,15 +61,16 @@ def train(config_path, debug, **flags):
 @cli.command()
 @click.option("--model", default=None, help="Base model directory or hub id; unset: the embedded demo model.")
 @click.option("--adapter-path", required=True, help="Run directory holding adapters.safetensors + adapter_config.json.")
-@click.option("--output", required=True, help="Directory for the fused model (not inside the run directory).")
+@click.option("--output", required=True, help="New or empty directory for the fused model (not the run's or the base model's).")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier `grpo-mlx fuse` export in --output (nothing else is ever replaced).")
 @click.option("--dequantize", is_flag=True, help="Write full-precision weights, for tools outside MLX.")
 @click.option("--export-gguf", is_flag=True, help="Also write GGUF (llama, mistral, mixtral only).")
-def fuse(model, adapter_path, output, dequantize, export_gguf):
+def fuse(model, adapter_path, output, overwrite, dequantize, export_gguf):
     """Fuse adapters into the base model and save a standalone mlx-lm model."""
     from .fuse import fuse_model
 
     with _status(f"fusing adapters from {adapter_path}"):
-        path = fuse_model(model, adapter_path, output, dequantize=dequantize, export_gguf=export_gguf)
+        path = fuse_model(model, adapter_path, output, dequantize=dequantize, export_gguf=export_gguf, overwrite=overwrite)
     click.echo(f"fused model saved to {path}")
 
 
@@ -118,8 +119,10 @@ def eval_command(output, debug, **settings):
     """Greedy accuracy, and pass@k / maj@K with --samples K, on a data set with gold answers."""
     from rich.console import Console
 
-    from .evaluate import EvalProgress, evaluate, summary_table, write_result
+    from .evaluate import EvalProgress, check_result_path, evaluate, summary_table, write_result
 
+    if output is not None:
+        check_result_path(output)  # before the evaluation, which an unwritable path would lose
     progress = EvalProgress()
     try:
         result = evaluate(**settings, on_start=progress.start, on_progress=progress.advance)

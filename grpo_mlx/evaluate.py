@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -235,15 +236,31 @@ def evaluate(model: str | None = None, adapter_path: str | None = None, dataset:
     return {**result, "settings": settings, "examples": examples_out}
 
 
-def write_result(result: dict, path: str | Path) -> Path:
-    """Write the result as indented JSON, creating parent folders; a folder path is a user error."""
+def check_result_path(path: str | Path) -> Path:
+    """Refuse an --output that cannot be written, before the evaluation runs (and would be lost)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"--output {path} is a folder: give a file name such as {path / 'result.json'}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:  # the folder write_result would create it in
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"--output {path}: {parent} is a file, not a folder; choose another path for the results")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--output {path}: folder {parent} is not writable; choose another path for the results")
+    return path
+
+
+def write_result(result: dict, path: str | Path) -> Path:
+    """Write the result as indented JSON, creating parent folders; a folder path is a user error."""
+    path = check_result_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+        tmp.replace(path)
+    except OSError as e:
+        raise UserError(f"cannot write --output {path} ({e.strerror or e}): choose another path for the results")
     return path
 
 

@@ -9,9 +9,39 @@ together and the prompt costs one forward, not G.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import metadata
 
 import mlx.core as mx
 import numpy as np
+
+from .errors import UserError
+
+# The mlx-lm releases whose BatchGenerator API (`insert`, `next_generated`, `close`) this module
+# was tested with; pyproject.toml declares the same range and .ci/run tests its floor.
+MLX_LM_RANGE = ((0, 31, 3), (0, 33))
+MLX_LM_REQUIREMENT = "mlx-lm>=0.31.3,<0.33"
+
+
+def check_mlx_lm(version: str | None = None) -> None:
+    """A one-line error, not a traceback mid-training, when the installed mlx-lm is outside the tested range."""
+    from mlx_lm.generate import BatchGenerator
+
+    if version is None:
+        try:
+            version = metadata.version("mlx-lm")
+        except metadata.PackageNotFoundError:  # a source checkout on the path: judge by its API alone
+            version = ".".join(map(str, MLX_LM_RANGE[0]))
+    release = tuple(int(part) for part in version.split("+")[0].split(".")[:3] if part.isdigit())
+    low, high = MLX_LM_RANGE
+    api = all(hasattr(BatchGenerator, name) for name in ("insert", "next_generated", "close"))
+    if not (low <= release < high) or not api:
+        raise UserError(
+            f"mlx-lm {version} is not supported: grpo-mlx's rollouts need {MLX_LM_REQUIREMENT}; "
+            f"install it with: pip install '{MLX_LM_REQUIREMENT}'"
+        )
+
+
+check_mlx_lm()  # on import: `train` stops here, before it loads a model or writes a run directory
 
 
 @dataclass

@@ -249,3 +249,19 @@ def test_plain_progress_off_a_terminal_counts_every_prompt():
     progress.stop()
     lines = stream.getvalue().splitlines()
     assert progress.plain and lines[0] == "eval greedy 4/10 prompts" and lines[-1] == "eval sampled 10/10 prompts"
+
+
+def test_output_under_a_file_is_refused_before_the_evaluation_runs(tmp_path, capsys, monkeypatch):
+    import grpo_mlx.evaluate
+
+    calls = []
+    monkeypatch.setattr(grpo_mlx.evaluate, "evaluate", lambda **settings: calls.append(settings) or pytest.fail("evaluated"))
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file, not a folder\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--limit", "2", "--output", str(blocker / "sub" / "result.json")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and str(blocker) in err[0]
+    assert calls == []  # refused before any model loaded or prompt decoded
+    assert blocker.read_text() == "a file, not a folder\n"

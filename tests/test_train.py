@@ -97,11 +97,6 @@ def test_train_fuse_and_load_give_the_same_greedy_output(tiny_model_dir, tmp_pat
     np.testing.assert_allclose(np.array(reloaded(x)), adapted_logits, atol=1e-5)
 
 
-def test_fuse_refuses_to_write_into_the_run_directory(tiny_model_dir, tmp_path):
-    result = CliRunner().invoke(cli, ["fuse", "--model", str(tiny_model_dir), "--adapter-path", str(tmp_path), "--output", str(tmp_path / "x")])
-    assert result.exit_code != 0
-
-
 def test_resume_reaches_the_same_adapters_as_an_uninterrupted_run(tiny_model_dir, tmp_path):
     def run_cli(out, steps, *extra):
         args = ["train", "--model", str(tiny_model_dir), "--output", str(out), "--steps", str(steps),
