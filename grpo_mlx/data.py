@@ -489,16 +489,24 @@ def drop_long_prompts(tokenizer, examples: list[Example], system_prompt: str | N
     """
     if limit is None:
         return examples, 0
+    from transformers.utils import logging as transformers_logging
+
     per_token = max_chars_per_token(tokenizer)
     kept = []
-    for ex in examples:
-        texts = [system_prompt or ""] + ([ex.prompt] if isinstance(ex.prompt, str) else [m["content"] for m in ex.prompt])
-        chars = sum(len(t) for t in texts)
-        if per_token is not None and chars > limit * per_token:
-            continue
-        if sum(len(t.encode("utf-8", "surrogatepass")) for t in texts) * 2 <= limit \
-                or len(render_prompt(tokenizer, ex, system_prompt)) <= limit:
-            kept.append(ex)
+    verbosity = transformers_logging.get_verbosity()
+    # Measuring a prompt longer than the model's context is expected here: no "indexing errors" warning.
+    transformers_logging.set_verbosity_error()
+    try:
+        for ex in examples:
+            texts = [system_prompt or ""] + ([ex.prompt] if isinstance(ex.prompt, str) else [m["content"] for m in ex.prompt])
+            chars = sum(len(t) for t in texts)
+            if per_token is not None and chars > limit * per_token:
+                continue
+            if sum(len(t.encode("utf-8", "surrogatepass")) for t in texts) * 2 <= limit \
+                    or len(render_prompt(tokenizer, ex, system_prompt)) <= limit:
+                kept.append(ex)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
     dropped = len(examples) - len(kept)
     if not kept and examples:
         raise UserError(f"every prompt of {what} ({dropped}) is longer than {limit} tokens, the most that "

@@ -159,7 +159,8 @@ def check_answers(reward_fns: dict, examples: list, dataset: str, log) -> None:
         return
     if missing == len(examples) and len(needing) == len(reward_fns):
         raise UserError(
-            f"no example of {dataset} has a gold answer, and the rewards {', '.join(needing)} score against one: "
+            f"no example of {dataset} has a gold answer, and every reward asked for ({', '.join(needing)}) "
+            "scores against one, so none would apply: "
             "name the answer field with --answer-field, or use a reward that needs none (e.g. format)"
         )
     log(f"warning: {missing} of {len(examples)} examples have no gold answer; {', '.join(needing)} "
