@@ -27,7 +27,7 @@ def _train_options(func):
             kind = {int: int, float: float}.get(type(f.default), str)
             if f.name in ("epsilon_high",):
                 kind = float
-            if f.name in ("micro_batch_size",):
+            if f.name in ("micro_batch_size", "max_prompt_length"):
                 kind = int
             option = click.option(flag, f.name, type=kind, default=None, help=help_text + show)
         func = option(func)

@@ -47,6 +47,7 @@ class TrainConfig:
     prompt_field: str | None = _opt(None, "Field holding the prompt; auto-detected when unset.")
     answer_field: str | None = _opt(None, "Field holding the gold answer; auto-detected when unset.")
     system_prompt: str | None = _opt(None, "System prompt: a built-in name ('r1'), custom text, or 'none'.")
+    max_prompt_length: int | None = _opt(None, "Prompts longer than this many tokens are skipped and counted; unset: the model's context length (max_position_embeddings) less --max-tokens.")
     # rollout
     batch_size: int = _opt(4, "Prompts per step.")
     group_size: int = _opt(8, "Completions sampled per prompt (G).")
@@ -230,7 +231,7 @@ def _coerce(f, value):
     kind = type(default) if default is not None else None
     if f.name in ("epsilon_high",):
         kind = float
-    if f.name in ("micro_batch_size",):
+    if f.name in ("micro_batch_size", "max_prompt_length"):
         kind = int
     if kind in (int, float) and not isinstance(value, bool):
         try:

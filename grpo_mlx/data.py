@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,6 +127,10 @@ def load_examples_with_stats(dataset: str, split: str = "train", dataset_config:
     Fields are auto-detected (PROMPT_FIELDS, ANSWER_FIELDS) unless named; the other
     fields go to `Example.meta`. Rows with an empty prompt or an answer that is not
     text or a number are skipped. `limit` keeps the first N good rows.
+
+    Alpaca-style rows (`instruction` and `input` fields, the prompt field not named
+    or named `instruction`) become the instruction, a blank line and the input; the
+    instruction alone when the input is empty.
     """
     if dataset in BUILTIN_TASKS:
         return _builtin_examples(dataset, split, limit, seed), 0
@@ -133,16 +138,22 @@ def load_examples_with_stats(dataset: str, split: str = "train", dataset_config:
     columns = rows.column_names
     prompt_key = _pick_field(columns, prompt_field, PROMPT_FIELDS, "prompt", dataset, required=True)
     answer_key = _pick_field(columns, answer_field, ANSWER_FIELDS, "answer", dataset, required=False)
+    alpaca = prompt_field in (None, "instruction") and {"instruction", "input"} <= set(columns) \
+        and prompt_key in ("instruction", "input")
 
     examples, skipped = [], 0
-    for row in rows:
-        if limit is not None and len(examples) >= limit:
-            break
-        example = _row_to_example(row, prompt_key, answer_key)
-        if example is None:
-            skipped += 1
-        else:
-            examples.append(example)
+    try:
+        for row in rows:
+            if limit is not None and len(examples) >= limit:
+                break
+            example = _row_to_example(row, prompt_key, answer_key, alpaca)
+            if example is None:
+                skipped += 1
+            else:
+                examples.append(example)
+    except UnicodeDecodeError as e:  # Parquet or Hub data: Arrow checks no UTF-8 until a row is read
+        raise UserError(f"{dataset} holds text that is not valid UTF-8 ({e.reason}) at row "
+                        f"{len(examples) + skipped + 1}; re-encode it as UTF-8") from e
     if not examples and skipped:
         raise UserError(f"all {skipped} rows of {dataset} lack a usable prompt ({prompt_key!r}) "
                         f"or answer ({answer_key!r}); check --prompt-field/--answer-field")
@@ -205,6 +216,8 @@ def _load_local(path: Path, split: str):
         # An empty file makes `datasets` fail with an unhelpful StopIteration or "no data".
         if f.stat().st_size == 0 or (f.stat().st_size < 1024 and not f.read_bytes().strip()):
             raise UserError(f"{f} is empty")
+        if builder == "json":
+            _check_utf8(f)
     try:
         # One "train" split holds whatever files were picked; `split` already chose them.
         return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
@@ -214,8 +227,45 @@ def _load_local(path: Path, split: str):
         raise UserError(f"{names} is not valid {what}: {_first_line(e.__cause__ or e)}") from e
 
 
+# Split names as `datasets` infers them from file names (datasets.data_files.SPLIT_KEYWORDS).
+SPLIT_KEYWORDS = {
+    "train": ("train", "training"),
+    "validation": ("validation", "valid", "val", "dev"),
+    "test": ("test", "testing", "eval", "evaluation"),
+}
+# What separates the words of a file's path, as in `datasets`: "contest_train" is contest + train.
+_NAME_SEPARATORS = re.compile(r"[-._ /0-9]+")
+
+
+def split_keywords(split: str) -> tuple[str, ...]:
+    """The names a file of `split` may carry: its group's (validation: val, dev, ...), else `split` itself."""
+    split = split.lower()
+    return next((names for names in SPLIT_KEYWORDS.values() if split in names), (split,))
+
+
+def _name_words(path: Path) -> set[str]:
+    return {w for w in _NAME_SEPARATORS.split(path.with_suffix("").as_posix().lower()) if w}
+
+
+def _check_utf8(path: Path) -> None:
+    """Refuse a text file that is not UTF-8, naming the line: Arrow would read it and fail row by row."""
+    with open(path, "rb") as lines:
+        for number, line in enumerate(lines, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path} is not valid UTF-8 at line {number} ({e.reason} at byte {e.start} of the "
+                                "line); re-encode the file as UTF-8") from None
+
+
 def _data_files(path: Path, split: str) -> list[Path]:
-    """The data files `path` names: itself, or a folder's files whose names contain `split`, else all."""
+    """The data files `path` names: itself, or a folder's files of `split`.
+
+    A folder's file is of a split when a whole word of its path (words are split at
+    - . _ / space and digits) is one of the split's names: `contest_train.jsonl` and
+    `data/train-00000-of-00001.parquet` are train files. A folder whose files carry no
+    split name at all is one train split, as `datasets` reads it.
+    """
     if not path.exists():
         raise UserError(f"no such file or folder: {path}")
     if path.is_file():
@@ -227,8 +277,17 @@ def _data_files(path: Path, split: str) -> list[Path]:
                    and not any(part.startswith(".") for part in f.relative_to(path).parts))
     if not files:
         raise UserError(f"{path} holds no .jsonl, .json or .parquet files")
-    in_split = [f for f in files if split in str(f.relative_to(path))]
-    return in_split or files
+    words = {f: _name_words(f.relative_to(path)) for f in files}
+    in_split = [f for f in files if words[f] & set(split_keywords(split))]
+    if in_split:
+        return in_split
+    all_split_names = {name for names in SPLIT_KEYWORDS.values() for name in names}
+    if split_keywords(split) == SPLIT_KEYWORDS["train"] and not any(words[f] & all_split_names for f in files):
+        return files
+    shown = ", ".join(str(f.relative_to(path)) for f in files[:10]) + (f" and {len(files) - 10} more" if len(files) > 10 else "")
+    names = " or ".join(repr(n) for n in split_keywords(split))
+    raise UserError(f"no file in {path} is of split {split!r} (its name needs the word {names}; files without a split "
+                    f"name form the train split); found: {shown}; choose another --split or point at a file")
 
 
 def _pick_field(columns: list[str], chosen: str | None, candidates: tuple[str, ...], kind: str,
@@ -244,9 +303,10 @@ def _pick_field(columns: list[str], chosen: str | None, candidates: tuple[str, .
     return found
 
 
-def _row_to_example(row: dict, prompt_key: str, answer_key: str | None) -> Example | None:
+def _row_to_example(row: dict, prompt_key: str, answer_key: str | None, alpaca: bool = False) -> Example | None:
     """An `Example` from one row, or None when the row is unusable."""
-    prompt = row[prompt_key]
+    prompt_keys = ("instruction", "input") if alpaca else (prompt_key,)
+    prompt = _alpaca_prompt(row["instruction"], row["input"]) if alpaca else row[prompt_key]
     if not _valid_prompt(prompt):
         return None
     answer = None
@@ -254,8 +314,15 @@ def _row_to_example(row: dict, prompt_key: str, answer_key: str | None) -> Examp
         answer = _answer_text(row[answer_key])
         if answer is None:
             return None
-    meta = {k: v for k, v in row.items() if k not in (prompt_key, answer_key)}
+    meta = {k: v for k, v in row.items() if k not in (*prompt_keys, answer_key)}
     return Example(prompt=prompt, answer=answer, meta=meta)
+
+
+def _alpaca_prompt(instruction, input_text):
+    """Alpaca's prompt: the instruction, a blank line, the input; either alone when the other is empty."""
+    if not all(isinstance(t, str) or t is None for t in (instruction, input_text)):
+        return None
+    return "\n\n".join(t.strip() for t in (instruction, input_text) if t and t.strip())
 
 
 def _valid_prompt(prompt) -> bool:
@@ -366,3 +433,91 @@ def take_examples(examples: list[Example], seed: int, position: int, count: int)
         order = epoch_order(n, seed, epoch)
         taken.extend(examples[i] for i in order[offset:offset + count - len(taken)])
     return taken
+
+
+# ---------------------------------------------------------------- bounds on prompt length
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
+
+
+def context_length(model_config: dict) -> int | None:
+    """The model's context in tokens from its config.json (a VLM's from its text_config); None if it names none."""
+    for config in (model_config, model_config.get("text_config") or {}):
+        for key in CONTEXT_KEYS:
+            value = config.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def prompt_length_limit(max_prompt_length: int | None, context: int | None, max_tokens: int) -> int | None:
+    """The longest prompt, in tokens, to roll out: --max-prompt-length, and room for max_tokens in the context.
+
+    None when neither is known (no limit).
+    """
+    if max_prompt_length is not None and max_prompt_length < 1:
+        raise UserError(f"--max-prompt-length {max_prompt_length}: must be at least 1, or leave it unset "
+                        "for the model's context length")
+    limits = [] if max_prompt_length is None else [max_prompt_length]
+    if context is not None:
+        if context - max_tokens < 1:
+            raise UserError(f"--max-tokens {max_tokens} leaves no room for a prompt in the model's context of "
+                            f"{context} tokens: lower --max-tokens")
+        limits.append(context - max_tokens)
+    return min(limits) if limits else None
+
+
+def max_chars_per_token(tokenizer) -> int | None:
+    """The most characters one token decodes to, bounded by its longest vocabulary entry; None if unknown."""
+    try:
+        return max(len(piece) for piece in tokenizer.get_vocab())
+    except Exception:  # a tokenizer without get_vocab: prompts are then always tokenized
+        return None
+
+
+def drop_long_prompts(tokenizer, examples: list[Example], system_prompt: str | None,
+                      limit: int | None, what: str) -> tuple[list[Example], int]:
+    """(examples whose rendered prompt fits in `limit` tokens, number dropped); refuses when none fits.
+
+    Cheap where it can be, exact where it matters, and nothing is allocated from an
+    unchecked length: a prompt with more characters than `limit` times the most
+    characters a token covers is too long without tokenizing it (one 2 MB line); one
+    with at most half the limit in UTF-8 bytes fits (a token covers at least one
+    byte; the other half is room for the chat template), and the trainer checks the
+    rendered ids again before rolling out (`check_prompt_lengths`); the rest are
+    rendered and counted exactly.
+    """
+    if limit is None:
+        return examples, 0
+    from transformers.utils import logging as transformers_logging
+
+    per_token = max_chars_per_token(tokenizer)
+    kept = []
+    verbosity = transformers_logging.get_verbosity()
+    # Measuring a prompt longer than the model's context is expected here: no "indexing errors" warning.
+    transformers_logging.set_verbosity_error()
+    try:
+        for ex in examples:
+            texts = [system_prompt or ""] + ([ex.prompt] if isinstance(ex.prompt, str) else [m["content"] for m in ex.prompt])
+            chars = sum(len(t) for t in texts)
+            if per_token is not None and chars > limit * per_token:
+                continue
+            if sum(len(t.encode("utf-8", "surrogatepass")) for t in texts) * 2 <= limit \
+                    or len(render_prompt(tokenizer, ex, system_prompt)) <= limit:
+                kept.append(ex)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    dropped = len(examples) - len(kept)
+    if not kept and examples:
+        raise UserError(f"every prompt of {what} ({dropped}) is longer than {limit} tokens, the most that "
+                        "--max-prompt-length and the model's context less --max-tokens allow; shorten the "
+                        "prompts, raise --max-prompt-length or lower --max-tokens")
+    return kept, dropped
+
+
+def check_prompt_lengths(prompts: list[list[int]], limit: int | None) -> None:
+    """Refuse a rendered prompt longer than `limit` before anything is allocated for it."""
+    for ids in prompts:
+        if limit is not None and len(ids) > limit:
+            raise UserError(f"a prompt rendered to {len(ids)} tokens, more than the limit of {limit} (its chat "
+                            "template takes more than half of it); raise --max-prompt-length or lower --max-tokens")

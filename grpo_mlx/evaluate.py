@@ -205,8 +205,10 @@ def evaluate(model: str | None = None, adapter_path: str | None = None, dataset:
     embedded demo model, whose max_tokens default is DEMO_MAX_TOKENS. `seed`
     also draws a built-in task's problems, as in training.
     `on_start(total_prompts)` is called once before decoding, for a progress bar.
+    Prompts longer than the model's context less `max_tokens` are skipped and counted
+    (`skipped_long_prompts`); when none is short enough, evaluation is refused.
     """
-    from .data import load_examples
+    from .data import context_length, drop_long_prompts, load_examples, prompt_length_limit, resolve_system_prompt
     from .fuse import load_with_adapters, trained_base_model
 
     check_settings(samples, max_tokens, temperature, top_p, batch_size, limit)
@@ -218,7 +220,10 @@ def evaluate(model: str | None = None, adapter_path: str | None = None, dataset:
                              answer_field=answer_field, limit=limit, seed=seed)
     if any(ex.answer is None for ex in examples):
         raise UserError(f"{dataset} has no gold answers to score against: name the answer field with --answer-field")
-    model_obj, tokenizer, _ = load_with_adapters(model, adapter_path)
+    model_obj, tokenizer, model_config = load_with_adapters(model, adapter_path)
+    prompt_limit = prompt_length_limit(None, context_length(model_config), max_tokens)
+    examples, too_long = drop_long_prompts(tokenizer, examples, resolve_system_prompt(system_prompt), prompt_limit,
+                                           dataset)
 
     if on_start is not None:
         on_start(len(examples) * (2 if samples > 1 else 1))
@@ -231,7 +236,9 @@ def evaluate(model: str | None = None, adapter_path: str | None = None, dataset:
         "dataset_config": dataset_config, "split": split, "limit": limit, "samples": samples,
         "system_prompt": system_prompt, "max_tokens": max_tokens, "temperature": temperature if samples > 1 else None,
         "top_p": top_p, "seed": seed, "batch_size": batch_size, "seconds": round(time.perf_counter() - tic, 3),
+        "max_prompt_length": prompt_limit,
     }
+    result["skipped_long_prompts"] = too_long
     examples_out = result.pop("examples")
     return {**result, "settings": settings, "examples": examples_out}
 
@@ -318,4 +325,6 @@ def summary_table(result: dict):
         if key.startswith(("pass@", "maj@")):
             table.add_row(f"{key} (T={settings['temperature']:g})", f"{value:.2%}")
     table.add_row("greedy cut at max tokens", str(result["greedy_truncated"]))
+    if result.get("skipped_long_prompts"):
+        table.add_row(f"skipped: prompt over {settings['max_prompt_length']} tokens", str(result["skipped_long_prompts"]))
     return table

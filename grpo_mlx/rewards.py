@@ -61,10 +61,16 @@ class RewardError(UserError):
 _REGISTRY: dict[str, RewardFn] = {}
 
 
-def register_reward(name: str):
-    """Decorator: make a reward function available by `name` (the first docstring line describes it)."""
+def register_reward(name: str, needs_answer: bool = False):
+    """Decorator: make a reward function available by `name` (the first docstring line describes it).
+
+    `needs_answer`: the function scores against the gold answer and does not apply
+    (None) to examples without one; the trainer refuses a data set with no answers
+    when every reward needs them. Kept as the function's `needs_answer` attribute.
+    """
 
     def decorate(fn: RewardFn) -> RewardFn:
+        fn.needs_answer = needs_answer
         _REGISTRY[name] = fn
         return fn
 
@@ -299,7 +305,7 @@ def _lengths(completions: list[str], completion_lengths) -> list[int]:
     return [int(x) for x in completion_lengths]
 
 
-@register_reward("accuracy")
+@register_reward("accuracy", needs_answer=True)
 def accuracy_reward(completions, answers, **example_fields):
     """1 if the extracted final answer equals the gold answer, else 0; skipped without a gold answer."""
     return [None if a is None else float(answers_equal(c, a)) for c, a in zip(completions, answers)]
@@ -338,7 +344,7 @@ def reasoning_steps_reward(completions, answers, **example_fields):
     return [min(1.0, len(_STEP_MARKERS.findall(c)) / 3) for c in completions]
 
 
-@register_reward("length")
+@register_reward("length", needs_answer=True)
 def length_reward(completions, answers, group_size=None, completion_lengths=None, **example_fields):
     """Kimi k1.5 length reward within each group: shorter correct answers score higher."""
     # Kimi k1.5 (arXiv:2501.12599) §2.3.3: lam = 0.5 - (len - min_len) / (max_len - min_len);
@@ -361,7 +367,7 @@ def length_reward(completions, answers, group_size=None, completion_lengths=None
     return out
 
 
-@register_reward("cosine")
+@register_reward("cosine", needs_answer=True)
 def cosine_reward(completions, answers, max_completion_length=COSINE_MAX_LENGTH, completion_lengths=None, **example_fields):
     """Correctness scaled by length on a cosine: correct 1.0 -> 0.5, wrong -0.5 -> 0.0 as length grows."""
     # Yeo et al. 2025 (arXiv:2502.03373) Eq. 1:

@@ -68,6 +68,7 @@ class Run:
     reward_weights: dict
     optimizer: optim.Optimizer
     system_prompt: str | None
+    prompt_limit: int | None = None  # longest prompt in tokens (data.prompt_length_limit)
     step: int = 0
     data_position: int = 0
     bad_steps: int = 0
@@ -85,7 +86,7 @@ class Run:
 
 
 def setup(config: TrainConfig, log=lambda msg: None) -> Run:
-    from .data import load_examples_with_stats, resolve_system_prompt
+    from .data import context_length, drop_long_prompts, load_examples_with_stats, prompt_length_limit, resolve_system_prompt
     from .rewards import get_reward
 
     distributed.local_batch_size(config.batch_size, distributed.world().size())  # fail before loading anything
@@ -102,9 +103,15 @@ def setup(config: TrainConfig, log=lambda msg: None) -> Run:
     )
     if skipped:
         log(f"skipped {skipped} bad rows of {len(examples) + skipped} (empty prompt, or an answer that is not text or a number)")
+    check_answers(reward_fns, examples, config.dataset, log)
     try_rewards(reward_fns, examples, config)
     log(f"loading model {config.model or 'embedded demo'}" + (" and quantizing" if config.quantize else ""))
-    model, tokenizer, _ = load_model(config.model, config.quantize, config.q_bits, config.q_group_size)
+    model, tokenizer, model_config = load_model(config.model, config.quantize, config.q_bits, config.q_group_size)
+    system_prompt = resolve_system_prompt(config.system_prompt)
+    prompt_limit = prompt_length_limit(config.max_prompt_length, context_length(model_config), config.max_tokens)
+    examples, too_long = drop_long_prompts(tokenizer, examples, system_prompt, prompt_limit, config.dataset)
+    if too_long:
+        log(f"skipped {too_long} prompts longer than {prompt_limit} tokens")
     mx.random.seed(config.seed)  # LoRA A matrices start from this seed
     adapter_config = attach_adapters(
         model, config.lora_rank, config.lora_layers, config.lora_scale, config.lora_dropout, config.dora
@@ -126,13 +133,31 @@ def setup(config: TrainConfig, log=lambda msg: None) -> Run:
         reward_fns=reward_fns,
         reward_weights=dict(zip(config.reward, weights)),
         optimizer=make_optimizer(config),
-        system_prompt=resolve_system_prompt(config.system_prompt),
+        system_prompt=system_prompt,
+        prompt_limit=prompt_limit,
         split_head=lm_head_split_matches(model),
         shared_prompt=supports_shared_prompt(model),
     )
 
 
 TRIAL_EXAMPLES = 2  # examples a reward function is tried on before training
+
+
+def check_answers(reward_fns: dict, examples: list, dataset: str, log) -> None:
+    """Refuse data with no gold answer when every reward needs one (all rows would score "does not
+    apply": zero signal); warn when most examples lack one."""
+    needing = [name for name, fn in reward_fns.items() if getattr(fn, "needs_answer", False)]
+    missing = sum(ex.answer is None for ex in examples)
+    if not needing or not examples or missing * 2 <= len(examples):
+        return
+    if missing == len(examples) and len(needing) == len(reward_fns):
+        raise UserError(
+            f"no example of {dataset} has a gold answer, and every reward asked for ({', '.join(needing)}) "
+            "scores against one, so none would apply: "
+            "name the answer field with --answer-field, or use a reward that needs none (e.g. format)"
+        )
+    log(f"warning: {missing} of {len(examples)} examples have no gold answer; {', '.join(needing)} "
+        "does not apply to them")
 
 
 def try_rewards(reward_fns: dict, examples: list, config: TrainConfig) -> None:
@@ -188,7 +213,7 @@ def sample_groups(run: Run, step: int):
     order: the first round gives rank r prompts r*B/R .. (r+1)*B/R-1. Every rank
     runs the same rounds and advances `data_position` alike.
     """
-    from .data import render_prompt, take_examples
+    from .data import check_prompt_lengths, render_prompt, take_examples
     from .rewards import RewardError
 
     c = run.config
@@ -210,6 +235,7 @@ def sample_groups(run: Run, step: int):
         if not examples:  # this rank is full; the others draw more
             continue
         prompts = [render_prompt(run.tokenizer, ex, run.system_prompt) for ex in examples]
+        check_prompt_lengths(prompts, run.prompt_limit)
 
         tic = time.perf_counter()
         rollout = run.rollout_fn(run.model, run.tokenizer, prompts, G, c.max_tokens, sampler, with_logprobs=False)

@@ -186,6 +186,83 @@ def test_unreachable_hub_data_set_is_a_user_error(monkeypatch):
         load_examples("nobody-here/no-such-dataset-grpo-mlx")
 
 
+# ---------------------------------------------------------------- split selection in folders
+
+
+def folder(tmp_path, *names):
+    for i, name in enumerate(names):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(tmp_path / name, [{"question": name, "answer": str(i)}])
+    return str(tmp_path)
+
+
+def test_split_is_a_whole_word_of_the_file_name_not_a_substring(tmp_path):
+    # "contest" holds "test": a substring match took contest_train.jsonl for a test file.
+    data = folder(tmp_path, "contest_train.jsonl", "contest_test.jsonl")
+    assert [ex.prompt for ex in load_examples(data, split="test")] == ["contest_test.jsonl"]
+    assert [ex.prompt for ex in load_examples(data, split="train")] == ["contest_train.jsonl"]
+
+
+def test_split_names_follow_datasets_inference(tmp_path):
+    data = folder(tmp_path, "data/train-00000-of-00002.jsonl", "data/train-00001-of-00002.jsonl",
+                  "dev.jsonl", "my-eval.jsonl")
+    assert len(load_examples(data, split="train")) == 2
+    assert [ex.prompt for ex in load_examples(data, split="validation")] == ["dev.jsonl"]  # val, valid, dev
+    assert [ex.prompt for ex in load_examples(data, split="test")] == ["my-eval.jsonl"]  # eval, testing
+
+
+def test_unmatched_split_is_an_error_naming_the_files_not_all_the_files(tmp_path):
+    # Before: no file matched "test", so every file was used: eval scored the training data.
+    data = folder(tmp_path, "train.jsonl")
+    with pytest.raises(UserError, match=r"no file in .* is of split 'test'.*found: train\.jsonl") as error:
+        load_examples(data, split="test")
+    assert "\n" not in str(error.value)
+
+
+def test_files_without_split_names_are_the_train_split_only(tmp_path):
+    data = folder(tmp_path, "problems.jsonl")
+    assert [ex.prompt for ex in load_examples(data, split="train")] == ["problems.jsonl"]
+    with pytest.raises(UserError, match="found: problems.jsonl"):
+        load_examples(data, split="test")
+
+
+def test_a_file_named_directly_is_used_whatever_the_split(tmp_path):
+    folder(tmp_path, "train.jsonl")
+    assert len(load_examples(str(tmp_path / "train.jsonl"), split="test")) == 1
+
+
+# ---------------------------------------------------------------- Alpaca rows and encodings
+
+
+def test_alpaca_rows_join_instruction_and_input(tmp_path):
+    rows = [{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+            {"instruction": "Name a prime.", "input": "", "output": "7"}]
+    examples = load_examples(str(write_jsonl(tmp_path / "alpaca.jsonl", rows)))
+    assert [(ex.prompt, ex.answer, ex.meta) for ex in examples] == [
+        ("Add the numbers.\n\n2 and 3", "5", {}), ("Name a prime.", "7", {})]
+    # Naming the input field explicitly still takes it alone.
+    assert load_examples(str(tmp_path / "alpaca.jsonl"), prompt_field="input", limit=1)[0].prompt == "2 and 3"
+
+
+def test_invalid_utf8_is_one_line_naming_the_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"question": "ok", "answer": "1"}\n{"question": "caf\xe9", "answer": "2"}\n')
+    with pytest.raises(UserError, match=r"latin1\.jsonl is not valid UTF-8 at line 2") as error:
+        load_examples(str(path))
+    assert "\n" not in str(error.value)
+
+
+def test_invalid_utf8_in_parquet_is_a_user_error(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"question": pa.array([b"ok", b"caf\xe9"], type=pa.binary()).cast(pa.string(), safe=False),
+                      "answer": ["1", "2"]})
+    pq.write_table(table, tmp_path / "d.parquet")
+    with pytest.raises(UserError, match="not valid UTF-8"):
+        load_examples(str(tmp_path / "d.parquet"))
+
+
 # ---------------------------------------------------------------- prompts
 
 

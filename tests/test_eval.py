@@ -102,10 +102,11 @@ def _perturb_lora_b(model, std):
     mx.eval(model.parameters())
 
 
-def test_gsm8k_gold_solutions_are_reduced_to_their_final_number():
+def test_gsm8k_gold_solutions_are_reduced_to_their_final_number(tiny_model_dir):
     if not (GSM8K / "test.jsonl").is_file():
         pytest.skip("GSM8K data not present")
-    result = evaluate(dataset=str(GSM8K / "test.jsonl"), limit=3, max_tokens=2)
+    # Not the demo model: its 256 positions are too few for some GSM8K questions, which eval skips.
+    result = evaluate(model=str(tiny_model_dir), dataset=str(GSM8K / "test.jsonl"), limit=3, max_tokens=2)
     assert [r["gold_answer"] for r in result["examples"]] == ["18", "3", "70000"]
     for r in result["examples"]:  # scored against the final number, not the whole solution text
         assert r["correct"] == (r["extracted"] is not None and to_number(r["extracted"]) == to_number(r["gold_answer"]))
