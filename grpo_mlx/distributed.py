@@ -18,6 +18,11 @@ How the trainer uses the group:
    machines, without the run directory).
 
 Metric vectors are reduced in float64 on the CPU stream (Metal has no float64).
+
+A rank that fails alone leaves the others waiting in their next collective, where MLX's ring
+backend can block for good. Where user code can fail (reward functions), `agree_on_failure`
+makes every rank raise together; for a crash, the launcher's SIGTERM must be able to end a
+rank blocked in a collective (the trainer leaves SIGTERM at its default with several ranks).
 """
 
 from __future__ import annotations
@@ -124,3 +129,35 @@ def broadcast_from_main(tree):
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on any: ranks stop at the same step."""
     return bool(sum_across([float(flag)])[0] > 0)
+
+
+FAILURE_MESSAGE_BYTES = 2048  # a failing rank's message, as the other ranks see it
+
+
+def agree_on_failure(error: Exception | None, error_type: type[Exception] = UserError) -> None:
+    """Raise on every rank when any rank brings an error; return when none does.
+
+    Every rank calls it at the same point (it is a collective). With several ranks all
+    raise `error_type` with the first failing rank's message, named by its rank, so
+    they stop together instead of waiting on the one that gave up.
+    """
+    group = world()
+    if group.size() == 1:
+        if error is not None:
+            raise error
+        return
+    message = b"" if error is None else str(error).encode()[: FAILURE_MESSAGE_BYTES - 1]
+    mine = np.zeros(FAILURE_MESSAGE_BYTES, dtype=np.uint8)
+    mine[0] = error is not None
+    mine[1 : 1 + len(message)] = np.frombuffer(message, dtype=np.uint8)
+    every = np.array(mx.distributed.all_gather(mx.array(mine), group=group, stream=mx.cpu)).reshape(group.size(), -1)
+    failed = np.flatnonzero(every[:, 0])
+    if len(failed) > 0:
+        rank = int(failed[0])
+        text = every[rank, 1:].tobytes().rstrip(b"\0").decode(errors="replace")
+        raise error_type(f"rank {rank}: {text}") from error
+
+
+def barrier() -> None:
+    """Return once every rank gets here."""
+    sum_across([0.0])

@@ -170,11 +170,16 @@ def try_rewards(reward_fns: dict, examples: list, config: TrainConfig) -> None:
 
     trial = examples[:TRIAL_EXAMPLES]
     texts = [ex.answer or "" for ex in trial for _ in range(config.group_size)]
+    failure = None
     for name, fn in reward_fns.items():
         try:
             score_groups({name: fn}, {}, config, trial, texts, [len(t) for t in texts])
         except RewardError as e:
-            raise RewardError(f"{e} (in a trial call before training, with the gold answers as completions); fix the function") from e
+            failure = RewardError(f"{e} (in a trial call before training, with the gold answers as completions); fix the function")
+            failure.__cause__ = e
+            break
+    # A plug-in may fail on one rank only (its own files, its own machine): every rank stops.
+    distributed.agree_on_failure(failure, RewardError)
 
 
 def enable_grad_checkpoint(model: nn.Module) -> None:
@@ -233,6 +238,7 @@ def sample_groups(run: Run, step: int):
         rounds += 1
         examples = drawn[sum(needs[:rank]) : sum(needs[: rank + 1])]
         if not examples:  # this rank is full; the others draw more
+            distributed.agree_on_failure(None, RewardError)  # joins the others' reward check below
             continue
         prompts = [render_prompt(run.tokenizer, ex, run.system_prompt) for ex in examples]
         check_prompt_lengths(prompts, run.prompt_limit)
@@ -243,12 +249,16 @@ def sample_groups(run: Run, step: int):
         gen_tokens += sum(rollout.completion_lengths)
 
         tic = time.perf_counter()
+        failure = None
         try:
             rewards, valid, columns = score_groups(run.reward_fns, run.reward_weights, c, examples, rollout.texts, rollout.completion_lengths)
         except RewardError as e:
             where = failing_example(run, examples, rollout.texts, rollout.completion_lengths)
-            raise RewardError(f"{e}; at step {step}, {where}") from e
+            failure = RewardError(f"{e}; at step {step}, {where}")
+            failure.__cause__ = e
         reward_time += time.perf_counter() - tic
+        # A reward failing on one rank stops every rank here, none left waiting in a collective.
+        distributed.agree_on_failure(failure, RewardError)
 
         grouped = np.array(rewards, dtype=np.float64).reshape(-1, G)
         informative = [g for g in range(len(examples)) if not c.dynamic_sampling or np.ptp(grouped[g]) > 0]
@@ -924,7 +934,7 @@ def _train_in(config: TrainConfig, run_dir: Path, console) -> Path:
         if main:
             write_config(config, run_dir)
         logger = MetricsLogger(run_dir) if main else _NoLogger()
-        stop = install_signal_handlers(dashboard.message)
+        stop = install_signal_handlers(dashboard.message, several_ranks=distributed.world().size() > 1)
         try:
             # A signal may reach one rank only: all stop after the same step.
             for metrics, sample in train(run, stop_requested=lambda: distributed.any_rank(stop.is_set())):
@@ -937,12 +947,16 @@ def _train_in(config: TrainConfig, run_dir: Path, console) -> Path:
                     save(run, run_dir)
             if run.step < config.steps:  # the loop ended early: some rank was asked to stop
                 save(run, run_dir)
+                distributed.barrier()  # no rank exits before rank 0 saved (mlx.launch then stops the rest)
                 raise Interrupted(f"interrupted: saved step {run.step} to {run_dir}; continue with --resume", stop.signum or signal.SIGINT)
         except (RewardError, NonFiniteError) as e:
-            # The failing step made no update: the weights are the last good ones.
+            # Every rank is here: these errors are agreed on across ranks. The failing step
+            # made no update: the weights are the last good ones.
+            if run.step > 0:
+                save(run, run_dir)
+            distributed.barrier()  # no rank exits before rank 0 saved (mlx.launch then stops the rest)
             if run.step == 0:
                 raise UserError(f"{e} (no step completed, nothing saved)") from e
-            save(run, run_dir)
             raise UserError(f"{e} (saved step {run.step} to {run_dir}; continue with --resume)") from e
         finally:
             stop.restore()
@@ -978,8 +992,13 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def install_signal_handlers(log) -> _StopFlag:
-    """First SIGINT/SIGTERM: finish the current step, save, stop. Second: exit at once."""
+def install_signal_handlers(log, several_ranks: bool = False) -> _StopFlag:
+    """First SIGINT/SIGTERM: finish the current step, save, stop. Second: exit at once.
+
+    With several ranks SIGTERM keeps its default action, ending the process at once:
+    mlx.launch sends it to the other ranks when one fails, and a rank blocked in a
+    collective (waiting on the failed one) would never run a Python handler.
+    """
     flag = _StopFlag()
 
     def handler(signum, frame):
@@ -989,8 +1008,9 @@ def install_signal_handlers(log) -> _StopFlag:
         log("stopping after this step (press Ctrl-C again to quit at once)")
 
     for sig in (signal.SIGINT, signal.SIGTERM):
+        action = signal.SIG_DFL if several_ranks and sig == signal.SIGTERM else handler
         try:
-            flag._previous[sig] = signal.signal(sig, handler)
+            flag._previous[sig] = signal.signal(sig, action)
         except ValueError:  # not in the main thread (e.g. some test runners)
             pass
     return flag

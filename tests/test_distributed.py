@@ -12,6 +12,7 @@ This file is also the worker the ranks run: `python tests/test_distributed.py wo
 import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -150,6 +151,35 @@ def worker(model_dir: str, out_dir: str) -> None:
     (out / f"resumed-rank{rank}.json").write_text(json.dumps(state))
 
 
+# ---------------------------------------------------------------- reward plug-ins that fail on rank 1
+
+_reward_calls = 0
+
+
+def _rank1_fails_from_step_2(completions, fail):
+    """Score like text_length; on rank 1, from step 2 on, `fail()` instead.
+
+    The ranks call a reward once before training (a trial on the gold answers) and once
+    per step, so the third call is step 2's: step 1 finishes, and rank 0 has it to save.
+    """
+    global _reward_calls
+    _reward_calls += 1
+    if os.environ.get("MLX_RANK") == "1" and _reward_calls >= 3:
+        fail()
+    return [len(c) / 10 for c in completions]
+
+
+def raises_on_rank_1(completions, answers, **example_fields):
+    def fail():
+        raise ValueError("rank 1 cannot score this")
+    return _rank1_fails_from_step_2(completions, fail)
+
+
+def kills_rank_1(completions, answers, **example_fields):
+    """A crash no Python code sees: rank 1's process dies at once."""
+    return _rank1_fails_from_step_2(completions, lambda: os.kill(os.getpid(), signal.SIGKILL))
+
+
 # ---------------------------------------------------------------- launching
 
 
@@ -159,8 +189,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(command: list[str], cwd, timeout=120) -> subprocess.CompletedProcess:
-    """Run `command` as 2 ranks on 127.0.0.1 over MLX's ring backend."""
+def launch(command: list[str], cwd, timeout=120, expect_success=True) -> subprocess.CompletedProcess:
+    """Run `command` as 2 ranks on 127.0.0.1 over MLX's ring backend; a hang fails the test."""
     port = free_port()  # the ring uses port and port + 1
     args = [str(BIN / "mlx.launch"), "-n", "2", "--backend", "ring", "--starting-port", str(port), "--", *command]
     # A session of its own: on a timeout the ranks die with the launcher.
@@ -174,7 +204,7 @@ def launch(command: list[str], cwd, timeout=120) -> subprocess.CompletedProcess:
         pytest.fail(f"2 ranks still running after {timeout} s: {stdout[-2000:]} {stderr[-2000:]}")
     # mlx.launch exits 0 even when a rank fails; it only prints a warning.
     failed = proc.returncode != 0 or "exited with code" in stdout + stderr or "was killed" in stdout + stderr
-    assert not failed, stdout[-3000:] + stderr[-3000:]
+    assert failed != expect_success, stdout[-3000:] + stderr[-3000:]
     return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
 
 
@@ -246,6 +276,47 @@ def test_grpo_mlx_train_on_two_ranks_writes_one_run(tiny_model_dir, tmp_path):
     state = json.loads((run_dir / "checkpoints" / "step-000003" / "state.json").read_text())
     assert state["step"] == 3 and state["data_position"] == 3 * 2
     assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def rank_exits(output: str) -> dict:
+    """Each rank's end as mlx.launch reports it: its exit status, or "killed" (by the launcher)."""
+    ends = {}
+    for rank in (0, 1):
+        found = re.search(rf"Node with rank {rank} (?:exited with code (-?\d+)|(was killed))", output)
+        ends[rank] = None if found is None else "killed" if found.group(2) else int(found.group(1))
+    return ends
+
+
+def two_rank_train(tiny_model_dir, run_dir, reward):
+    return [str(BIN / "grpo-mlx"), "train", "--model", str(tiny_model_dir), "--output", str(run_dir), "--steps", "3",
+            "--batch-size", "2", "--group-size", "2", "--max-tokens", "4", "--reward", f"{__file__}:{reward}", "--seed", "1"]
+
+
+@pytest.mark.slow
+def test_a_reward_failing_on_one_rank_stops_every_rank_with_its_reason(tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    result = launch(two_rank_train(tiny_model_dir, run_dir, "raises_on_rank_1"), cwd=tmp_path, timeout=90, expect_success=False)
+    output = result.stdout + result.stderr
+    # Rank 1 stops with the user-error status. Rank 0 too, unless mlx.launch, which stops
+    # the other ranks once one has exited, gets to it first: it is past saving by then.
+    ends = rank_exits(output)
+    assert ends[1] == 2 and ends[0] in (2, -signal.SIGTERM, "killed"), output[-3000:]
+    # Each rank's one-line error names the failing rank and its reason; rank 1 prints its
+    # only once rank 0 has saved step 1, the last step every rank finished.
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert 1 <= len(errors) <= 2, output[-3000:]
+    assert all(e.startswith("error: rank 1: ") and "rank 1 cannot score this" in e and "at step 2" in e for e in errors), errors
+    assert all(f"saved step 1 to {run_dir}" in e for e in errors), errors
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-000001"]
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_stops_the_other_without_a_hang(tiny_model_dir, tmp_path):
+    result = launch(two_rank_train(tiny_model_dir, tmp_path / "run", "kills_rank_1"), cwd=tmp_path, timeout=90, expect_success=False)
+    output = result.stdout + result.stderr
+    ends = rank_exits(output)
+    # Rank 1 died of SIGKILL; rank 0 did not finish as if nothing happened, nor wait forever.
+    assert ends[1] == -signal.SIGKILL and ends[0] not in (None, 0), output[-3000:]
 
 
 def test_batch_that_does_not_split_across_ranks_is_a_user_error():
