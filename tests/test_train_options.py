@@ -1,5 +1,6 @@
 """`grpo-mlx train` options beyond the defaults: QLoRA, DoRA, the reference policy, DAPO's pieces, generate."""
 
+import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -10,8 +11,9 @@ from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
 from grpo_mlx.cli import cli, main
+import grpo_mlx.trainer as trainer
 from grpo_mlx.config import build_config
-from grpo_mlx.data import Example, render_prompt
+from grpo_mlx.data import Example, epoch_order, render_prompt
 from grpo_mlx.fuse import load_with_adapters
 from grpo_mlx.policy import reference_mode
 from grpo_mlx.trainer import setup, train
@@ -111,7 +113,7 @@ def test_reference_mode_is_the_base_model_and_restores_the_adapters(tiny_model_d
     assert np.abs(adapted - reference).max() > 1e-3
 
 
-def test_dynamic_sampling_drops_constant_groups_and_draws_more_prompts(tiny_model_dir, tmp_path):
+def test_dynamic_sampling_drops_constant_groups_and_draws_more_prompts(tiny_model_dir, tmp_path, monkeypatch):
     constant = f"{PLUGINS}:constant_one"
     config = build_config({}, dict(model=str(tiny_model_dir), output=str(tmp_path / "r"), steps=1, batch_size=2,
                                    group_size=4, max_tokens=4, reward=[constant], dynamic_sampling=True,
@@ -124,12 +126,27 @@ def test_dynamic_sampling_drops_constant_groups_and_draws_more_prompts(tiny_mode
     assert run.data_position == 2 * 3
     assert all(np.all(b == 0) for b in lora_b(run.model).values())
 
-    varied = build_config({}, dict(model=str(tiny_model_dir), output=str(tmp_path / "v"), steps=1, batch_size=2,
-                                   group_size=4, max_tokens=6, reward=[TEXT_REWARD], dynamic_sampling=True, seed=3))
-    run = setup(varied)
+    # Four examples; the reward is constant on the one answered "2" and varies in every other group.
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} plus 1?", "answer": str(i + 1)}) + "\n" for i in range(4)))
+    seed = next(s for s in range(100) if epoch_order(4, s, 0)[0] == 1)  # "2" is drawn first
+    order = epoch_order(4, seed, 0)
+    config = build_config({}, dict(model=str(tiny_model_dir), output=str(tmp_path / "v"), steps=1, batch_size=2,
+                                   group_size=4, max_tokens=4, dataset=str(data), reward=[f"{PLUGINS}:constant_on_two"],
+                                   dynamic_sampling=True, max_sampling_rounds=2, seed=seed))
+    run = setup(config)
+    kept = []
+    real_sample_groups = trainer.sample_groups
+    monkeypatch.setattr(trainer, "sample_groups", lambda *a: kept.append(real_sample_groups(*a)) or kept[-1])
     (metrics, _), = list(train(run))
-    assert metrics["frac_reward_zero_std"] == 0.0  # only informative groups reach the update
-    assert metrics["skipped_update"] == 0.0
+    rollout, examples, rewards = kept[0][:3]
+    # Round 1 drew "2" and order[1], and dropped "2"; round 2 drew order[2] in its place.
+    assert [ex.answer for ex in examples] == [str(i + 1) for i in order[:3] if i != 1]
+    assert rewards == [0.0, 1.0, 2.0, 3.0] * 2 and rollout.num_rows == 8
+    assert rollout.prompt_tokens[::4] == [render_prompt(run.tokenizer, ex, run.system_prompt) for ex in examples]
+    assert (metrics["sampling_rounds"], metrics["num_groups"], run.data_position) == (2, 2, 3)
+    assert metrics["frac_reward_zero_std"] == 0.0 and metrics["skipped_update"] == 0.0
+    assert any(np.abs(b).max() > 0 for b in lora_b(run.model).values())
 
 
 def test_masked_truncated_completions_leave_the_loss(tiny_model_dir, tmp_path):
@@ -159,11 +176,11 @@ def test_entropy_metric_is_the_policy_entropy_on_the_completions(tiny_model_dir,
     assert 0.5 * np.log(vocab) < metrics["entropy"] <= np.log(vocab) + 1e-4
 
 
-def test_generate_with_adapters_matches_mlx_lm_on_base_plus_adapters(tiny_model_dir, tmp_path):
+def test_generate_with_adapters_matches_mlx_lm_on_base_plus_adapters(trained_run_dir, tiny_model_dir, tmp_path):
     from mlx_lm.generate import generate
     from mlx_lm.utils import load
 
-    run_dir = train_cli(tiny_model_dir, tmp_path / "run")
+    run_dir = trained_run_dir
     result = CliRunner().invoke(cli, ["generate", "--model", str(tiny_model_dir), "--adapter-path", str(run_dir),
                                       "--prompt", "What is 21 plus 21?", "--max-tokens", "8"])
     assert result.exit_code == 0, result.output
@@ -172,8 +189,8 @@ def test_generate_with_adapters_matches_mlx_lm_on_base_plus_adapters(tiny_model_
     assert result.output.rstrip("\n") == expected
 
 
-def test_gguf_export_of_an_unsupported_architecture_is_a_one_line_error(tiny_model_dir, tmp_path, capsys):
-    run_dir = train_cli(tiny_model_dir, tmp_path / "run")
+def test_gguf_export_of_an_unsupported_architecture_is_a_one_line_error(trained_run_dir, tiny_model_dir, tmp_path, capsys):
+    run_dir = trained_run_dir
     with pytest.raises(SystemExit) as e:
         main(["fuse", "--model", str(tiny_model_dir), "--adapter-path", str(run_dir), "--output",
               str(tmp_path / "fused"), "--export-gguf"])
