@@ -131,3 +131,28 @@ def test_prompts_longer_than_the_prefill_step_are_prefilled_in_chunks(policy):
         logprobs = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
         assert list(logprobs.argmax(axis=-1)) == completion
         np.testing.assert_allclose(sampled, logprobs[np.arange(len(completion)), completion], atol=2e-4, rtol=1e-4)
+
+
+def test_rollout_samples_without_lora_dropout_and_leaves_training_on(tiny_model_dir):
+    """LoRA dropout acts in the training forward only: the rollout samples the policy itself."""
+    from mlx.utils import tree_flatten
+
+    from grpo_mlx.policy import attach_adapters
+
+    model, tokenizer, _ = load_model(str(tiny_model_dir))
+    attach_adapters(model, 4, -1, 20.0, dropout=0.5)
+    mx.random.seed(0)
+    model.load_weights([(k, mx.random.normal(v.shape) * 0.5) for k, v in tree_flatten(model.trainable_parameters())
+                        if k.endswith("lora_b")], strict=False)
+    dropouts = [m for name, m in model.named_modules() if name.endswith(".dropout")]
+    assert dropouts and all(m.training for m in dropouts)  # as the trainer holds the model
+    prompts = [chat(tokenizer, "What is 12 plus 30?")]
+    rollouts = [generate_rollout(model, tokenizer, prompts, 4, 8, make_sampler(0.0)) for _ in range(2)]
+    assert all(m.training for m in dropouts)  # training goes on with dropout
+
+    model.eval()
+    expected = generate_rollout(model, tokenizer, prompts, 4, 8, make_sampler(0.0))
+    for rollout in rollouts:
+        assert rollout.completion_tokens == expected.completion_tokens
+        for got, want in zip(rollout.sampling_logprobs, expected.sampling_logprobs):
+            np.testing.assert_allclose(got, want, atol=1e-5)
