@@ -221,8 +221,12 @@ def train_fixed(model_dir, tmp_path, name, steps=3, **options):
     """
     import mlx.optimizers as optim
 
+    # One prompt in every row: every step has the same shapes, so a compiled step is traced once.
+    data = tmp_path / "one_prompt.jsonl"
+    data.write_text(json.dumps({"question": "What is 2 plus 3?", "answer": "5"}) + "\n")
     config = build_config({}, dict(model=str(model_dir), output=str(tmp_path / name), steps=steps, batch_size=2,
-                                   group_size=4, max_tokens=6, reward=[TEXT_REWARD], seed=1, learning_rate=0.5, **options))
+                                   group_size=4, max_tokens=6, reward=[TEXT_REWARD], seed=1, learning_rate=0.5,
+                                   dataset=str(data), **options))
     run = setup(config)
     run.rollout_fn = fixed_rollout
     run.optimizer = optim.SGD(learning_rate=config.learning_rate)
