@@ -25,9 +25,9 @@ from grpo_mlx.cli import main
 from grpo_mlx.data import epoch_order
 
 TEXT_REWARD = f"{Path(__file__).parent / 'plugin_rewards.py'}:text_length"
-# Reference run length. Interrupted runs are stopped after step 2: 4 more steps leave a signal time to
+# Reference run length. Interrupted runs are stopped after step 2: 6 more steps leave a signal time to
 # land mid-run, and --keep-checkpoints 3 something to prune.
-STEPS = 6
+STEPS = 8
 CHILD = [sys.executable, "-c", "from grpo_mlx.cli import main; main()"]
 
 
