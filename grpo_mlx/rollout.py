@@ -137,6 +137,17 @@ def generate_rollout(
     recomputes log-probs): keeping them holds every step's [N, V] log-softmax
     alive until the end and stacks N*T scalars, for no use in training.
     """
+    # Sample the policy itself: LoRA dropout (training mode) acts in the training forward only.
+    modes = [(name, m, m.training) for name, m in model.named_modules()]
+    model.eval()
+    try:
+        return _generate_rollout(model, tokenizer, prompts, group_size, max_tokens, sampler, prefill_step_size, on_token, with_logprobs)
+    finally:  # each module's own mode back; train() sets a whole subtree, so parents go first
+        for _, m, mode in sorted(modes, key=lambda entry: (entry[0] != "", entry[0].count("."))):
+            m.train(mode)
+
+
+def _generate_rollout(model, tokenizer, prompts, group_size, max_tokens, sampler, prefill_step_size, on_token, with_logprobs):
     from mlx_lm.generate import BatchGenerator
     from mlx_lm.models.cache import make_prompt_cache
 

@@ -136,7 +136,9 @@ def setup(config: TrainConfig, log=lambda msg: None) -> Run:
         system_prompt=system_prompt,
         prompt_limit=prompt_limit,
         split_head=lm_head_split_matches(model),
-        shared_prompt=supports_shared_prompt(model),
+        # Not under gradient checkpointing: a prompt's keys and values leave the checkpointed block
+        # through the cache, and mx.checkpoint's backward pass does not carry their gradient.
+        shared_prompt=supports_shared_prompt(model) and not getattr(type(model.layers[0]), "_grpo_mlx_checkpointed", False),
     )
 
 

@@ -25,7 +25,9 @@ from grpo_mlx.cli import main
 from grpo_mlx.data import epoch_order
 
 TEXT_REWARD = f"{Path(__file__).parent / 'plugin_rewards.py'}:text_length"
-STEPS = 12  # reference run length; interrupted runs are stopped after step 2
+# Reference run length. Interrupted runs are stopped after step 2: 6 more steps leave a signal time to
+# land mid-run, and --keep-checkpoints 3 something to prune.
+STEPS = 8
 CHILD = [sys.executable, "-c", "from grpo_mlx.cli import main; main()"]
 
 
@@ -309,7 +311,7 @@ def test_nan_loss_skips_the_update_and_leaves_adapters_finite(tiny_model_dir, tm
 def test_max_bad_steps_in_a_row_stop_the_run_with_good_adapters_on_disk(reference, tiny_model_dir, tmp_path, monkeypatch, capsys):
     nan_advantages_at(lambda call: call >= 2, monkeypatch)  # step 1 trains, every later step is NaN
     out = tmp_path / "run"
-    assert run_main(train_args(tiny_model_dir, out, STEPS)) == 2
+    assert run_main(train_args(tiny_model_dir, out, trainer.MAX_BAD_STEPS + 1)) == 2
     line, = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert f"{trainer.MAX_BAD_STEPS} steps in a row had a non-finite loss" in line and "--resume" in line
     # Stopped during step MAX_BAD_STEPS + 1; the saved adapters are step 1's, the last good update.
@@ -324,8 +326,7 @@ def test_max_bad_steps_in_a_row_stop_the_run_with_good_adapters_on_disk(referenc
 
 
 def fail_second_checkpoint(how, monkeypatch):
-    """Make the 2nd checkpoint's write fail half-way with ENOSPC."""
-    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    """Make the 2nd checkpoint's write fail half-way with a full disk, as each layer reports it."""
     if how == "save_safetensors":
         real, calls = mx.save_safetensors, []
 
@@ -334,7 +335,8 @@ def fail_second_checkpoint(how, monkeypatch):
             real(path, arrays, *args, **kwargs)
             if len(calls) == 4:  # checkpoint 2's optimizer state: its adapters are already written
                 Path(path).write_bytes(Path(path).read_bytes()[:100])
-                raise full
+                # MLX's own report of a failed write (seen writing to /dev/full): a RuntimeError, not an OSError.
+                raise RuntimeError("[write] Unable to write 8 bytes to file.")
 
         monkeypatch.setattr(mx, "save_safetensors", save)
     else:
@@ -342,7 +344,7 @@ def fail_second_checkpoint(how, monkeypatch):
 
         def replace(src, dst, *args, **kwargs):
             if Path(dst).name == "step-000002":  # every file written, the final rename fails
-                raise full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             return real(src, dst, *args, **kwargs)
 
         monkeypatch.setattr(os, "replace", replace)
@@ -352,12 +354,12 @@ def fail_second_checkpoint(how, monkeypatch):
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(how, reference, tiny_model_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     fail_second_checkpoint(how, monkeypatch)
-    assert run_main(train_args(tiny_model_dir, out, 3)) == 2
+    assert run_main(train_args(tiny_model_dir, out, 2)) == 2
     line, = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert "could not save checkpoint step 2" in line and "--resume" in line
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001"]  # no half-written leftovers
     assert_same_adapters(out / "adapters.safetensors", step_adapters(reference, 1))
 
     monkeypatch.undo()
-    assert run_main(train_args(tiny_model_dir, out, 3, "--resume")) == 0
-    assert_same_adapters(out / "adapters.safetensors", step_adapters(reference, 3))
+    assert run_main(train_args(tiny_model_dir, out, 2, "--resume")) == 0
+    assert_same_adapters(out / "adapters.safetensors", step_adapters(reference, 2))

@@ -67,12 +67,92 @@ def test_recomputed_logprobs_equal_the_samplers(policy):
     assert tokens.shape[1] % 32 == 0
 
 
+def eos_sampler(tokenizer, stop_at: int | None):
+    """Greedy on every token but the stop tokens; a stop token at decode step `stop_at` (None: never)."""
+    calls = []
+
+    def sampler(logprobs):
+        calls.append(1)
+        bonus = np.zeros(logprobs.shape[-1], dtype=np.float32)
+        bonus[sorted(tokenizer.eos_token_ids)] = np.inf if len(calls) == stop_at else -np.inf
+        return mx.argmax(logprobs + mx.array(bonus), axis=-1)
+
+    return sampler
+
+
 def test_max_tokens_truncation_is_recorded(policy):
     model, tokenizer = policy
-    mx.random.seed(2)
-    rollout = generate_rollout(model, tokenizer, [chat(tokenizer, "Count to a hundred.")], 4, 3, make_sampler(1.0))
-    for length, reason in zip(rollout.completion_lengths, rollout.finish_reasons):
-        assert length <= 3
-        assert reason == "length" or rollout.completion_tokens[0][-1] in tokenizer.eos_token_ids or length < 3
-    assert all((r == "length") == (n == 3 and c[-1] not in tokenizer.eos_token_ids)
-               for r, n, c in zip(rollout.finish_reasons, rollout.completion_lengths, rollout.completion_tokens))
+    eos = set(tokenizer.eos_token_ids)
+    prompts = [chat(tokenizer, "Count to a hundred.")]
+
+    never_stops = generate_rollout(model, tokenizer, prompts, 4, 3, eos_sampler(tokenizer, None))
+    assert never_stops.completion_lengths == [3] * 4
+    assert never_stops.finish_reasons == ["length"] * 4 and never_stops.truncated == [True] * 4
+    assert not any(t in eos for c in never_stops.completion_tokens for t in c)
+
+    stops_second = generate_rollout(model, tokenizer, prompts, 4, 3, eos_sampler(tokenizer, 2))
+    assert stops_second.completion_lengths == [2] * 4  # the stop token is kept: the policy learns to stop
+    assert stops_second.finish_reasons == ["stop"] * 4 and stops_second.truncated == [False] * 4
+    assert all(c[-1] in eos and c[0] == n[0] for c, n in zip(stops_second.completion_tokens, never_stops.completion_tokens))
+    assert stops_second.texts == [tokenizer.decode(c[:1]) for c in never_stops.completion_tokens]
+
+
+class RecordingModel:
+    """The model, recording the width of every input it is called on."""
+
+    def __init__(self, model):
+        self.model, self.widths = model, []
+
+    def __call__(self, inputs, *args, **kwargs):
+        self.widths.append(inputs.shape[1])
+        return self.model(inputs, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def test_prompts_longer_than_the_prefill_step_are_prefilled_in_chunks(policy):
+    model, tokenizer = policy
+    prompts = [chat(tokenizer, "Add these numbers one by one and show each partial sum: 12, 30, 7, 5, 19, 44, 3 and 21."),
+               chat(tokenizer, "What is 2 plus 2?")]
+    step = 8
+    assert len(prompts[0]) > 4 * step
+    recording = RecordingModel(model)
+    chunked = generate_rollout(recording, tokenizer, prompts, 2, 8, make_sampler(0.0), prefill_step_size=step)
+    whole = generate_rollout(model, tokenizer, prompts, 2, 8, make_sampler(0.0))
+    # Each prompt but its last token (the generator's first input), `step` tokens at a time, then decoding.
+    chunks = [min(step, len(p) - 1 - start) for p in prompts for start in range(0, len(p) - 1, step)]
+    assert recording.widths[: len(chunks)] == chunks and set(recording.widths[len(chunks) :]) == {1}
+    assert chunked.completion_tokens == whole.completion_tokens
+    # Independently of any cache: each greedy token is the argmax of one forward over the whole
+    # sequence, with the log-prob that forward gives it.
+    for prompt, completion, sampled in zip(chunked.prompt_tokens, chunked.completion_tokens, chunked.sampling_logprobs):
+        logits = model(mx.array(prompt + completion)[None])[0, len(prompt) - 1 : -1]
+        logprobs = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        assert list(logprobs.argmax(axis=-1)) == completion
+        np.testing.assert_allclose(sampled, logprobs[np.arange(len(completion)), completion], atol=2e-4, rtol=1e-4)
+
+
+def test_rollout_samples_without_lora_dropout_and_leaves_training_on(tiny_model_dir):
+    """LoRA dropout acts in the training forward only: the rollout samples the policy itself."""
+    from mlx.utils import tree_flatten
+
+    from grpo_mlx.policy import attach_adapters
+
+    model, tokenizer, _ = load_model(str(tiny_model_dir))
+    attach_adapters(model, 4, -1, 20.0, dropout=0.5)
+    mx.random.seed(0)
+    model.load_weights([(k, mx.random.normal(v.shape) * 0.5) for k, v in tree_flatten(model.trainable_parameters())
+                        if k.endswith("lora_b")], strict=False)
+    dropouts = [m for name, m in model.named_modules() if name.endswith(".dropout")]
+    assert dropouts and all(m.training for m in dropouts)  # as the trainer holds the model
+    prompts = [chat(tokenizer, "What is 12 plus 30?")]
+    rollouts = [generate_rollout(model, tokenizer, prompts, 4, 8, make_sampler(0.0)) for _ in range(2)]
+    assert all(m.training for m in dropouts)  # training goes on with dropout
+
+    model.eval()
+    expected = generate_rollout(model, tokenizer, prompts, 4, 8, make_sampler(0.0))
+    for rollout in rollouts:
+        assert rollout.completion_tokens == expected.completion_tokens
+        for got, want in zip(rollout.sampling_logprobs, expected.sampling_logprobs):
+            np.testing.assert_allclose(got, want, atol=1e-5)

@@ -1,6 +1,7 @@
 """`grpo-mlx train` end to end, and guards against the failure classes of other MLX GRPO trainers."""
 
 import json
+import shutil
 
 import mlx.core as mx
 import numpy as np
@@ -40,13 +41,54 @@ def test_one_step_moves_every_lora_b_off_zero(tiny_model_dir, tmp_path):
     assert metrics["grad_norm"] > 0 and np.isfinite(metrics["loss"])
 
 
-def test_second_iteration_sees_stored_old_logprobs(tiny_model_dir, tmp_path):
+def test_later_iterations_use_the_sampling_policys_logprobs_as_old(tiny_model_dir, tmp_path, monkeypatch):
+    """mu = 2: update 1's old log-probs are its own forward (ratio exactly 1); update 2's ratio is
+    exp(log pi_theta1 - log pi_theta0) with theta0 the sampling policy, computed here independently."""
+    import grpo_mlx.trainer as trainer
+    from grpo_mlx.grpo import token_logprobs
+    from grpo_mlx.policy import reference_mode
+    from grpo_mlx.rollout import generate_rollout, pad_batch
+
     config = small_config(tiny_model_dir, tmp_path, reward=[TEXT_REWARD], num_iterations=2, learning_rate=0.2, max_grad_norm=0)
     run = setup(config)
+    # Adapters that matter before the step, so that the sampling policy differs from the reference.
+    run.model.load_weights([(k, mx.random.normal(v.shape) * 0.1) for k, v in tree_flatten(run.model.trainable_parameters())
+                            if k.endswith("lora_b")], strict=False)
+    theta0 = dict(tree_flatten(run.model.trainable_parameters()))
+    rollouts, updates = [], []
+    run.rollout_fn = lambda *args, **kwargs: rollouts.append(generate_rollout(*args, **kwargs)) or rollouts[-1]
+    real_apply_update = trainer.apply_update
+
+    def recording_apply_update(run, *args):
+        metrics = real_apply_update(run, *args)
+        updates.append((metrics, dict(tree_flatten(run.model.trainable_parameters()))))
+        return metrics
+
+    monkeypatch.setattr(trainer, "apply_update", recording_apply_update)
     (metrics, _), = list(train(run))
-    # The last of the two updates reports its ratios: the policy moved away from the stored one.
-    assert abs(metrics["ratio/mean"] - 1.0) > 1e-3
-    assert metrics["clip_ratio/region_mean"] > 0
+    assert len(rollouts) == 1 and len(updates) == 2
+
+    rollout = rollouts[0]
+    tokens, mask = pad_batch(rollout.prompt_tokens, rollout.completion_tokens)
+    mask = np.array(mask)
+
+    def logprobs_with(weights):
+        run.model.load_weights(list(weights.items()), strict=False)
+        return np.array(token_logprobs(run.model, tokens, config.temperature), dtype=np.float64)
+
+    sampling, after_first = logprobs_with(theta0), logprobs_with(updates[0][1])
+    with reference_mode(run.model):
+        reference = np.array(token_logprobs(run.model, tokens, config.temperature), dtype=np.float64)
+
+    def ratio_mean(new, old):
+        return float((np.exp(new - old) * mask).sum() / mask.sum())
+
+    assert updates[0][0]["ratio/mean"] == 1.0  # the first update's policy is the sampling one
+    expected = ratio_mean(after_first, sampling)
+    assert abs(expected - 1.0) > 1e-3  # the first update moved the policy
+    assert abs(ratio_mean(after_first, reference) - expected) > 1e-3  # old = reference would be seen
+    assert updates[1][0]["ratio/mean"] == pytest.approx(expected, rel=1e-4)
+    assert metrics["ratio/mean"] == updates[1][0]["ratio/mean"]  # the step reports the last update's ratios
 
 
 def test_group_of_two_trains_with_finite_metrics(tiny_model_dir, tmp_path):
@@ -65,18 +107,14 @@ def test_beta_zero_runs_no_reference_pass(tiny_model_dir, tmp_path, monkeypatch)
     assert calls == []
 
 
-def test_train_fuse_and_load_give_the_same_greedy_output(tiny_model_dir, tmp_path):
+def test_train_fuse_and_load_give_the_same_greedy_output(trained_run_dir, tiny_model_dir, tmp_path):
     from mlx_lm.generate import generate
     from mlx_lm.utils import load
 
     from grpo_mlx.data import Example, render_prompt
     from grpo_mlx.fuse import load_with_adapters
 
-    run_dir, fused_dir = tmp_path / "run", tmp_path / "fused"
-    args = ["train", "--model", str(tiny_model_dir), "--output", str(run_dir), "--steps", "2", "--batch-size", "2",
-            "--group-size", "4", "--max-tokens", "6", "--learning-rate", "0.05", "--reward", TEXT_REWARD, "--seed", "1"]
-    result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 0, result.output
+    run_dir, fused_dir = trained_run_dir, tmp_path / "fused"  # trained by `grpo-mlx train` (conftest.py)
     assert (run_dir / "adapters.safetensors").is_file() and (run_dir / "adapter_config.json").is_file()
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
 
@@ -117,12 +155,22 @@ def test_resume_reaches_the_same_adapters_as_an_uninterrupted_run(tiny_model_dir
     assert steps == [1, 2, 3, 4]
 
 
-def test_existing_run_directory_is_not_overwritten_silently(tiny_model_dir, tmp_path):
-    args = ["train", "--model", str(tiny_model_dir), "--output", str(tmp_path / "r"), "--steps", "1", "--batch-size", "1",
-            "--group-size", "2", "--max-tokens", "4", "--reward", TEXT_REWARD]
-    assert CliRunner().invoke(cli, args).exit_code == 0
+def test_existing_run_directory_is_not_overwritten_silently(trained_run_dir, tiny_model_dir, tmp_path):
     from grpo_mlx.cli import main
 
+    run_dir = tmp_path / "r"
+    shutil.copytree(trained_run_dir, run_dir)
+    (run_dir / "notes.txt").write_text("the user's own notes\n")
+    before = files_with_contents(run_dir)
+    args = ["train", "--model", str(tiny_model_dir), "--output", str(run_dir), "--steps", "1", "--batch-size", "1",
+            "--group-size", "2", "--max-tokens", "4", "--reward", TEXT_REWARD]
     with pytest.raises(SystemExit) as e:
         main(args)
     assert e.value.code == 2
+    after = files_with_contents(run_dir)
+    assert {k: after.get(k) for k in before} == before  # every file still there, same bytes, same mtime
+
+
+def files_with_contents(directory):
+    """{relative path: (bytes, mtime_ns)} of every file under `directory`."""
+    return {str(p.relative_to(directory)): (p.read_bytes(), p.stat().st_mtime_ns) for p in Path(directory).rglob("*") if p.is_file()}

@@ -1,5 +1,6 @@
 """`grpo-mlx train` options beyond the defaults: QLoRA, DoRA, the reference policy, DAPO's pieces, generate."""
 
+import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -10,8 +11,9 @@ from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
 from grpo_mlx.cli import cli, main
+import grpo_mlx.trainer as trainer
 from grpo_mlx.config import build_config
-from grpo_mlx.data import Example, render_prompt
+from grpo_mlx.data import Example, epoch_order, render_prompt
 from grpo_mlx.fuse import load_with_adapters
 from grpo_mlx.policy import reference_mode
 from grpo_mlx.trainer import setup, train
@@ -111,7 +113,7 @@ def test_reference_mode_is_the_base_model_and_restores_the_adapters(tiny_model_d
     assert np.abs(adapted - reference).max() > 1e-3
 
 
-def test_dynamic_sampling_drops_constant_groups_and_draws_more_prompts(tiny_model_dir, tmp_path):
+def test_dynamic_sampling_drops_constant_groups_and_draws_more_prompts(tiny_model_dir, tmp_path, monkeypatch):
     constant = f"{PLUGINS}:constant_one"
     config = build_config({}, dict(model=str(tiny_model_dir), output=str(tmp_path / "r"), steps=1, batch_size=2,
                                    group_size=4, max_tokens=4, reward=[constant], dynamic_sampling=True,
@@ -124,12 +126,27 @@ def test_dynamic_sampling_drops_constant_groups_and_draws_more_prompts(tiny_mode
     assert run.data_position == 2 * 3
     assert all(np.all(b == 0) for b in lora_b(run.model).values())
 
-    varied = build_config({}, dict(model=str(tiny_model_dir), output=str(tmp_path / "v"), steps=1, batch_size=2,
-                                   group_size=4, max_tokens=6, reward=[TEXT_REWARD], dynamic_sampling=True, seed=3))
-    run = setup(varied)
+    # Four examples; the reward is constant on the one answered "2" and varies in every other group.
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} plus 1?", "answer": str(i + 1)}) + "\n" for i in range(4)))
+    seed = next(s for s in range(100) if epoch_order(4, s, 0)[0] == 1)  # "2" is drawn first
+    order = epoch_order(4, seed, 0)
+    config = build_config({}, dict(model=str(tiny_model_dir), output=str(tmp_path / "v"), steps=1, batch_size=2,
+                                   group_size=4, max_tokens=4, dataset=str(data), reward=[f"{PLUGINS}:constant_on_two"],
+                                   dynamic_sampling=True, max_sampling_rounds=2, seed=seed))
+    run = setup(config)
+    kept = []
+    real_sample_groups = trainer.sample_groups
+    monkeypatch.setattr(trainer, "sample_groups", lambda *a: kept.append(real_sample_groups(*a)) or kept[-1])
     (metrics, _), = list(train(run))
-    assert metrics["frac_reward_zero_std"] == 0.0  # only informative groups reach the update
-    assert metrics["skipped_update"] == 0.0
+    rollout, examples, rewards = kept[0][:3]
+    # Round 1 drew "2" and order[1], and dropped "2"; round 2 drew order[2] in its place.
+    assert [ex.answer for ex in examples] == [str(i + 1) for i in order[:3] if i != 1]
+    assert rewards == [0.0, 1.0, 2.0, 3.0] * 2 and rollout.num_rows == 8
+    assert rollout.prompt_tokens[::4] == [render_prompt(run.tokenizer, ex, run.system_prompt) for ex in examples]
+    assert (metrics["sampling_rounds"], metrics["num_groups"], run.data_position) == (2, 2, 3)
+    assert metrics["frac_reward_zero_std"] == 0.0 and metrics["skipped_update"] == 0.0
+    assert any(np.abs(b).max() > 0 for b in lora_b(run.model).values())
 
 
 def test_masked_truncated_completions_leave_the_loss(tiny_model_dir, tmp_path):
@@ -159,11 +176,11 @@ def test_entropy_metric_is_the_policy_entropy_on_the_completions(tiny_model_dir,
     assert 0.5 * np.log(vocab) < metrics["entropy"] <= np.log(vocab) + 1e-4
 
 
-def test_generate_with_adapters_matches_mlx_lm_on_base_plus_adapters(tiny_model_dir, tmp_path):
+def test_generate_with_adapters_matches_mlx_lm_on_base_plus_adapters(trained_run_dir, tiny_model_dir, tmp_path):
     from mlx_lm.generate import generate
     from mlx_lm.utils import load
 
-    run_dir = train_cli(tiny_model_dir, tmp_path / "run")
+    run_dir = trained_run_dir
     result = CliRunner().invoke(cli, ["generate", "--model", str(tiny_model_dir), "--adapter-path", str(run_dir),
                                       "--prompt", "What is 21 plus 21?", "--max-tokens", "8"])
     assert result.exit_code == 0, result.output
@@ -172,11 +189,155 @@ def test_generate_with_adapters_matches_mlx_lm_on_base_plus_adapters(tiny_model_
     assert result.output.rstrip("\n") == expected
 
 
-def test_gguf_export_of_an_unsupported_architecture_is_a_one_line_error(tiny_model_dir, tmp_path, capsys):
-    run_dir = train_cli(tiny_model_dir, tmp_path / "run")
+def test_gguf_export_of_an_unsupported_architecture_is_a_one_line_error(trained_run_dir, tiny_model_dir, tmp_path, capsys):
+    run_dir = trained_run_dir
     with pytest.raises(SystemExit) as e:
         main(["fuse", "--model", str(tiny_model_dir), "--adapter-path", str(run_dir), "--output",
               str(tmp_path / "fused"), "--export-gguf"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "GGUF" in err[0] and "qwen2" in err[0]
+
+
+# ---------------------------------------------------------------- --compile, --grad-checkpoint, --lora-dropout, top_k, min_p
+
+
+def fixed_rollout(model, tokenizer, prompts, group_size, max_tokens, sampler, **kwargs):
+    """The same completions whatever the policy, of lengths 1..max_tokens: runs with different
+    options train on the same batches, and text_length's rewards vary within each group."""
+    from grpo_mlx.rollout import Rollout
+
+    rows = [list(p) for p in prompts for _ in range(group_size)]
+    completions = [[40 + (7 * i + 3 * j) % 200 for j in range(1 + i % max_tokens)] for i in range(len(rows))]
+    finish = ["length" if len(c) == max_tokens else "stop" for c in completions]
+    return Rollout(rows, completions, [tokenizer.decode(c) for c in completions], finish, group_size)
+
+
+def train_fixed(model_dir, tmp_path, name, steps=3, **options):
+    """Train on fixed completions with plain SGD; returns (run, every adapter array, metrics).
+
+    SGD, not AdamW: Adam's first updates are lr * g / |g|, so rounding noise in a tiny gradient
+    element moves it a full lr either way; SGD keeps float32 differences at float32 size.
+    """
+    import mlx.optimizers as optim
+
+    # One prompt in every row: every step has the same shapes, so a compiled step is traced once.
+    data = tmp_path / "one_prompt.jsonl"
+    data.write_text(json.dumps({"question": "What is 2 plus 3?", "answer": "5"}) + "\n")
+    config = build_config({}, dict(model=str(model_dir), output=str(tmp_path / name), steps=steps, batch_size=2,
+                                   group_size=4, max_tokens=6, reward=[TEXT_REWARD], seed=1, learning_rate=0.5,
+                                   dataset=str(data), **options))
+    run = setup(config)
+    run.rollout_fn = fixed_rollout
+    run.optimizer = optim.SGD(learning_rate=config.learning_rate)
+    metrics = [m for m, _ in train(run)]
+    assert all(m["skipped_update"] == 0.0 and np.isfinite(m["loss"]) for m in metrics)
+    return run, {k: np.array(v) for k, v in tree_flatten(run.model.trainable_parameters())}, metrics
+
+
+def assert_same_adapters(got, want, atol=1e-6):
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], atol=atol, rtol=1e-4, err_msg=k)
+
+
+def assert_trained(run):
+    assert all(np.abs(b).max() > 1e-3 for b in lora_b(run.model).values())  # every adapter moved off zero
+
+
+def counting(monkeypatch, module, name) -> list:
+    """Count the calls of module.name (still calling it)."""
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_compile_trains_the_same_adapters_as_eager(tiny_model_dir, tmp_path, monkeypatch):
+    compiles = counting(monkeypatch, mx, "compile")
+    run, eager, _ = train_fixed(tiny_model_dir, tmp_path, "eager", compile=False)
+    assert compiles == []
+    assert_trained(run)
+    _, compiled, _ = train_fixed(tiny_model_dir, tmp_path, "compiled", compile=True)
+    assert compiles == [1]  # the step was compiled once, and reused across steps
+    # Three steps: a compiled step that saw stale (captured) weights would drift after the first.
+    assert_same_adapters(compiled, eager, atol=1e-5)
+
+
+def test_grad_checkpoint_trains_the_same_adapters_as_plain(tiny_model_dir, tmp_path, monkeypatch):
+    from mlx_lm.models import qwen2
+
+    # mlx-lm's grad_checkpoint patches the block class for the whole process: undo it after this test.
+    monkeypatch.setattr(qwen2.TransformerBlock, "__call__", qwen2.TransformerBlock.__call__)
+    monkeypatch.setattr(qwen2.TransformerBlock, "_grpo_mlx_checkpointed", False, raising=False)
+    checkpoints = counting(monkeypatch, mx, "checkpoint")
+    run, plain, _ = train_fixed(tiny_model_dir, tmp_path, "plain", steps=2)
+    assert checkpoints == []
+    assert_trained(run)
+    run, checkpointed, _ = train_fixed(tiny_model_dir, tmp_path, "checkpointed", steps=2, grad_checkpoint=True)
+    assert len(checkpoints) >= 2 * len(run.model.layers)  # every block recomputed in each step's backward
+    assert_same_adapters(checkpointed, plain, atol=1e-5)
+
+
+def test_lora_dropout_changes_the_training_forward(tiny_model_dir, tmp_path):
+    _, plain, _ = train_fixed(tiny_model_dir, tmp_path, "plain", steps=2)
+    run, dropped, metrics = train_fixed(tiny_model_dir, tmp_path, "dropout", steps=2, lora_dropout=0.5)
+    assert_trained(run)
+    assert all(np.isfinite(v).all() for v in dropped.values())
+    assert max(np.abs(dropped[k] - plain[k]).max() for k in plain) > 1e-3  # the dropout masks changed the gradients
+
+
+def record_rollouts(run, check):
+    """Roll out as the trainer asks, then call check(model, sampler, rollout) on each rollout."""
+    from grpo_mlx.rollout import generate_rollout
+
+    def rollout_fn(model, tokenizer, prompts, group_size, max_tokens, sampler, **kwargs):
+        rollout = generate_rollout(model, tokenizer, prompts, group_size, max_tokens, sampler, **kwargs)
+        check(model, tokenizer, prompts, rollout)
+        return rollout
+
+    run.rollout_fn = rollout_fn
+
+
+def sampling_run(model_dir, tmp_path, name, **options):
+    config = build_config({}, dict(model=str(model_dir), output=str(tmp_path / name), steps=2, batch_size=2,
+                                   group_size=4, max_tokens=6, reward=[TEXT_REWARD], seed=2, learning_rate=0.05,
+                                   temperature=1.0, **options))
+    return setup(config)
+
+
+@pytest.mark.parametrize("top_k, equal", [(1, True), (0, False)])
+def test_top_k_1_samples_the_greedy_completions(top_k, equal, tiny_model_dir, tmp_path):
+    from grpo_mlx.rollout import generate_rollout, make_sampler
+
+    same = []
+
+    def check(model, tokenizer, prompts, rollout):
+        greedy = generate_rollout(model, tokenizer, prompts, rollout.group_size, 6, make_sampler(0.0))
+        same.append(rollout.completion_tokens == greedy.completion_tokens)
+
+    run = sampling_run(tiny_model_dir, tmp_path, f"top_k_{top_k}", top_k=top_k)
+    record_rollouts(run, check)
+    list(train(run))
+    assert len(same) == 2
+    assert all(same) if equal else not any(same)  # at temperature 1 without top_k, sampling is not greedy
+
+
+@pytest.mark.parametrize("min_p", [0.5, 0.0])
+def test_min_p_keeps_only_tokens_within_min_p_of_the_most_likely(min_p, tiny_model_dir, tmp_path):
+    below = []  # per sampled token: its probability is under 0.5 x the most likely token's
+
+    def check(model, tokenizer, prompts, rollout):
+        for prompt, completion in zip(rollout.prompt_tokens, rollout.completion_tokens):
+            logits = model(mx.array(prompt + completion)[None])[0, len(prompt) - 1 : -1]
+            logprobs = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+            chosen = logprobs[np.arange(len(completion)), completion]
+            below.extend(chosen < np.log(0.5) + logprobs.max(axis=-1) - 1e-5)
+
+    run = sampling_run(tiny_model_dir, tmp_path, f"min_p_{min_p}", min_p=min_p)
+    record_rollouts(run, check)
+    list(train(run))
+    assert len(below) >= 2 * 8
+    if min_p:
+        assert not any(below)
+    else:
+        assert sum(below) > len(below) / 4  # without min_p, most draws at temperature 1 fall under it
