@@ -350,18 +350,22 @@ def _import_file(spec: str, path: Path):
     sys.modules[module_name] = module  # dataclasses and pickling look their module up here
     try:
         module_spec.loader.exec_module(module)
-    except Exception as exc:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # SystemExit too: a module may call sys.exit() at import
         sys.modules.pop(module_name, None)
-        raise UserError(f"reward plug-in {spec!r}: importing {path} failed ({type(exc).__name__}: {exc}); fix the file") from exc
+        raise UserError(f"reward plug-in {spec!r}: importing {path} failed ({exception_text(exc)}); fix the file") from exc
     return module
 
 
 def _import_module(spec: str, module_name: str):
     try:
         return importlib.import_module(module_name)
-    except Exception as exc:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # SystemExit too
         raise UserError(
-            f"reward plug-in {spec!r}: cannot import module {module_name!r} ({type(exc).__name__}: {exc}); "
+            f"reward plug-in {spec!r}: cannot import module {module_name!r} ({exception_text(exc)}); "
             "install it or put it on PYTHONPATH, or give a file path like path/to/file.py:function"
         ) from exc
 
@@ -396,7 +400,9 @@ def checked_reward(fn: RewardFn, name: str) -> RewardFn:
         kwargs = accepted_kwargs(fn, kwargs)
         try:
             values = fn(completions, answers, **kwargs)
-        except Exception as exc:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # SystemExit too: argparse or click in a scoring helper call sys.exit()
             raise RewardError(_failure_message(fn, label, completions, answers, kwargs, exc)) from exc
         return _check_values(values, len(completions), label)
 
@@ -406,7 +412,7 @@ def checked_reward(fn: RewardFn, name: str) -> RewardFn:
 
 def _failure_message(fn, label, completions, answers, kwargs, exc) -> str:
     """Name the first completion that fails on its own, by re-running the function one row at a time."""
-    detail = f"{type(exc).__name__}: {exc}"
+    detail = exception_text(exc)
     n = len(completions)
     for i in range(n):
         row_kwargs = {k: (v[i:i + 1] if isinstance(v, (list, tuple)) and len(v) == n else v) for k, v in kwargs.items()}
@@ -414,9 +420,18 @@ def _failure_message(fn, label, completions, answers, kwargs, exc) -> str:
             row_kwargs["group_size"] = 1
         try:
             fn(completions[i:i + 1], answers[i:i + 1], **row_kwargs)
-        except Exception:
+        except KeyboardInterrupt:
+            raise
+        except BaseException:
             return f"{label} failed on completion {i} ({str(completions[i])[:60]!r}): {detail}"
     return f"{label} failed on a batch of {n} completions: {detail}"
+
+
+def exception_text(exc: BaseException) -> str:
+    """What a plug-in's exception says, in a few words: "KeyError: 'gold'", "it called sys.exit(0)"."""
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r})"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _check_values(values, n: int, label: str) -> list[float | None]:

@@ -50,6 +50,7 @@ from .errors import Interrupted, UserError
 from .grpo import (
     group_advantages,
     group_token_logprobs,
+    informative_groups,
     lm_head_split_matches,
     policy_loss_terms,
     supports_shared_prompt,
@@ -174,10 +175,18 @@ def enable_grad_checkpoint(model: nn.Module) -> None:
 
 
 def make_optimizer(config: TrainConfig) -> optim.Optimizer:
+    """AdamW; with N warm-up steps, training step k <= N updates at learning_rate * k / N.
+
+    The schedule sees the optimizer's update count (mu = num_iterations per step);
+    it starts at 1/N, not 0, so the first step already trains.
+    """
     lr = config.learning_rate
     if config.warmup_steps > 0:
-        warmup = optim.linear_schedule(0.0, lr, config.warmup_steps)
-        lr = optim.join_schedules([warmup, lambda _: mx.array(config.learning_rate)], [config.warmup_steps])
+        warmup, mu = config.warmup_steps, config.num_iterations
+
+        def lr(update):  # update: updates made before this one
+            return config.learning_rate * mx.minimum(update // mu + 1, warmup).astype(mx.float32) / warmup
+
     return optim.AdamW(learning_rate=lr, weight_decay=config.weight_decay)
 
 
@@ -231,8 +240,9 @@ def sample_groups(run: Run, step: int):
             raise RewardError(f"{e}; at step {step}, {where}") from e
         reward_time += time.perf_counter() - tic
 
-        grouped = np.array(rewards, dtype=np.float64).reshape(-1, G)
-        informative = [g for g in range(len(examples)) if not c.dynamic_sampling or np.ptp(grouped[g]) > 0]
+        # The advantages' own rule: a group kept here never gets all-zero advantages.
+        keep = np.array(informative_groups(rewards, G, valid)) if c.dynamic_sampling else np.ones(len(examples), bool)
+        informative = [g for g in range(len(examples)) if keep[g]]
         for g in informative:
             rows = slice(g * G, (g + 1) * G)
             kept_examples.append(examples[g])
@@ -547,19 +557,32 @@ def apply_update(run: Run, grads, loss: float, parts) -> dict:
         grad_norm = mx.sqrt(sum((g * g).sum() for _, g in tree_flatten(grads)))
     grad_norm = float(grad_norm.item())
     metrics.update(loss=loss, grad_norm=grad_norm, skipped_update=0.0)
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        run.bad_steps += 1
-        metrics["skipped_update"] = 1.0
-        if run.bad_steps >= MAX_BAD_STEPS:
-            raise NonFiniteError(
-                f"training stopped: {run.bad_steps} steps in a row had a non-finite loss or gradient; "
-                "lower --learning-rate or check the rewards"
-            )
-        return metrics
-    run.bad_steps = 0
-    run.optimizer.update(run.model, grads)
-    mx.eval(run.model.parameters(), run.optimizer.state)
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        # Keep the last finite adapters and optimizer state (small LoRA tensors; the
+        # update replaces arrays, never changes them in place): an update that turns
+        # a parameter non-finite (e.g. a learning rate that overflows float32) is undone.
+        before = tree_map(lambda x: x, (run.model.trainable_parameters(), run.optimizer.state))
+        run.optimizer.update(run.model, grads)
+        mx.eval(run.model.parameters(), run.optimizer.state)
+        if all_finite(run.model.trainable_parameters()):
+            run.bad_steps = 0
+            return metrics
+        run.model.update(before[0])
+        run.optimizer.state = before[1]
+    run.bad_steps += 1
+    metrics["skipped_update"] = 1.0
+    if run.bad_steps >= MAX_BAD_STEPS:
+        raise NonFiniteError(
+            f"training stopped: {run.bad_steps} steps in a row had a non-finite loss, gradient or update; "
+            "lower --learning-rate or check the rewards"
+        )
     return metrics
+
+
+def all_finite(tree) -> bool:
+    """Whether every array in `tree` is finite: one reduction, one sync."""
+    flags = [mx.isfinite(x).all() for _, x in tree_flatten(tree)]
+    return bool(mx.stack(flags).all().item()) if flags else True
 
 
 class NonFiniteError(UserError):
