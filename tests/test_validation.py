@@ -35,6 +35,10 @@ def run_main(args) -> int:
     return 0
 
 
+# Appended to CLI runs that must fail: if a value were wrongly accepted, the run stays short.
+SHORT = ["--steps", "1", "--batch-size", "2", "--max-tokens", "2"]
+
+
 def one_error_line(capsys) -> str:
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
@@ -70,7 +74,7 @@ def test_non_finite_reward_weights_are_refused():
 
 
 def test_nan_learning_rate_on_the_command_line_is_one_error_line(capsys, tmp_path):
-    assert run_main(["train", "--learning-rate", "nan", "--output", str(tmp_path / "run")]) == 2
+    assert run_main(["train", "--learning-rate", "nan", "--output", str(tmp_path / "run"), *SHORT]) == 2
     assert "learning_rate=nan" in one_error_line(capsys)
     assert not (tmp_path / "run").exists()
 
@@ -92,8 +96,8 @@ def test_every_field_refuses_a_value_of_the_wrong_type(name):
 ])
 def test_config_file_values_of_the_wrong_type_are_one_error_line(text, key, expected, tmp_path, capsys):
     path = tmp_path / "config.yaml"
-    path.write_text(text + "\n")
-    assert run_main(["train", "--config", str(path), "--output", str(tmp_path / "run")]) == 2
+    path.write_text(text + "\n" + ("" if key == "steps" else "steps: 1\n"))
+    assert run_main(["train", "--config", str(path), "--output", str(tmp_path / "run"), *SHORT[2:]]) == 2
     line = one_error_line(capsys)
     assert f"{key}=" in line and expected in line
 
@@ -123,7 +127,7 @@ def test_config_file_values_still_convert_where_unambiguous():
 ])
 def test_out_of_range_flags_are_one_error_line(flags, field, expected, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # an accepted empty --output would write here
-    args = ["train", *flags] + ([] if field == "output" else ["--output", str(tmp_path / "run")])
+    args = ["train", *flags, *SHORT] + ([] if field == "output" else ["--output", str(tmp_path / "run")])
     assert run_main(args) == 2
     line = one_error_line(capsys)
     assert f"{field}=" in line and expected in line
