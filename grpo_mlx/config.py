@@ -16,7 +16,7 @@ import json
 import math
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import UserError
@@ -76,7 +76,7 @@ class TrainConfig:
     steps: int = _opt(200, "Training steps (one rollout each).")
     learning_rate: float = _opt(1e-5, "AdamW learning rate.")
     weight_decay: float = _opt(0.0, "AdamW weight decay.")
-    warmup_steps: int = _opt(0, "Linear learning-rate warm-up steps.")
+    warmup_steps: int = _opt(0, "Linear learning-rate warm-up: step k <= N trains at learning_rate * k / N.")
     max_grad_norm: float = _opt(1.0, "Clip the gradient's global norm to this; 0 disables it.")
     num_iterations: int = _opt(1, "Updates per rollout (mu); mu > 1 stores old log-probs.")
     micro_batch_size: int | None = _opt(None, "Completions per forward/backward; gradients accumulate. Unset: as many as keep the float32 logits under 1 GiB.")

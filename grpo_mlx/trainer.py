@@ -15,7 +15,9 @@ Choices, and why:
    gradient for every loss_type. The gradient step can be compiled
    (`--compile`); batches are padded to LENGTH_BUCKET multiples so it traces
    few shapes.
-6. A non-finite loss or gradient skips the update; several in a row stop the run.
+6. A non-finite loss or gradient skips the update, and an update that makes an
+   adapter non-finite is undone; several in a row stop the run, the last finite
+   adapters kept.
    A non-finite reward is not skipped: it is an error naming the reward (None is
    how a reward says "does not apply"), so a NaN never reaches the advantages.
 7. Every reward function is tried before the model loads; one failing mid-run
