@@ -13,7 +13,10 @@ default, with its scale 20).
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, asdict, dataclass, field, fields
+import math
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import UserError
@@ -59,8 +62,8 @@ class TrainConfig:
     dynamic_sampling: bool = _opt(False, "DAPO: drop groups whose rewards are all equal and sample more prompts.")
     max_sampling_rounds: int = _opt(3, "Extra sampling rounds allowed per step with --dynamic-sampling.")
     # rewards
-    reward: list = _list_opt(["accuracy"], "Reward functions: built-in names, file.py:fn or module:fn, comma-separated.")
-    reward_weights: list | None = _opt(None, "Weights of the reward functions, comma-separated; default all 1.", list=True)
+    reward: list[str] = _list_opt(["accuracy"], "Reward functions: built-in names, file.py:fn or module:fn, comma-separated.")
+    reward_weights: list[float] | None = _opt(None, "Weights of the reward functions, comma-separated; default all 1.", list=True)
     scale_rewards: str = _opt("group", "Advantage scaling: group std, batch std, or none (Dr. GRPO).")
     # objective
     loss_type: str = _opt("grpo", "Loss normalisation: grpo, bnpo, dr_grpo or dapo.")
@@ -74,7 +77,7 @@ class TrainConfig:
     steps: int = _opt(200, "Training steps (one rollout each).")
     learning_rate: float = _opt(1e-5, "AdamW learning rate.")
     weight_decay: float = _opt(0.0, "AdamW weight decay.")
-    warmup_steps: int = _opt(0, "Linear learning-rate warm-up steps.")
+    warmup_steps: int = _opt(0, "Linear learning-rate warm-up: step k <= N trains at learning_rate * k / N.")
     max_grad_norm: float = _opt(1.0, "Clip the gradient's global norm to this; 0 disables it.")
     num_iterations: int = _opt(1, "Updates per rollout (mu); mu > 1 stores old log-probs.")
     micro_batch_size: int | None = _opt(None, "Completions per forward/backward; gradients accumulate. Unset: as many as keep the float32 logits under 1 GiB.")
@@ -96,35 +99,23 @@ class TrainConfig:
         def bad(name, why):
             raise UserError(f"invalid config value {name}={getattr(self, name)!r}: {why}")
 
-        for name, choices in (
-            ("loss_type", LOSS_TYPES),
-            ("importance_level", IMPORTANCE_LEVELS),
-            ("kl_estimator", KL_ESTIMATORS),
-            ("scale_rewards", SCALES),
-        ):
+        for name, hint in FIELD_TYPES.items():
+            value = getattr(self, name)
+            if not _has_type(value, hint):
+                bad(name, f"must be {_type_name(hint)}")
+            numbers = value if isinstance(value, list) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                bad(name, "must be a finite number")
+        for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
-                bad(name, f"must be one of {', '.join(choices)}")
-        if self.group_size < 2:
-            bad("group_size", "group-relative advantages need at least 2 completions per prompt")
-        for name in ("batch_size", "max_tokens", "steps", "num_iterations", "lora_rank", "save_every", "log_every"):
-            if getattr(self, name) < 1:
-                bad(name, "must be at least 1")
-        if self.beta < 0:
-            bad("beta", "must be >= 0 (0 turns the KL penalty off)")
-        if not 0 < self.epsilon < 1:
-            bad("epsilon", "must be in (0, 1)")
-        if self.epsilon_high is not None and self.epsilon_high <= 0:
-            bad("epsilon_high", "must be > 0")
-        if self.learning_rate <= 0:
-            bad("learning_rate", "must be > 0")
-        if self.temperature <= 0:
-            bad("temperature", "must be > 0 (sampling needs a tempered distribution)")
-        if not 0 < self.top_p <= 1:
-            bad("top_p", "must be in (0, 1]")
-        if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            bad("micro_batch_size", "must be at least 1")
-        if self.max_grad_norm < 0:
-            bad("max_grad_norm", "must be >= 0 (0 disables clipping)")
+                bad(name, f"must be one of {', '.join(map(str, choices))}")
+        for name, (interval, why) in RANGES.items():
+            value = getattr(self, name)
+            if value is not None and not _in_interval(value, interval):
+                bad(name, f"must be {_interval_text(interval)}" + (f" ({why})" if why else ""))
+        for name in ("output", "dataset", "split"):
+            if not getattr(self, name).strip():
+                bad(name, "must not be empty" + (" (an empty --output would write into the current folder)" if name == "output" else ""))
         if not self.reward:
             bad("reward", "name at least one reward function")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward):
@@ -136,6 +127,103 @@ class TrainConfig:
     @property
     def uses_demo_model(self) -> bool:
         return self.model is None
+
+
+# Every field's declared type (`str | None`, `list[float]`, ...), read once.
+FIELD_TYPES = typing.get_type_hints(TrainConfig)
+
+# Fields with a fixed set of values.
+CHOICES = {
+    "loss_type": LOSS_TYPES,
+    "importance_level": IMPORTANCE_LEVELS,
+    "kl_estimator": KL_ESTIMATORS,
+    "scale_rewards": SCALES,
+    "q_bits": (2, 3, 4, 5, 6, 8),  # what mx.quantize supports
+    "q_group_size": (32, 64, 128),
+}
+
+# Numeric fields: the interval they must lie in ("[" and "]" include the bound), and why where it helps.
+# Unset optional fields (None) are not checked. Non-finite floats are refused for every field.
+RANGES = {
+    "lora_rank": ("[1, inf)", ""),
+    "lora_dropout": ("[0, 1)", "a dropout of 1 drops every input"),
+    "batch_size": ("[1, inf)", ""),
+    "group_size": ("[2, inf)", "group-relative advantages need at least 2 completions per prompt"),
+    "max_tokens": ("[1, inf)", ""),
+    "temperature": ("(0, inf)", "sampling needs a tempered distribution"),
+    "top_p": ("(0, 1]", "1 disables it"),
+    "top_k": ("[0, inf)", "0 disables it"),
+    "min_p": ("[0, 1]", "0 disables it"),
+    "max_sampling_rounds": ("[0, inf)", ""),
+    "beta": ("[0, inf)", "0 turns the KL penalty off"),
+    "epsilon": ("(0, 1)", ""),
+    "epsilon_high": ("(0, inf)", ""),
+    "steps": ("[1, inf)", ""),
+    "learning_rate": ("(0, inf)", ""),
+    "weight_decay": ("[0, inf)", ""),
+    "warmup_steps": ("[0, inf)", "0 disables warm-up"),
+    "max_grad_norm": ("[0, inf)", "0 disables clipping"),
+    "num_iterations": ("[1, inf)", ""),
+    "micro_batch_size": ("[1, inf)", ""),
+    "seed": ("[0, 4294967295]", ""),
+    "save_every": ("[1, inf)", ""),
+    "keep_checkpoints": ("[1, inf)", ""),
+    "log_every": ("[1, inf)", ""),
+    "sample_every": ("[1, inf)", ""),
+}
+
+
+def _in_interval(value, interval: str) -> bool:
+    """Whether `value` lies in an interval written like "(0, 1]"."""
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return above and below
+
+
+def _interval_text(interval: str) -> str:
+    """"[1, inf)" reads ">= 1"; a bounded interval reads as itself."""
+    low, high = interval[1:-1].split(", ")
+    if high == "inf":
+        return (">= " if interval[0] == "[" else "> ") + low
+    return "in " + interval
+
+
+def _options(hint) -> tuple:
+    """The types a hint allows: `int | None` -> (int, NoneType)."""
+    return typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+
+
+def _has_type(value, hint) -> bool:
+    for option in _options(hint):
+        if option is type(None):
+            ok = value is None
+        elif typing.get_origin(option) is list:
+            (item,) = typing.get_args(option)
+            ok = isinstance(value, list) and all(_has_type(v, item) for v in value)
+        elif option is float:  # an int is a number too
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif option is int:  # bool is an int subclass; true is not a count
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, option)
+        if ok:
+            return True
+    return False
+
+
+TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", type(None): "unset (null)"}
+
+
+def _type_name(hint) -> str:
+    names = []
+    for option in _options(hint):
+        if typing.get_origin(option) is list:
+            (item,) = typing.get_args(option)
+            names.append(f"a list of {TYPE_NAMES[item].split(' ', 1)[1]}s")
+        else:
+            names.append(TYPE_NAMES[option])
+    return " or ".join(names)
 
 
 # The embedded demo: a 0.8M-parameter model on 2-digit addition, tuned so reward
@@ -209,40 +297,44 @@ def build_config(file_values: dict | None = None, flag_values: dict | None = Non
             if key not in known:
                 raise UserError(f"unknown config option {key!r}: see `grpo-mlx train --help` for the options")
             if value is not None:
-                values[key] = _coerce(known[key], value)
+                values[key] = _coerce(key, value)
     if values.get("model") is None:
         for key, value in DEMO_PRESET.items():
             values.setdefault(key, value)
     return TrainConfig(**values).validate()
 
 
-def _coerce(f, value):
-    """Values from YAML/JSON or click arrive as strings, lists or scalars."""
-    if f.metadata.get("list"):
+def _coerce(name: str, value):
+    """Turn what YAML/JSON or click give (strings, lists, scalars) into the field's declared type
+    where that is unambiguous; anything else is left as it is for `validate` to refuse by type."""
+    options = _options(FIELD_TYPES[name])
+    kind = next(o for o in options if o is not type(None))
+    if typing.get_origin(kind) is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
-        if f.name == "reward_weights":
-            try:
-                return [float(v) for v in value]
-            except (TypeError, ValueError):
-                raise UserError(f"invalid config value reward_weights={value!r}: give numbers, e.g. 1.0,0.5")
-        return list(value)
-    default = f.default if f.default is not MISSING else None
-    kind = type(default) if default is not None else None
-    if f.name in ("epsilon_high",):
-        kind = float
-    if f.name in ("micro_batch_size", "max_prompt_length"):
-        kind = int
-    if kind in (int, float) and not isinstance(value, bool):
-        try:
-            number = float(value)
-            return int(number) if kind is int and number == int(number) else kind(value)
-        except (TypeError, ValueError):
-            raise UserError(f"invalid config value {f.name}={value!r}: must be a number")
-    if kind is bool and isinstance(value, str):
-        return value.lower() in ("1", "true", "yes", "on")
-    if isinstance(value, str) and value.lower() in ("none", "null") and f.name in ("system_prompt",):
+        if isinstance(value, (list, tuple)):
+            (item,) = typing.get_args(kind)
+            return [_coerce_scalar(item, v) for v in value]
+        return value
+    if name == "system_prompt" and isinstance(value, str) and value.lower() in ("none", "null"):
         return "none"
+    return _coerce_scalar(kind, value)
+
+
+def _coerce_scalar(kind, value):
+    if isinstance(value, bool):
+        return value
+    if kind in (int, float) and isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return value
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)  # 10.0 or "1e3" counts
+    if kind is float and isinstance(value, int):
+        return float(value)
+    if kind is bool and isinstance(value, str):
+        return {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}.get(value.strip().lower(), value)
     return value
 
 

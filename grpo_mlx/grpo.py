@@ -33,6 +33,23 @@ def _check_choice(name: str, value, choices) -> None:
 # ---------------------------------------------------------------- advantages
 
 
+def informative_groups(rewards, group_size: int, valid=None) -> mx.array:
+    """[num_groups] bool: whether a group carries a learning signal.
+
+    A group is informative iff its valid rows' rewards are not all equal; rows
+    no reward applies to (valid False) do not count, so fewer than 2 valid rows
+    is never informative. Found by comparison, not by std == 0: the mean of
+    equal floats need not equal them exactly. Dynamic sampling keeps groups by
+    this same rule, so a kept group never has all-zero advantages.
+    """
+    r = mx.array(rewards).astype(mx.float32).reshape(-1, group_size)
+    w = mx.ones(r.shape, dtype=mx.bool_) if valid is None else mx.array(valid).astype(mx.bool_).reshape(-1, group_size)
+    big = mx.array(float("inf"), dtype=mx.float32)
+    group_max = mx.where(w, r, -big).max(axis=1)
+    group_min = mx.where(w, r, big).min(axis=1)
+    return group_max > group_min  # two valid rows at least, with different rewards
+
+
 def group_advantages(
     rewards: mx.array,
     group_size: int,
@@ -70,12 +87,7 @@ def group_advantages(
     mean = r.sum(axis=1, keepdims=True) / mx.maximum(count, 1.0)
     centered = (r - mean) * w
 
-    # Constant groups are found by comparison, not by std == 0: the mean of
-    # equal floats need not equal them exactly.
-    big = mx.array(float("inf"), dtype=mx.float32)
-    group_max = mx.where(w > 0, r, -big).max(axis=1, keepdims=True)
-    group_min = mx.where(w > 0, r, big).min(axis=1, keepdims=True)
-    informative = (group_max > group_min) & (count >= 2)
+    informative = informative_groups(rewards, group_size, valid)[:, None]
     centered = mx.where(informative, centered, 0.0)
 
     if scale == "group":

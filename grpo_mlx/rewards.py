@@ -137,18 +137,22 @@ def _import_file(spec: str, path: Path):
     sys.modules[module_name] = module  # dataclasses and pickling look their module up here
     try:
         module_spec.loader.exec_module(module)
-    except Exception as exc:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # SystemExit too: a module may call sys.exit() at import
         sys.modules.pop(module_name, None)
-        raise UserError(f"reward plug-in {spec!r}: importing {path} failed ({type(exc).__name__}: {exc}); fix the file") from exc
+        raise UserError(f"reward plug-in {spec!r}: importing {path} failed ({exception_text(exc)}); fix the file") from exc
     return module
 
 
 def _import_module(spec: str, module_name: str):
     try:
         return importlib.import_module(module_name)
-    except Exception as exc:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # SystemExit too
         raise UserError(
-            f"reward plug-in {spec!r}: cannot import module {module_name!r} ({type(exc).__name__}: {exc}); "
+            f"reward plug-in {spec!r}: cannot import module {module_name!r} ({exception_text(exc)}); "
             "install it or put it on PYTHONPATH, or give a file path like path/to/file.py:function"
         ) from exc
 
@@ -183,7 +187,9 @@ def checked_reward(fn: RewardFn, name: str) -> RewardFn:
         kwargs = accepted_kwargs(fn, kwargs)
         try:
             values = fn(completions, answers, **kwargs)
-        except Exception as exc:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # SystemExit too: argparse or click in a scoring helper call sys.exit()
             raise RewardError(_failure_message(fn, label, completions, answers, kwargs, exc)) from exc
         return _check_values(values, len(completions), label)
 
@@ -201,14 +207,16 @@ def first_failing_rows(score: Callable[[slice], object], num_rows: int, block: i
         rows = slice(start, start + block)
         try:
             score(rows)
-        except Exception:
+        except KeyboardInterrupt:
+            raise
+        except BaseException:  # SystemExit from a plug-in too
             return rows
     return None
 
 
 def _failure_message(fn, label, completions, answers, kwargs, exc) -> str:
     """Name the first completion that fails on its own, by re-running the function one row at a time."""
-    detail = f"{type(exc).__name__}: {exc}"
+    detail = exception_text(exc)
     n = len(completions)
 
     def score_rows(rows: slice):
@@ -221,6 +229,13 @@ def _failure_message(fn, label, completions, answers, kwargs, exc) -> str:
     if rows is None:
         return f"{label} failed on a batch of {n} completions: {detail}"
     return f"{label} failed on completion {rows.start} ({str(completions[rows.start])[:60]!r}): {detail}"
+
+
+def exception_text(exc: BaseException) -> str:
+    """What a plug-in's exception says, in a few words: "KeyError: 'gold'", "it called sys.exit(0)"."""
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r})"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _check_values(values, n: int, label: str) -> list[float | None]:

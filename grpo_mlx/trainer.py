@@ -15,7 +15,9 @@ Choices, and why:
    gradient for every loss_type. The gradient step can be compiled
    (`--compile`); batches are padded to LENGTH_BUCKET multiples so it traces
    few shapes.
-6. A non-finite loss or gradient skips the update; several in a row stop the run.
+6. A non-finite loss or gradient skips the update, and an update that makes an
+   adapter non-finite is undone; several in a row stop the run, the last finite
+   adapters kept.
    A non-finite reward is not skipped: it is an error naming the reward (None is
    how a reward says "does not apply"), so a NaN never reaches the advantages.
 7. Every reward function is tried before the model loads; one failing mid-run
@@ -46,7 +48,7 @@ from mlx.utils import tree_flatten, tree_map
 from .config import TrainConfig, config_to_dict
 from . import distributed
 from .errors import Interrupted, UserError
-from .grpo import group_advantages, loss_normaliser, policy_loss
+from .grpo import group_advantages, informative_groups, loss_normaliser, policy_loss
 from .logprobs import group_token_logprobs, lm_head_split_matches, supports_shared_prompt, token_logprobs
 from .policy import attach_adapters, load_model, reference_mode
 from .rollout import Rollout, generate_rollout, make_sampler, pad_batch
@@ -199,10 +201,18 @@ def enable_grad_checkpoint(model: nn.Module) -> None:
 
 
 def make_optimizer(config: TrainConfig) -> optim.Optimizer:
+    """AdamW; with N warm-up steps, training step k <= N updates at learning_rate * k / N.
+
+    The schedule sees the optimizer's update count (mu = num_iterations per step);
+    it starts at 1/N, not 0, so the first step already trains.
+    """
     lr = config.learning_rate
     if config.warmup_steps > 0:
-        warmup = optim.linear_schedule(0.0, lr, config.warmup_steps)
-        lr = optim.join_schedules([warmup, lambda _: mx.array(config.learning_rate)], [config.warmup_steps])
+        warmup, mu = config.warmup_steps, config.num_iterations
+
+        def lr(update):  # update: updates made before this one
+            return config.learning_rate * mx.minimum(update // mu + 1, warmup).astype(mx.float32) / warmup
+
     return optim.AdamW(learning_rate=lr, weight_decay=config.weight_decay)
 
 
@@ -262,8 +272,9 @@ def sample_groups(run: Run, step: int):
         # A reward failing on one rank stops every rank here, none left waiting in a collective.
         distributed.agree_on_failure(failure, RewardError)
 
-        grouped = np.array(rewards, dtype=np.float64).reshape(-1, G)
-        informative = [g for g in range(len(examples)) if not c.dynamic_sampling or np.ptp(grouped[g]) > 0]
+        # The advantages' own rule: a group kept here never gets all-zero advantages.
+        keep = np.array(informative_groups(rewards, G, valid)) if c.dynamic_sampling else np.ones(len(examples), bool)
+        informative = [g for g in range(len(examples)) if keep[g]]
         for g in informative:
             rows = slice(g * G, (g + 1) * G)
             kept_examples.append(examples[g])
@@ -560,19 +571,32 @@ def apply_update(run: Run, grads, loss: float, parts) -> dict:
         grad_norm = mx.sqrt(sum((g * g).sum() for _, g in tree_flatten(grads)))
     grad_norm = float(grad_norm.item())
     metrics.update(loss=loss, grad_norm=grad_norm, skipped_update=0.0)
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        run.bad_steps += 1
-        metrics["skipped_update"] = 1.0
-        if run.bad_steps >= MAX_BAD_STEPS:
-            raise NonFiniteError(
-                f"training stopped: {run.bad_steps} steps in a row had a non-finite loss or gradient; "
-                "lower --learning-rate or check the rewards"
-            )
-        return metrics
-    run.bad_steps = 0
-    run.optimizer.update(run.model, grads)
-    mx.eval(run.model.parameters(), run.optimizer.state)
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        # Keep the last finite adapters and optimizer state (small LoRA tensors; the
+        # update replaces arrays, never changes them in place): an update that turns
+        # a parameter non-finite (e.g. a learning rate that overflows float32) is undone.
+        before = tree_map(lambda x: x, (run.model.trainable_parameters(), run.optimizer.state))
+        run.optimizer.update(run.model, grads)
+        mx.eval(run.model.parameters(), run.optimizer.state)
+        if all_finite(run.model.trainable_parameters()):
+            run.bad_steps = 0
+            return metrics
+        run.model.update(before[0])
+        run.optimizer.state = before[1]
+    run.bad_steps += 1
+    metrics["skipped_update"] = 1.0
+    if run.bad_steps >= MAX_BAD_STEPS:
+        raise NonFiniteError(
+            f"training stopped: {run.bad_steps} steps in a row had a non-finite loss, gradient or update; "
+            "lower --learning-rate or check the rewards"
+        )
     return metrics
+
+
+def all_finite(tree) -> bool:
+    """Whether every array in `tree` is finite: one reduction, one sync."""
+    flags = [mx.isfinite(x).all() for _, x in tree_flatten(tree)]
+    return bool(mx.stack(flags).all().item()) if flags else True
 
 
 class NonFiniteError(UserError):

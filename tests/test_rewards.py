@@ -352,6 +352,27 @@ def test_plugin_file_that_fails_to_import_raises_user_error(tmp_path):
         get_reward(f"{bad}:f")
 
 
+def test_plugin_calling_sys_exit_is_a_reward_error_naming_it(tmp_path):
+    # argparse or click inside a scoring helper call sys.exit(); SystemExit is no Exception.
+    path = tmp_path / "exits.py"
+    path.write_text("import sys\n"
+                    "def quits(completions, answers, **kwargs):\n"
+                    "    sys.exit(0)\n"
+                    "def interrupted(completions, answers, **kwargs):\n"
+                    "    raise KeyboardInterrupt\n")
+    with pytest.raises(RewardError, match=r"quits.*completion 0.*sys.exit\(0\)"):
+        get_reward(f"{path}:quits")(["a", "b"], [None, None])
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C still stops at once
+        get_reward(f"{path}:interrupted")(["a"], [None])
+
+
+def test_plugin_file_calling_sys_exit_on_import_raises_user_error(tmp_path):
+    path = tmp_path / "script.py"
+    path.write_text("import sys\nsys.exit(3)\ndef f(completions, answers): return [1.0] * len(completions)\n")
+    with pytest.raises(UserError, match=r"script.py:f.*importing.*sys.exit\(3\)"):
+        get_reward(f"{path}:f")
+
+
 # ---------------------------------------------------------------- combining
 
 
