@@ -30,7 +30,9 @@ def _config_options(kind):
             if hint is bool:
                 option = click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, default=None, help=help_text)
             else:
-                kind_of_value = click.Choice(f.metadata["choices"]) if "choices" in f.metadata else CLICK_TYPES.get(hint, str)
+                # Choices as text (older click matches text only); build_config turns "4" into the field's int.
+                choices = f.metadata.get("choices")
+                kind_of_value = click.Choice([str(c) for c in choices]) if choices else CLICK_TYPES.get(hint, str)
                 option = click.option(flag, f.name, type=kind_of_value, required=required, help=help_text)
             func = option(func)
         return func

@@ -84,7 +84,7 @@ def shared(name: str, **changes):
     return _opt(**{**SHARED[name], **changes})
 
 
-class Checked:
+class CommandConfig:
     """Validation shared by every command's config: each field's type, finiteness, choices and range,
     then the command's own rules on combinations (`check_combinations`)."""
 
@@ -92,11 +92,11 @@ class Checked:
 
     def validate(self):
         """Reject values the command cannot run with; the message names the field."""
-        types_ = FIELD_TYPES_OF[type(self)]
+        hints = FIELD_TYPES_OF[type(self)]
         for f in fields(self):
             name, value, rules = f.name, getattr(self, f.name), f.metadata
-            if not _has_type(value, types_[name]):
-                self.bad(name, f"must be {_type_name(types_[name])}")
+            if not _has_type(value, hints[name]):
+                self.bad(name, f"must be {_type_name(hints[name])}")
             numbers = value if isinstance(value, list) else [value]
             if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
                 self.bad(name, "must be a finite number")
@@ -117,7 +117,7 @@ class Checked:
 
 
 @dataclass
-class TrainConfig(Checked):
+class TrainConfig(CommandConfig):
     command: typing.ClassVar[str] = "train"
 
     # model and adapters
@@ -196,7 +196,7 @@ class TrainConfig(Checked):
 
 
 @dataclass
-class EvalConfig(Checked):
+class EvalConfig(CommandConfig):
     command: typing.ClassVar[str] = "eval"
 
     model: str | None = shared("model", help="Base model directory or hub id; unset: the base model the adapters were trained on, else the embedded demo model.")
@@ -225,7 +225,7 @@ class EvalConfig(Checked):
 
 
 @dataclass
-class GenerateConfig(Checked):
+class GenerateConfig(CommandConfig):
     command: typing.ClassVar[str] = "generate"
 
     prompt: str = _opt(MISSING, "The user message.")
@@ -340,14 +340,14 @@ def load_config_file(path: str | Path) -> dict:
 def build_config(file_values: dict | None = None, flag_values: dict | None = None, kind: type = TrainConfig):
     """A validated `kind` (TrainConfig, EvalConfig, GenerateConfig) from defaults, the demo preset (train
     without --model), a config file and flags, later sources winning (None = not given)."""
-    types_ = FIELD_TYPES_OF[kind]
+    hints = FIELD_TYPES_OF[kind]
     values: dict = {}
     for source in (file_values or {}, flag_values or {}):
         for key, value in source.items():
-            if key not in types_:
+            if key not in hints:
                 raise UserError(f"unknown config option {key!r}: see `grpo-mlx {kind.command} --help` for the options")
             if value is not None:
-                values[key] = _coerce(key, types_[key], value)
+                values[key] = _coerce(key, hints[key], value)
     if kind is TrainConfig and values.get("model") is None:
         for key, value in DEMO_PRESET.items():
             values.setdefault(key, value)

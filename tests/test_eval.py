@@ -275,8 +275,6 @@ def test_eval_reads_a_config_file_under_its_flags(arithmetic_file, tmp_path):
 
 
 def test_generate_takes_the_sampling_flags(capsys, monkeypatch):
-    import mlx_lm.generate
-
     import grpo_mlx.rollout
 
     seen = []
@@ -289,7 +287,6 @@ def test_generate_takes_the_sampling_flags(capsys, monkeypatch):
     main(args)
     assert capsys.readouterr().out == first  # seeded: the same sample again
     assert seen == [(0.5, 0.9, 5, 0.05)] * 2
-    assert mlx_lm.generate  # the decoding itself is mlx-lm's
 
 
 @pytest.mark.parametrize("flags,expected", [(["--top-k", "-2"], "top_k=-2"), (["--temperature", "-1"], "temperature=-1.0"),
