@@ -8,30 +8,50 @@ from dataclasses import MISSING, fields
 import click
 
 from . import __version__
-from .config import TrainConfig, build_config, field_help, load_config_file
+from .config import EvalConfig, GenerateConfig, TrainConfig, build_config, load_config_file, value_type
 from .errors import Interrupted, UserError
 
+CLICK_TYPES = {int: int, float: float}  # anything else (str, comma-separated lists) reads as text; _coerce converts
 
-def _train_options(func):
-    """One click option per TrainConfig field, so flags and config keys never drift apart."""
-    for f in reversed(fields(TrainConfig)):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
-        default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING else None)
-        if isinstance(default, list):
-            default = ",".join(map(str, default))
-        show = f" [default: {default}]" if default not in (None, "") else ""
-        if isinstance(f.default, bool):
-            option = click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, default=None, help=help_text + show)
-        else:
-            kind = {int: int, float: float}.get(type(f.default), str)
-            if f.name in ("epsilon_high",):
-                kind = float
-            if f.name in ("micro_batch_size", "max_prompt_length"):
-                kind = int
-            option = click.option(flag, f.name, type=kind, default=None, help=help_text + show)
-        func = option(func)
-    return func
+
+def _config_options(kind):
+    """One click option per field of a config dataclass, so flags and config keys never drift apart.
+
+    Every option defaults to None (not given; a --x/--no-x flag too), so a config file's value is kept under it."""
+    def decorate(func):
+        for f in reversed(fields(kind)):
+            flag = "--" + f.name.replace("_", "-")
+            hint = value_type(kind, f.name)
+            required = f.default is MISSING and f.default_factory is MISSING
+            default = f.default_factory() if f.default_factory is not MISSING else (None if required else f.default)
+            if isinstance(default, list):
+                default = ",".join(map(str, default))
+            help_text = f.metadata["help"] + (f" [default: {default}]" if default not in (None, "") else "")
+            if hint is bool:
+                option = click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, default=None, help=help_text)
+            else:
+                # Choices as text (older click matches text only); build_config turns "4" into the field's int.
+                choices = f.metadata.get("choices")
+                kind_of_value = click.Choice([str(c) for c in choices]) if choices else CLICK_TYPES.get(hint, str)
+                option = click.option(flag, f.name, type=kind_of_value, required=required, help=help_text)
+            func = option(func)
+        return func
+    return decorate
+
+
+def _remember_debug(ctx, param, value):
+    if ctx.obj is not None:  # main() passes a dict; it reads "debug" when an error reaches it
+        ctx.obj["debug"] = value
+
+
+def _debug_option(func):
+    return click.option("--debug", is_flag=True, is_eager=True, expose_value=False, callback=_remember_debug,
+                        help="Show full tracebacks.")(func)
+
+
+def _config_file_option(func):
+    return click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                        help="YAML or JSON file of options; flags override it.")(func)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -46,13 +66,12 @@ def cli():
 
 
 @cli.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML or JSON file of options; flags override it.")
-@click.option("--debug", is_flag=True, help="Show full tracebacks.")
-@_train_options
-def train(config_path, debug, **flags):
+@_config_file_option
+@_debug_option
+@_config_options(TrainConfig)
+def train(config_path, **flags):
     """Train LoRA adapters with GRPO."""
-    file_values = load_config_file(config_path) if config_path else {}
-    config = build_config(file_values, flags)
+    config = build_config(load_config_file(config_path) if config_path else {}, flags, TrainConfig)
     from .trainer import run_training  # MLX loads only once the config is known to be good
 
     run_training(config)
@@ -65,6 +84,7 @@ def train(config_path, debug, **flags):
 @click.option("--overwrite", is_flag=True, help="Replace an earlier `grpo-mlx fuse` export in --output (nothing else is ever replaced).")
 @click.option("--dequantize", is_flag=True, help="Write full-precision weights, for tools outside MLX.")
 @click.option("--export-gguf", is_flag=True, help="Also write GGUF (llama, mistral, mixtral only).")
+@_debug_option
 def fuse(model, adapter_path, output, overwrite, dequantize, export_gguf):
     """Fuse adapters into the base model and save a standalone mlx-lm model."""
     from .fuse import fuse_model
@@ -75,65 +95,51 @@ def fuse(model, adapter_path, output, overwrite, dequantize, export_gguf):
 
 
 @cli.command()
-@click.option("--model", default=None, help="Model directory or hub id; unset: the embedded demo model.")
-@click.option("--adapter-path", default=None, help="Run directory with adapters to apply.")
-@click.option("--prompt", required=True, help="The user message.")
-@click.option("--system-prompt", default=None, help="System prompt: a built-in name ('r1'), text, or 'none'.")
-@click.option("--max-tokens", default=256, show_default=True, type=int)
-@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 decodes greedily.")
-def generate(model, adapter_path, prompt, system_prompt, max_tokens, temperature):
+@_debug_option
+@_config_options(GenerateConfig)
+def generate(**flags):
     """Generate one completion, optionally with trained adapters."""
+    import mlx.core as mx
     from mlx_lm.generate import generate as mlx_generate
 
     from .data import Example, render_prompt, resolve_system_prompt
     from .fuse import load_with_adapters
     from .rollout import make_sampler
 
+    c = build_config({}, flags, GenerateConfig)
     with _status("loading model"):
-        model_obj, tokenizer, _ = load_with_adapters(model, adapter_path)
-    tokens = render_prompt(tokenizer, Example(prompt=prompt, answer=None), resolve_system_prompt(system_prompt))
-    text = mlx_generate(model_obj, tokenizer, tokens, max_tokens=max_tokens, sampler=make_sampler(temperature))
-    click.echo(text)
+        model_obj, tokenizer, _ = load_with_adapters(c.model, c.adapter_path)
+    tokens = render_prompt(tokenizer, Example(prompt=c.prompt, answer=None), resolve_system_prompt(c.system_prompt))
+    mx.random.seed(c.seed)
+    sampler = make_sampler(c.temperature, c.top_p, c.top_k, c.min_p)
+    click.echo(mlx_generate(model_obj, tokenizer, tokens, max_tokens=c.max_tokens, sampler=sampler))
 
 
 @cli.command(name="eval")
-@click.option("--model", default=None, help="Base model directory or hub id; unset: the embedded demo model.")
-@click.option("--adapter-path", default=None, help="Run directory with adapters to apply; unset: the base model.")
-@click.option("--dataset", default="arithmetic", show_default=True, help=field_help("dataset"))
-@click.option("--dataset-config", default=None, help=field_help("dataset_config"))
-@click.option("--split", default="test", show_default=True, help="Data set split to evaluate on.")
-@click.option("--prompt-field", default=None, help=field_help("prompt_field"))
-@click.option("--answer-field", default=None, help=field_help("answer_field"))
-@click.option("--limit", default=None, type=int, help="Evaluate the first N problems; unset: the whole split.")
-@click.option("--samples", default=1, show_default=True, type=int,
-              help="K: completions sampled per problem for pass@k and maj@K; 1 runs greedy accuracy only.")
-@click.option("--system-prompt", default=None, help=field_help("system_prompt"))
-@click.option("--max-tokens", default=None, type=int, help="Maximum completion length in tokens [default: 256; demo model: 8].")
-@click.option("--temperature", default=1.0, show_default=True, type=float, help="Sampling temperature of the K samples (greedy uses 0).")
-@click.option("--top-p", default=1.0, show_default=True, type=float, help=field_help("top_p"))
-@click.option("--seed", default=0, show_default=True, type=int, help="Random seed for sampling and built-in task problems.")
-@click.option("--batch-size", default=8, show_default=True, type=int, help="Prompts decoded together (each with its K samples).")
-@click.option("--output", default=None, help="JSON file for the metrics, settings and per-problem completions.")
-@click.option("--debug", is_flag=True, help="Show full tracebacks.")
-def eval_command(output, debug, **settings):
+@_config_file_option
+@_debug_option
+@_config_options(EvalConfig)
+def eval_command(config_path, **flags):
     """Greedy accuracy, and pass@k / maj@K with --samples K, on a data set with gold answers."""
     from rich.console import Console
 
     from .evaluate import EvalProgress, check_result_path, evaluate, summary_table, write_result
 
-    if output is not None:
-        check_result_path(output)  # before the evaluation, which an unwritable path would lose
+    config = build_config(load_config_file(config_path) if config_path else {}, flags, EvalConfig)
+    if config.output is not None:
+        check_result_path(config.output)  # before the evaluation, which an unwritable path would lose
     progress = EvalProgress()
     try:
-        result = evaluate(**settings, on_start=progress.start, on_progress=progress.advance)
+        result = evaluate(config, on_start=progress.start, on_progress=progress.advance)
     finally:
         progress.stop()
     Console().print(summary_table(result))
-    if output is not None:
-        click.echo(f"results written to {write_result(result, output)}")
+    if config.output is not None:
+        click.echo(f"results written to {write_result(result, config.output)}")
 
 
 @cli.command()
+@_debug_option
 def rewards():
     """List the built-in reward functions and how to add your own."""
     from .rewards import list_rewards
@@ -151,6 +157,7 @@ def rewards():
 
 @cli.command()
 @click.argument("run_dirs", nargs=-1, required=True, metavar="RUN_DIR [RUN_DIR...]")
+@_debug_option
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), help="Also write a PNG of reward, KL and completion length against step (needs grpo-mlx[plot]).")
 def report(run_dirs, plot_path):
     """Summarize one or several runs side by side, from their metrics.jsonl."""
@@ -170,16 +177,16 @@ def _status(message: str):
 
 
 def main(argv=None):
-    """Entry point: user errors print as one line and exit 2; --debug shows the traceback."""
-    debug = "--debug" in (argv if argv is not None else sys.argv)
+    """Entry point: user errors, and click's usage errors, print as one line and exit 2; --debug shows the traceback."""
+    state = {"debug": False}  # set by the --debug option of the command that runs
     if argv is None:  # a real command line, not a call from Python
         from .openblas import reexec_with_openblas
 
         reexec_with_openblas()
     try:
-        cli.main(args=argv, standalone_mode=False)
+        cli.main(args=argv, prog_name="grpo-mlx", standalone_mode=False, obj=state)
     except UserError as e:
-        if debug:
+        if state["debug"]:
             raise
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
@@ -189,6 +196,10 @@ def main(argv=None):
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as e:  # a bad flag or value: one line, like every other error
+        command = e.ctx.command_path if e.ctx is not None else "grpo-mlx"
+        click.echo(f"error: {e.format_message()} (see `{command} --help`)", err=True)
+        sys.exit(e.exit_code)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)

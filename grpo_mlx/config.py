@@ -1,8 +1,10 @@
-"""`TrainConfig`: every training knob, its default and its help, in one place.
+"""`TrainConfig`, `EvalConfig`, `GenerateConfig`: every knob of a command, its default, help and rules.
 
-The click options of `grpo-mlx train`, the keys of a YAML/JSON config file and
-the run directory's `config.yaml` all derive from the dataclass fields below.
-Precedence: field default < embedded-demo preset < config file < command-line flag.
+The click options of `grpo-mlx train`, `eval` and `generate`, the keys of a YAML/JSON config file
+and a run directory's `config.yaml` all derive from the dataclass fields below; the fields the
+commands share (data, sampling) are written once, in SHARED. `validate()` checks every field
+against its type, choices and range. Precedence: field default < embedded-demo preset (train) <
+config file < command-line flag.
 
 Defaults follow DeepSeekMath (G=8, epsilon=0.2, beta=0.04, one update per
 rollout). Its learning rate, 1e-6, is for full weights; LoRA updates far fewer
@@ -16,161 +18,233 @@ import json
 import math
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import UserError
 from .grpo import IMPORTANCE_LEVELS, KL_ESTIMATORS, LOSS_TYPES, SCALES
 
 
-def _opt(default, help, **extra):
-    return field(default=default, metadata={"help": help, **extra})
+def _opt(default, help, **rules):
+    """A field with its help text and rules: `choices` (a tuple of allowed values), `range` (an interval
+    like "(0, 1]", with `why` saying why where it helps) and `not_empty` (strings); validate() checks them."""
+    return field(default=default, metadata={"help": help, **rules})
 
 
 def _list_opt(default, help):
-    return field(default_factory=lambda: list(default), metadata={"help": help, "list": True})
+    return field(default_factory=lambda: list(default), metadata={"help": help})
+
+
+# The embedded demo: a 0.8M-parameter model on 2-digit addition, tuned so reward
+# rises visibly within minutes on 2 CPU cores. Applied only to fields the user
+# left unset, and only when no --model is given.
+# Measured on 2 CPU cores (seeds 0 and 1): the sampled reward rises from ~0.17 to ~0.45 and
+# held-out greedy accuracy from 38% to 51-54% over 300 steps (~0.35 s each). Greedy accuracy
+# dips for the first ~50 steps while GRPO reshapes the sampling distribution; 3e-4 and above
+# collapse this small model, 1e-4 does not.
+DEMO_PRESET = {
+    "dataset": "arithmetic",
+    "steps": 300,
+    "batch_size": 8,
+    "group_size": 8,
+    "max_tokens": 8,
+    "learning_rate": 1e-4,
+    "lora_rank": 8,
+    "lora_layers": -1,
+    "beta": 0.0,
+    "save_every": 50,
+    "output": "runs/demo",
+}
+
+
+# Fields that train, eval and generate share: one help text and one set of rules each. A command's
+# dataclass declares each with `shared(name)`, passing only what differs for it (its default, say).
+SHARED = {
+    "model": dict(default=None, help="Model directory or Hugging Face id; unset: the embedded demo model."),
+    "adapter_path": dict(default=None, help="Run directory with adapters to apply; unset: the base model alone."),
+    # data
+    "dataset": dict(default="arithmetic", not_empty=True,
+                    help="Data set: HF name, local .jsonl/.json/.parquet file or folder, or a built-in task."),
+    "dataset_config": dict(default=None, help="HF data set configuration name (e.g. 'main' for openai/gsm8k)."),
+    "split": dict(default="train", not_empty=True, help="Data set split to train on."),
+    "prompt_field": dict(default=None, help="Field holding the prompt; auto-detected when unset."),
+    "answer_field": dict(default=None, help="Field holding the gold answer; auto-detected when unset."),
+    # sampling
+    "system_prompt": dict(default=None, help="System prompt: a built-in name ('r1'), custom text, or 'none'."),
+    "max_tokens": dict(default=256, range="[1, inf)", help="Maximum completion length in tokens."),
+    "temperature": dict(default=1.0, range="[0, inf)", why="0 decodes greedily", help="Sampling temperature; 0 decodes greedily."),
+    "top_p": dict(default=1.0, range="(0, 1]", why="1 disables it", help="Nucleus sampling threshold; 1 disables it."),
+    "top_k": dict(default=0, range="[0, inf)", why="0 disables it", help="Top-k sampling; 0 disables it."),
+    "min_p": dict(default=0.0, range="[0, 1]", why="0 disables it", help="Min-p sampling; 0 disables it."),
+    "seed": dict(default=0, range="[0, 4294967295]", help="Random seed for sampling."),
+}
+
+
+def shared(name: str, **changes):
+    return _opt(**{**SHARED[name], **changes})
+
+
+class CommandConfig:
+    """Validation shared by every command's config: each field's type, finiteness, choices and range,
+    then the command's own rules on combinations (`check_combinations`)."""
+
+    command: typing.ClassVar[str]  # the grpo-mlx command this config is for
+
+    def validate(self):
+        """Reject values the command cannot run with; the message names the field."""
+        hints = FIELD_TYPES_OF[type(self)]
+        for f in fields(self):
+            name, value, rules = f.name, getattr(self, f.name), f.metadata
+            if not _has_type(value, hints[name]):
+                self.bad(name, f"must be {_type_name(hints[name])}")
+            numbers = value if isinstance(value, list) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                self.bad(name, "must be a finite number")
+            if "choices" in rules and value not in rules["choices"]:
+                self.bad(name, f"must be one of {', '.join(map(str, rules['choices']))}")
+            if "range" in rules and value is not None and not _in_interval(value, rules["range"]):
+                self.bad(name, f"must be {_interval_text(rules['range'])}" + (f" ({rules['why']})" if rules.get("why") else ""))
+            if rules.get("not_empty") and not value.strip():
+                self.bad(name, "must not be empty" + (f" ({rules['why']})" if rules.get("why") else ""))
+        self.check_combinations()
+        return self
+
+    def check_combinations(self) -> None:
+        """Rules between fields; none unless a command adds some."""
+
+    def bad(self, name: str, why: str):
+        raise UserError(f"invalid config value {name}={getattr(self, name)!r}: {why}")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(CommandConfig):
+    command: typing.ClassVar[str] = "train"
+
     # model and adapters
-    model: str | None = _opt(None, "Model directory or Hugging Face id; unset: the embedded demo model.")
+    model: str | None = shared("model")
     quantize: bool = _opt(False, "Quantize the base model on load (QLoRA).")
-    q_bits: int = _opt(4, "Bits per weight when quantizing on load.")
-    q_group_size: int = _opt(64, "Group size when quantizing on load.")
-    lora_rank: int = _opt(8, "LoRA rank.")
+    q_bits: int = _opt(4, "Bits per weight when quantizing on load.", choices=(2, 3, 4, 5, 6, 8))  # what mx.quantize supports
+    q_group_size: int = _opt(64, "Group size when quantizing on load.", choices=(32, 64, 128))
+    lora_rank: int = _opt(8, "LoRA rank.", range="[1, inf)")
     lora_layers: int = _opt(16, "Number of transformer blocks, counted from the last, that get adapters; -1: all.")
     lora_scale: float = _opt(20.0, "LoRA scale (mlx-lm's convention: output += scale * x A B).")
-    lora_dropout: float = _opt(0.0, "Dropout on the LoRA input.")
+    lora_dropout: float = _opt(0.0, "Dropout on the LoRA input.", range="[0, 1)", why="a dropout of 1 drops every input")
     dora: bool = _opt(False, "Use DoRA instead of LoRA.")
     # data
-    dataset: str = _opt("arithmetic", "Data set: HF name, local .jsonl/.json/.parquet file or folder, or a built-in task.")
-    dataset_config: str | None = _opt(None, "HF data set configuration name (e.g. 'main' for openai/gsm8k).")
-    split: str = _opt("train", "Data set split to train on.")
-    prompt_field: str | None = _opt(None, "Field holding the prompt; auto-detected when unset.")
-    answer_field: str | None = _opt(None, "Field holding the gold answer; auto-detected when unset.")
-    system_prompt: str | None = _opt(None, "System prompt: a built-in name ('r1'), custom text, or 'none'.")
+    dataset: str = shared("dataset")
+    dataset_config: str | None = shared("dataset_config")
+    split: str = shared("split")
+    prompt_field: str | None = shared("prompt_field")
+    answer_field: str | None = shared("answer_field")
+    system_prompt: str | None = shared("system_prompt")
     max_prompt_length: int | None = _opt(None, "Prompts longer than this many tokens are skipped and counted; unset: the model's context length (max_position_embeddings) less --max-tokens.")
     # rollout
-    batch_size: int = _opt(4, "Prompts per step.")
-    group_size: int = _opt(8, "Completions sampled per prompt (G).")
-    max_tokens: int = _opt(256, "Maximum completion length in tokens.")
-    temperature: float = _opt(1.0, "Sampling temperature; log-probs use the same tempered policy.")
-    top_p: float = _opt(1.0, "Nucleus sampling threshold; 1 disables it.")
-    top_k: int = _opt(0, "Top-k sampling; 0 disables it.")
-    min_p: float = _opt(0.0, "Min-p sampling; 0 disables it.")
+    batch_size: int = _opt(4, "Prompts per step.", range="[1, inf)")
+    group_size: int = _opt(8, "Completions sampled per prompt (G).", range="[2, inf)",
+                           why="group-relative advantages need at least 2 completions per prompt")
+    max_tokens: int = shared("max_tokens")
+    temperature: float = shared("temperature", range="(0, inf)", why="sampling needs a tempered distribution",
+                                help="Sampling temperature; log-probs use the same tempered policy.")
+    top_p: float = shared("top_p")
+    top_k: int = shared("top_k")
+    min_p: float = shared("min_p")
     dynamic_sampling: bool = _opt(False, "DAPO: drop groups whose rewards are all equal and sample more prompts.")
-    max_sampling_rounds: int = _opt(3, "Extra sampling rounds allowed per step with --dynamic-sampling.")
+    max_sampling_rounds: int = _opt(3, "Extra sampling rounds allowed per step with --dynamic-sampling.", range="[0, inf)")
     # rewards
     reward: list[str] = _list_opt(["accuracy"], "Reward functions: built-in names, file.py:fn or module:fn, comma-separated.")
-    reward_weights: list[float] | None = _opt(None, "Weights of the reward functions, comma-separated; default all 1.", list=True)
-    scale_rewards: str = _opt("group", "Advantage scaling: group std, batch std, or none (Dr. GRPO).")
+    reward_weights: list[float] | None = _opt(None, "Weights of the reward functions, comma-separated; default all 1.")
+    scale_rewards: str = _opt("group", "Advantage scaling: group std, batch std, or none (Dr. GRPO).", choices=SCALES)
     # objective
-    loss_type: str = _opt("grpo", "Loss normalisation: grpo, bnpo, dr_grpo or dapo.")
-    importance_level: str = _opt("token", "Importance ratio per token, or per sequence (GSPO).")
-    beta: float = _opt(0.04, "KL penalty coefficient; 0 skips the reference pass entirely.")
-    kl_estimator: str = _opt("k3", "KL estimator: k1, k2 or k3.")
-    epsilon: float = _opt(0.2, "Clip range below 1 (and above, unless --epsilon-high is set).")
-    epsilon_high: float | None = _opt(None, "Clip range above 1 (DAPO clip-higher, e.g. 0.28).")
+    loss_type: str = _opt("grpo", "Loss normalisation: grpo, bnpo, dr_grpo or dapo.", choices=LOSS_TYPES)
+    importance_level: str = _opt("token", "Importance ratio per token, or per sequence (GSPO).", choices=IMPORTANCE_LEVELS)
+    beta: float = _opt(0.04, "KL penalty coefficient; 0 skips the reference pass entirely.", range="[0, inf)",
+                       why="0 turns the KL penalty off")
+    kl_estimator: str = _opt("k3", "KL estimator: k1, k2 or k3.", choices=KL_ESTIMATORS)
+    epsilon: float = _opt(0.2, "Clip range below 1 (and above, unless --epsilon-high is set).", range="(0, 1)")
+    epsilon_high: float | None = _opt(None, "Clip range above 1 (DAPO clip-higher, e.g. 0.28).", range="(0, inf)")
     mask_truncated_completions: bool = _opt(False, "DAPO: completions cut at max tokens leave the loss.")
     # optimisation
-    steps: int = _opt(200, "Training steps (one rollout each).")
-    learning_rate: float = _opt(1e-5, "AdamW learning rate.")
-    weight_decay: float = _opt(0.0, "AdamW weight decay.")
-    warmup_steps: int = _opt(0, "Linear learning-rate warm-up: step k <= N trains at learning_rate * k / N.")
-    max_grad_norm: float = _opt(1.0, "Clip the gradient's global norm to this; 0 disables it.")
-    num_iterations: int = _opt(1, "Updates per rollout (mu); mu > 1 stores old log-probs.")
-    micro_batch_size: int | None = _opt(None, "Completions per forward/backward; gradients accumulate. Unset: as many as keep the float32 logits under 1 GiB.")
+    steps: int = _opt(200, "Training steps (one rollout each).", range="[1, inf)")
+    learning_rate: float = _opt(1e-5, "AdamW learning rate.", range="(0, inf)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay.", range="[0, inf)")
+    warmup_steps: int = _opt(0, "Linear learning-rate warm-up: step k <= N trains at learning_rate * k / N.", range="[0, inf)",
+                             why="0 disables warm-up")
+    max_grad_norm: float = _opt(1.0, "Clip the gradient's global norm to this; 0 disables it.", range="[0, inf)",
+                                why="0 disables clipping")
+    num_iterations: int = _opt(1, "Updates per rollout (mu); mu > 1 stores old log-probs.", range="[1, inf)")
+    micro_batch_size: int | None = _opt(None, "Completions per forward/backward; gradients accumulate. Unset: as many as keep the float32 logits under 1 GiB.", range="[1, inf)")
     grad_checkpoint: bool = _opt(False, "Recompute activations in the backward pass to save memory.")
     compile: bool = _opt(False, "Compile the loss and gradient step with mx.compile.")
-    seed: int = _opt(0, "Random seed for data order, sampling and adapters.")
+    seed: int = shared("seed", help="Random seed for data order, sampling and adapters.")
     # run directory
-    output: str = _opt("runs/latest", "Run directory: adapters, checkpoints, metrics.jsonl, config.yaml.")
-    save_every: int = _opt(10, "Save adapters and a checkpoint every N steps.")
-    keep_checkpoints: int = _opt(3, "Checkpoints to keep.")
+    output: str = _opt("runs/latest", "Run directory: adapters, checkpoints, metrics.jsonl, config.yaml.", not_empty=True,
+                       why="an empty --output would write into the current folder")
+    save_every: int = _opt(10, "Save adapters and a checkpoint every N steps.", range="[1, inf)")
+    keep_checkpoints: int = _opt(3, "Checkpoints to keep.", range="[1, inf)")
     resume: bool = _opt(False, "Continue the run in --output from its latest checkpoint (command line only).")
     overwrite: bool = _opt(False, "Replace the run in --output, once the new one has loaded (command line only).")
-    log_every: int = _opt(1, "Print a metrics line every N steps when not on a terminal.")
-    sample_every: int = _opt(5, "Show and save a sampled prompt and completions every N steps.")
+    log_every: int = _opt(1, "Print a metrics line every N steps when not on a terminal.", range="[1, inf)")
+    sample_every: int = _opt(5, "Show and save a sampled prompt and completions every N steps.", range="[1, inf)")
 
-    def validate(self) -> "TrainConfig":
-        """Reject values training cannot run with; the message names the field."""
-
-        def bad(name, why):
-            raise UserError(f"invalid config value {name}={getattr(self, name)!r}: {why}")
-
-        for name, hint in FIELD_TYPES.items():
-            value = getattr(self, name)
-            if not _has_type(value, hint):
-                bad(name, f"must be {_type_name(hint)}")
-            numbers = value if isinstance(value, list) else [value]
-            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
-                bad(name, "must be a finite number")
-        for name, choices in CHOICES.items():
-            if getattr(self, name) not in choices:
-                bad(name, f"must be one of {', '.join(map(str, choices))}")
-        for name, (interval, why) in RANGES.items():
-            value = getattr(self, name)
-            if value is not None and not _in_interval(value, interval):
-                bad(name, f"must be {_interval_text(interval)}" + (f" ({why})" if why else ""))
-        for name in ("output", "dataset", "split"):
-            if not getattr(self, name).strip():
-                bad(name, "must not be empty" + (" (an empty --output would write into the current folder)" if name == "output" else ""))
+    def check_combinations(self) -> None:
         if not self.reward:
-            bad("reward", "name at least one reward function")
+            self.bad("reward", "name at least one reward function")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward):
-            bad("reward_weights", f"give one weight per reward function ({len(self.reward)}: {', '.join(self.reward)})")
+            self.bad("reward_weights", f"give one weight per reward function ({len(self.reward)}: {', '.join(self.reward)})")
         if self.resume and self.overwrite:
-            bad("overwrite", "--resume and --overwrite exclude each other")
-        return self
-
-    @property
-    def uses_demo_model(self) -> bool:
-        return self.model is None
+            self.bad("overwrite", "--resume and --overwrite exclude each other")
 
 
-# Every field's declared type (`str | None`, `list[float]`, ...), read once.
-FIELD_TYPES = typing.get_type_hints(TrainConfig)
+@dataclass
+class EvalConfig(CommandConfig):
+    command: typing.ClassVar[str] = "eval"
 
-# Fields with a fixed set of values.
-CHOICES = {
-    "loss_type": LOSS_TYPES,
-    "importance_level": IMPORTANCE_LEVELS,
-    "kl_estimator": KL_ESTIMATORS,
-    "scale_rewards": SCALES,
-    "q_bits": (2, 3, 4, 5, 6, 8),  # what mx.quantize supports
-    "q_group_size": (32, 64, 128),
-}
+    model: str | None = shared("model", help="Base model directory or hub id; unset: the base model the adapters were trained on, else the embedded demo model.")
+    adapter_path: str | None = shared("adapter_path")
+    dataset: str = shared("dataset")
+    dataset_config: str | None = shared("dataset_config")
+    split: str = shared("split", default="test", help="Data set split to evaluate on.")
+    prompt_field: str | None = shared("prompt_field")
+    answer_field: str | None = shared("answer_field")
+    limit: int | None = _opt(None, "Evaluate the first N problems; unset: the whole split.", range="[1, inf)")
+    samples: int = _opt(1, "K: completions sampled per problem for pass@k and maj@K; 1 runs greedy accuracy only.",
+                        range="[1, inf)", why="1 runs greedy accuracy only")
+    system_prompt: str | None = shared("system_prompt")
+    max_tokens: int | None = shared("max_tokens", default=None, help=f"Maximum completion length in tokens; unset: {SHARED['max_tokens']['default']}, or {DEMO_PRESET['max_tokens']} for the embedded demo model.")
+    temperature: float = shared("temperature", help="Sampling temperature of the K samples (greedy accuracy uses 0).")
+    top_p: float = shared("top_p")
+    top_k: int = shared("top_k")
+    min_p: float = shared("min_p")
+    seed: int = shared("seed", help="Random seed for sampling and built-in task problems.")
+    batch_size: int = _opt(8, "Prompts decoded together (each with its K samples).", range="[1, inf)")
+    output: str | None = _opt(None, "JSON file for the metrics, settings and per-problem completions.")
 
-# Numeric fields: the interval they must lie in ("[" and "]" include the bound), and why where it helps.
-# Unset optional fields (None) are not checked. Non-finite floats are refused for every field.
-RANGES = {
-    "lora_rank": ("[1, inf)", ""),
-    "lora_dropout": ("[0, 1)", "a dropout of 1 drops every input"),
-    "batch_size": ("[1, inf)", ""),
-    "group_size": ("[2, inf)", "group-relative advantages need at least 2 completions per prompt"),
-    "max_tokens": ("[1, inf)", ""),
-    "temperature": ("(0, inf)", "sampling needs a tempered distribution"),
-    "top_p": ("(0, 1]", "1 disables it"),
-    "top_k": ("[0, inf)", "0 disables it"),
-    "min_p": ("[0, 1]", "0 disables it"),
-    "max_sampling_rounds": ("[0, inf)", ""),
-    "beta": ("[0, inf)", "0 turns the KL penalty off"),
-    "epsilon": ("(0, 1)", ""),
-    "epsilon_high": ("(0, inf)", ""),
-    "steps": ("[1, inf)", ""),
-    "learning_rate": ("(0, inf)", ""),
-    "weight_decay": ("[0, inf)", ""),
-    "warmup_steps": ("[0, inf)", "0 disables warm-up"),
-    "max_grad_norm": ("[0, inf)", "0 disables clipping"),
-    "num_iterations": ("[1, inf)", ""),
-    "micro_batch_size": ("[1, inf)", ""),
-    "seed": ("[0, 4294967295]", ""),
-    "save_every": ("[1, inf)", ""),
-    "keep_checkpoints": ("[1, inf)", ""),
-    "log_every": ("[1, inf)", ""),
-    "sample_every": ("[1, inf)", ""),
-}
+    def check_combinations(self) -> None:
+        if self.samples > 1 and self.temperature <= 0:
+            self.bad("temperature", "sampling K > 1 completions (--samples) needs a temperature > 0")
+
+
+@dataclass
+class GenerateConfig(CommandConfig):
+    command: typing.ClassVar[str] = "generate"
+
+    prompt: str = _opt(MISSING, "The user message.")
+    model: str | None = shared("model", help="Model directory or hub id; unset: the base model the adapters were trained on, else the embedded demo model.")
+    adapter_path: str | None = shared("adapter_path")
+    system_prompt: str | None = shared("system_prompt")
+    max_tokens: int = shared("max_tokens")
+    temperature: float = shared("temperature", default=0.0)
+    top_p: float = shared("top_p")
+    top_k: int = shared("top_k")
+    min_p: float = shared("min_p")
+    seed: int = shared("seed")
+
+
+COMMAND_CONFIGS = (TrainConfig, EvalConfig, GenerateConfig)
+
+# Every field's declared type (`str | None`, `list[float]`, ...), read once per command's config.
+FIELD_TYPES_OF = {kind: {f.name: typing.get_type_hints(kind)[f.name] for f in fields(kind)} for kind in COMMAND_CONFIGS}
+FIELD_TYPES = FIELD_TYPES_OF[TrainConfig]
 
 
 def _in_interval(value, interval: str) -> bool:
@@ -192,6 +266,11 @@ def _interval_text(interval: str) -> str:
 def _options(hint) -> tuple:
     """The types a hint allows: `int | None` -> (int, NoneType)."""
     return typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+
+
+def value_type(kind: type, name: str):
+    """The type a field of config class `kind` holds when set: `int | None` -> int, `list[str]` stays."""
+    return next(o for o in _options(FIELD_TYPES_OF[kind][name]) if o is not type(None))
 
 
 def _has_type(value, hint) -> bool:
@@ -226,43 +305,13 @@ def _type_name(hint) -> str:
     return " or ".join(names)
 
 
-# The embedded demo: a 0.8M-parameter model on 2-digit addition, tuned so reward
-# rises visibly within minutes on 2 CPU cores. Applied only to fields the user
-# left unset, and only when no --model is given.
-# Measured on 2 CPU cores (seeds 0 and 1): the sampled reward rises from ~0.17 to ~0.45 and
-# held-out greedy accuracy from 38% to 51-54% over 300 steps (~0.35 s each). Greedy accuracy
-# dips for the first ~50 steps while GRPO reshapes the sampling distribution; 3e-4 and above
-# collapse this small model, 1e-4 does not.
-DEMO_PRESET = {
-    "dataset": "arithmetic",
-    "steps": 300,
-    "batch_size": 8,
-    "group_size": 8,
-    "max_tokens": 8,
-    "learning_rate": 1e-4,
-    "lora_rank": 8,
-    "lora_layers": -1,
-    "beta": 0.0,
-    "save_every": 50,
-    "output": "runs/demo",
-}
-
-
 # Flags that act once on the run directory: never written to a run's config.yaml nor read from a config file,
 # so reusing a run's config.yaml cannot replay them.
 ONE_SHOT_ACTIONS = ("resume", "overwrite")
 
 
-def field_help(name: str) -> str:
-    return next(f.metadata.get("help", "") for f in fields(TrainConfig) if f.name == name)
-
-
-def is_list_field(name: str) -> bool:
-    return next(bool(f.metadata.get("list")) for f in fields(TrainConfig) if f.name == name)
-
-
 def load_config_file(path: str | Path) -> dict:
-    """Read a YAML or JSON config file into a dict of TrainConfig fields."""
+    """Read a YAML or JSON config file into a dict of a command's config fields."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} does not exist: check the --config path")
@@ -288,27 +337,30 @@ def load_config_file(path: str | Path) -> dict:
     return values
 
 
-def build_config(file_values: dict | None = None, flag_values: dict | None = None) -> TrainConfig:
-    """Merge defaults, the demo preset, a config file and flags (None = not given)."""
-    known = {f.name: f for f in fields(TrainConfig)}
+def build_config(file_values: dict | None = None, flag_values: dict | None = None, kind: type = TrainConfig):
+    """A validated `kind` (TrainConfig, EvalConfig, GenerateConfig) from defaults, the demo preset (train
+    without --model), a config file and flags, later sources winning (None = not given)."""
+    hints = FIELD_TYPES_OF[kind]
     values: dict = {}
     for source in (file_values or {}, flag_values or {}):
         for key, value in source.items():
-            if key not in known:
-                raise UserError(f"unknown config option {key!r}: see `grpo-mlx train --help` for the options")
+            if key not in hints:
+                raise UserError(f"unknown config option {key!r}: see `grpo-mlx {kind.command} --help` for the options")
             if value is not None:
-                values[key] = _coerce(key, value)
-    if values.get("model") is None:
+                values[key] = _coerce(key, hints[key], value)
+    if kind is TrainConfig and values.get("model") is None:
         for key, value in DEMO_PRESET.items():
             values.setdefault(key, value)
-    return TrainConfig(**values).validate()
+    for f in fields(kind):
+        if f.default is MISSING and f.default_factory is MISSING and f.name not in values:
+            raise UserError(f"{f.name} is not set: pass --{f.name.replace('_', '-')}")
+    return kind(**values).validate()
 
 
-def _coerce(name: str, value):
+def _coerce(name: str, hint, value):
     """Turn what YAML/JSON or click give (strings, lists, scalars) into the field's declared type
     where that is unambiguous; anything else is left as it is for `validate` to refuse by type."""
-    options = _options(FIELD_TYPES[name])
-    kind = next(o for o in options if o is not type(None))
+    kind = next(o for o in _options(hint) if o is not type(None))
     if typing.get_origin(kind) is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]

@@ -24,15 +24,14 @@ import json
 import math
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from .answers import extract_answer, parse_gold, same_answer
+from .config import DEMO_PRESET, EvalConfig, TrainConfig
 from .display import wants_plain_lines
 from .errors import UserError
 from .rewards import accuracy_reward
-
-DEMO_MAX_TOKENS = 8  # the embedded demo's answers are a few digits (config.DEMO_PRESET)
-DEFAULT_MAX_TOKENS = 256
 
 
 # ---------------------------------------------------------------- pass@k and maj@k
@@ -123,8 +122,8 @@ def _score(texts: list[str], golds: list[str]) -> tuple[list[str | None], list[b
 
 
 def evaluate_examples(model, tokenizer, examples, samples: int = 1, system_prompt: str | None = None,
-                      max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float = 1.0, top_p: float = 1.0,
-                      seed: int = 0, batch_size: int = 8, on_progress=None) -> dict:
+                      max_tokens: int = TrainConfig.max_tokens, temperature: float = 1.0, top_p: float = 1.0,
+                      top_k: int = 0, min_p: float = 0.0, seed: int = 0, batch_size: int = 8, on_progress=None) -> dict:
     """Metrics and per-example records for a loaded model on `examples` (each with a gold answer).
 
     `on_progress(phase, num_prompts)` is called after each batch, phase "greedy" or "sampled".
@@ -156,7 +155,7 @@ def evaluate_examples(model, tokenizer, examples, samples: int = 1, system_promp
         "greedy_truncated": sum(r == "length" for r in finish),
     }
     if samples > 1:
-        sampler = make_sampler(temperature, top_p)
+        sampler = make_sampler(temperature, top_p, top_k, min_p)
         sample_texts, _ = decode_all(model, tokenizer, prompts, samples, max_tokens, sampler, batch_size,
                                      seed=seed, on_batch=report("sampled"))
         sample_answers, sample_correct = _score(sample_texts, [g for g in golds for _ in range(samples)])
@@ -177,32 +176,12 @@ def evaluate_examples(model, tokenizer, examples, samples: int = 1, system_promp
 # ---------------------------------------------------------------- the `grpo-mlx eval` entry point
 
 
-def check_settings(samples: int, max_tokens: int | None, temperature: float, top_p: float, batch_size: int,
-                   limit: int | None) -> None:
-    """Reject settings evaluation cannot run with; the message names the flag."""
-    if samples < 1:
-        raise UserError(f"--samples {samples}: must be at least 1 (1 runs greedy accuracy only)")
-    if max_tokens is not None and max_tokens < 1:
-        raise UserError(f"--max-tokens {max_tokens}: must be at least 1")
-    if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size}: must be at least 1")
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit {limit}: must be at least 1, or leave it out to use the whole split")
-    if samples > 1 and temperature <= 0:
-        raise UserError(f"--temperature {temperature}: sampling K > 1 completions needs a temperature > 0")
-    if not 0 < top_p <= 1:
-        raise UserError(f"--top-p {top_p}: must be in (0, 1]")
-
-
-def evaluate(model: str | None = None, adapter_path: str | None = None, dataset: str = "arithmetic",
-             split: str = "test", limit: int | None = None, samples: int = 1, system_prompt: str | None = None,
-             max_tokens: int | None = None, temperature: float = 1.0, top_p: float = 1.0,
-             dataset_config: str | None = None, prompt_field: str | None = None, answer_field: str | None = None,
-             seed: int = 0, batch_size: int = 8, on_progress=None, on_start=None) -> dict:
+def evaluate(config: EvalConfig, on_progress=None, on_start=None) -> dict:
     """Load the data set and the model (+ adapters), evaluate, and return the result dict.
 
-    No --model means the base model recorded in the adapters' config, else the
-    embedded demo model, whose max_tokens default is DEMO_MAX_TOKENS. `seed`
+    The config is validated here too, for callers from Python. No --model means the base
+    model recorded in the adapters' config, else the embedded demo model, whose max_tokens
+    default is the demo preset's. `seed`
     also draws a built-in task's problems, as in training.
     `on_start(total_prompts)` is called once before decoding, for a progress bar.
     Prompts longer than the model's context less `max_tokens` are skipped and counted
@@ -211,33 +190,30 @@ def evaluate(model: str | None = None, adapter_path: str | None = None, dataset:
     from .data import context_length, drop_long_prompts, load_examples, prompt_length_limit, resolve_system_prompt
     from .fuse import load_with_adapters, trained_base_model
 
-    check_settings(samples, max_tokens, temperature, top_p, batch_size, limit)
-    if model is None and adapter_path is not None:
-        model = trained_base_model(adapter_path)
-    if max_tokens is None:
-        max_tokens = DEMO_MAX_TOKENS if model is None else DEFAULT_MAX_TOKENS
-    examples = load_examples(dataset, split=split, dataset_config=dataset_config, prompt_field=prompt_field,
-                             answer_field=answer_field, limit=limit, seed=seed)
+    c = config.validate()
+    model = trained_base_model(c.adapter_path) if c.model is None and c.adapter_path is not None else c.model
+    max_tokens = c.max_tokens
+    if max_tokens is None:  # what training used: the demo preset's length for the demo model
+        max_tokens = DEMO_PRESET["max_tokens"] if model is None else TrainConfig.max_tokens
+    examples = load_examples(c.dataset, split=c.split, dataset_config=c.dataset_config, prompt_field=c.prompt_field,
+                             answer_field=c.answer_field, limit=c.limit, seed=c.seed)
     if any(ex.answer is None for ex in examples):
-        raise UserError(f"{dataset} has no gold answers to score against: name the answer field with --answer-field")
-    model_obj, tokenizer, model_config = load_with_adapters(model, adapter_path)
+        raise UserError(f"{c.dataset} has no gold answers to score against: name the answer field with --answer-field")
+    model_obj, tokenizer, model_config = load_with_adapters(model, c.adapter_path)
     prompt_limit = prompt_length_limit(None, context_length(model_config), max_tokens)
-    examples, too_long = drop_long_prompts(tokenizer, examples, resolve_system_prompt(system_prompt), prompt_limit,
-                                           dataset)
+    examples, too_long = drop_long_prompts(tokenizer, examples, resolve_system_prompt(c.system_prompt), prompt_limit,
+                                           c.dataset)
 
     if on_start is not None:
-        on_start(len(examples) * (2 if samples > 1 else 1))
+        on_start(len(examples) * (2 if c.samples > 1 else 1))
     tic = time.perf_counter()
-    result = evaluate_examples(model_obj, tokenizer, examples, samples=samples, system_prompt=system_prompt,
-                               max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                               batch_size=batch_size, on_progress=on_progress)
-    settings = {
-        "model": model or "embedded-demo", "adapter_path": None if adapter_path is None else str(adapter_path), "dataset": dataset,
-        "dataset_config": dataset_config, "split": split, "limit": limit, "samples": samples,
-        "system_prompt": system_prompt, "max_tokens": max_tokens, "temperature": temperature if samples > 1 else None,
-        "top_p": top_p, "seed": seed, "batch_size": batch_size, "seconds": round(time.perf_counter() - tic, 3),
-        "max_prompt_length": prompt_limit,
-    }
+    result = evaluate_examples(model_obj, tokenizer, examples, samples=c.samples, system_prompt=c.system_prompt,
+                               max_tokens=max_tokens, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
+                               min_p=c.min_p, seed=c.seed, batch_size=c.batch_size, on_progress=on_progress)
+    settings = {key: value for key, value in asdict(c).items() if key != "output"}
+    settings.update(model=model or "embedded-demo", adapter_path=None if c.adapter_path is None else str(c.adapter_path),
+                    max_tokens=max_tokens, temperature=c.temperature if c.samples > 1 else None,
+                    seconds=round(time.perf_counter() - tic, 3), max_prompt_length=prompt_limit)
     result["skipped_long_prompts"] = too_long
     examples_out = result.pop("examples")
     return {**result, "settings": settings, "examples": examples_out}

@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from grpo_mlx.cli import cli, main
-from grpo_mlx.config import DEMO_PRESET, TrainConfig, build_config, load_config_file
+from grpo_mlx.config import DEMO_PRESET, SHARED, EvalConfig, GenerateConfig, TrainConfig, build_config, load_config_file
 from grpo_mlx.errors import UserError
 
 
@@ -74,3 +74,31 @@ def test_user_errors_print_one_line_and_exit_2(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "group_size" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("kind", [TrainConfig, EvalConfig, GenerateConfig])
+def test_shared_fields_have_one_help_and_one_rule_set(kind):
+    from dataclasses import fields
+
+    for f in fields(kind):
+        if f.name in SHARED:
+            rules = {k: v for k, v in SHARED[f.name].items() if k not in ("default", "help")}
+            assert {k: f.metadata[k] for k in rules} == rules or f.name == "temperature" and kind is TrainConfig, f.name
+
+
+def test_eval_and_generate_take_the_sampling_flags_with_their_own_defaults():
+    runner = CliRunner()
+    for command in ("eval", "generate"):
+        result = runner.invoke(cli, [command, "--help"])
+        assert result.exit_code == 0
+        for flag in ("--temperature", "--top-p", "--top-k", "--min-p", "--max-tokens", "--system-prompt", "--seed"):
+            assert flag in result.output, (command, flag)
+    assert (EvalConfig().split, EvalConfig().temperature, GenerateConfig(prompt="hi").temperature) == ("test", 1.0, 0.0)
+    assert build_config({}, {"prompt": "hi", "top_k": "4"}, GenerateConfig).top_k == 4
+
+
+def test_an_option_of_another_command_is_refused_naming_the_command():
+    with pytest.raises(UserError, match="unknown config option 'group_size': see `grpo-mlx eval --help`"):
+        build_config({"group_size": 4}, {}, EvalConfig)
+    with pytest.raises(UserError, match="prompt is not set"):
+        build_config({}, {}, GenerateConfig)

@@ -13,6 +13,7 @@ import pytest
 
 from grpo_mlx.answers import to_number
 from grpo_mlx.cli import main
+from grpo_mlx.config import EvalConfig
 from grpo_mlx.data import arithmetic_examples, render_prompt
 from grpo_mlx.errors import UserError
 from grpo_mlx.evaluate import EvalProgress, evaluate, k_values, majority_vote, pass_at_k
@@ -49,7 +50,7 @@ def greedy_by_hand(model, tokenizer, examples, max_tokens):
 def test_greedy_accuracy_equals_generating_each_prompt_by_hand(arithmetic_file):
     from grpo_mlx.policy import load_model
 
-    result = evaluate(dataset=str(arithmetic_file), batch_size=5)  # 5 does not divide 24: a ragged last batch
+    result = evaluate(EvalConfig(dataset=str(arithmetic_file), batch_size=5))  # 5 does not divide 24: a ragged last batch
     model, tokenizer, _ = load_model(None)
     examples = arithmetic_examples(24, seed=77)
     texts, correct = greedy_by_hand(model, tokenizer, examples, max_tokens=8)
@@ -72,8 +73,8 @@ def test_adapters_from_the_run_directory_are_applied(arithmetic_file, tmp_path):
     _perturb_lora_b(model, 0.02)  # trained adapters are nonzero; fresh ones (B = 0) would change nothing
     save_adapters(model, tmp_path / "run", adapter_config)
 
-    base = evaluate(dataset=str(arithmetic_file), limit=12)
-    tuned = evaluate(dataset=str(arithmetic_file), limit=12, adapter_path=str(tmp_path / "run"))
+    base = evaluate(EvalConfig(dataset=str(arithmetic_file), limit=12))
+    tuned = evaluate(EvalConfig(dataset=str(arithmetic_file), limit=12, adapter_path=str(tmp_path / "run")))
     model_with, tokenizer, _ = load_with_adapters(None, tmp_path / "run")
     texts, correct = greedy_by_hand(model_with, tokenizer, arithmetic_examples(12, seed=77), max_tokens=8)
 
@@ -89,7 +90,7 @@ def test_adapters_without_model_load_the_base_they_were_trained_on(tiny_model_di
     adapter_config = attach_adapters(model, rank=4, num_layers=-1, scale=20.0)
     save_adapters(model, tmp_path / "run", {**adapter_config, "model": str(tiny_model_dir)})
     # The demo base has other shapes: loading these adapters onto it would fail.
-    result = evaluate(dataset=str(arithmetic_file), limit=2, max_tokens=3, adapter_path=tmp_path / "run")
+    result = evaluate(EvalConfig(dataset=str(arithmetic_file), limit=2, max_tokens=3, adapter_path=str(tmp_path / "run")))
     assert result["settings"]["model"] == str(tiny_model_dir)
     assert result["settings"]["adapter_path"] == str(tmp_path / "run")
 
@@ -106,7 +107,7 @@ def test_gsm8k_gold_solutions_are_reduced_to_their_final_number(tiny_model_dir):
     if not (GSM8K / "test.jsonl").is_file():
         pytest.skip("GSM8K data not present")
     # Not the demo model: its 256 positions are too few for some GSM8K questions, which eval skips.
-    result = evaluate(model=str(tiny_model_dir), dataset=str(GSM8K / "test.jsonl"), limit=3, max_tokens=2)
+    result = evaluate(EvalConfig(model=str(tiny_model_dir), dataset=str(GSM8K / "test.jsonl"), limit=3, max_tokens=2))
     assert [r["gold_answer"] for r in result["examples"]] == ["18", "3", "70000"]
     for r in result["examples"]:  # scored against the final number, not the whole solution text
         assert r["correct"] == (r["extracted"] is not None and to_number(r["extracted"]) == to_number(r["gold_answer"]))
@@ -167,7 +168,7 @@ def test_majority_vote_on_hand_built_cases(answers, winner):
 
 
 def test_sampled_metrics_agree_with_the_per_example_records(arithmetic_file):
-    result = evaluate(dataset=str(arithmetic_file), limit=10, samples=4, seed=3, batch_size=4)
+    result = evaluate(EvalConfig(dataset=str(arithmetic_file), limit=10, samples=4, seed=3, batch_size=4))
     records = result["examples"]
     for r in records:
         flags = [score == 1.0 for score in accuracy_reward(r["samples"], [r["gold"]] * 4)]
@@ -183,8 +184,8 @@ def test_sampled_metrics_agree_with_the_per_example_records(arithmetic_file):
 
 
 def test_sampling_is_deterministic_under_the_seed(arithmetic_file):
-    run = lambda seed: [r["samples"] for r in evaluate(dataset=str(arithmetic_file), limit=6, samples=4,  # noqa: E731
-                                                       seed=seed, batch_size=3)["examples"]]
+    run = lambda seed: [r["samples"] for r in evaluate(EvalConfig(dataset=str(arithmetic_file), limit=6, samples=4,  # noqa: E731
+                                                                  seed=seed, batch_size=3))["examples"]]
     first = run(1)
     assert run(1) == first
     assert run(2) != first
@@ -228,15 +229,74 @@ def test_data_without_gold_answers_is_refused(tmp_path):
     path = tmp_path / "questions.jsonl"
     path.write_text(json.dumps({"question": "What is 1 plus 1?"}) + "\n")
     with pytest.raises(UserError, match="--answer-field"):
-        evaluate(dataset=str(path))
+        evaluate(EvalConfig(dataset=str(path)))
 
 
-@pytest.mark.parametrize("settings,flag", [({"samples": 0}, "--samples"), ({"samples": 4, "temperature": 0.0}, "--temperature"),
-                                           ({"batch_size": 0}, "--batch-size"), ({"top_p": 0.0}, "--top-p"),
-                                           ({"limit": 0}, "--limit")])
-def test_bad_settings_are_refused_naming_the_flag(settings, flag):
-    with pytest.raises(UserError, match=flag):
-        evaluate(**settings)
+@pytest.mark.parametrize("settings,field", [({"samples": 0}, "samples"), ({"samples": 4, "temperature": 0.0}, "temperature"),
+                                            ({"batch_size": 0}, "batch_size"), ({"top_p": 0.0}, "top_p"),
+                                            ({"limit": 0}, "limit"), ({"top_k": -1}, "top_k"), ({"min_p": 1.5}, "min_p"),
+                                            ({"temperature": -1.0}, "temperature"), ({"split": " "}, "split")])
+def test_bad_settings_are_refused_naming_the_field(settings, field):
+    with pytest.raises(UserError, match=rf"invalid config value {field}="):
+        evaluate(EvalConfig(**settings))
+
+
+@pytest.mark.parametrize("flags,expected", [(["--top-k", "-1"], "top_k=-1"), (["--min-p", "2"], "min_p=2.0"),
+                                            (["--samples", "0"], "samples=0"), (["--limit", "x"], "'--limit': 'x' is not a valid integer")])
+def test_bad_eval_flags_are_one_error_line_before_anything_loads(flags, expected, capsys, monkeypatch):
+    import grpo_mlx.evaluate
+
+    monkeypatch.setattr(grpo_mlx.evaluate, "load_with_adapters", lambda *a: pytest.fail("loaded a model"), raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and expected in err[0], err
+
+
+def test_eval_top_k_and_min_p_reach_the_sampler(arithmetic_file, monkeypatch):
+    import grpo_mlx.rollout
+
+    seen = []
+    real = grpo_mlx.rollout.make_sampler
+    monkeypatch.setattr(grpo_mlx.rollout, "make_sampler", lambda *args: seen.append(args) or real(*args))
+    main(["eval", "--dataset", str(arithmetic_file), "--limit", "2", "--samples", "2", "--top-k", "3", "--min-p", "0.1",
+          "--temperature", "0.7"])
+    assert (0.7, 1.0, 3, 0.1) in seen  # the K samples' sampler; greedy uses make_sampler(0.0)
+
+
+def test_eval_reads_a_config_file_under_its_flags(arithmetic_file, tmp_path):
+    path = tmp_path / "eval.yaml"
+    out = tmp_path / "result.json"
+    path.write_text(f"dataset: {arithmetic_file}\nlimit: 3\nsamples: 2\ntop_k: 2\noutput: {out}\n")
+    main(["eval", "--config", str(path), "--limit", "2"])
+    settings = json.loads(out.read_text())["settings"]
+    assert (settings["limit"], settings["samples"], settings["top_k"], settings["dataset"]) == (2, 2, 2, str(arithmetic_file))
+
+
+def test_generate_takes_the_sampling_flags(capsys, monkeypatch):
+    import grpo_mlx.rollout
+
+    seen = []
+    real = grpo_mlx.rollout.make_sampler
+    monkeypatch.setattr(grpo_mlx.rollout, "make_sampler", lambda *args: seen.append(args) or real(*args))
+    args = ["generate", "--prompt", "What is 1 plus 2?", "--max-tokens", "4", "--temperature", "0.5", "--top-k", "5",
+            "--min-p", "0.05", "--top-p", "0.9", "--seed", "7"]
+    main(args)
+    first = capsys.readouterr().out
+    main(args)
+    assert capsys.readouterr().out == first  # seeded: the same sample again
+    assert seen == [(0.5, 0.9, 5, 0.05)] * 2
+
+
+@pytest.mark.parametrize("flags,expected", [(["--top-k", "-2"], "top_k=-2"), (["--temperature", "-1"], "temperature=-1.0"),
+                                            ([], "Missing option '--prompt'")])
+def test_bad_generate_flags_are_one_error_line(flags, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", *flags] + ([] if not flags else ["--prompt", "hi"]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and expected in err[0], err
 
 
 def test_plain_progress_off_a_terminal_counts_every_prompt():

@@ -130,12 +130,13 @@ def test_built_in_rewards_say_whether_they_need_answers():
 
 
 def test_eval_skips_and_counts_prompts_longer_than_the_context(tmp_path):
+    from grpo_mlx.config import EvalConfig
     from grpo_mlx.evaluate import evaluate, summary_table
 
     rows = normal_rows(3)
     rows.insert(1, {"question": "What is the sum of all these numbers? " + "12 plus 34 " * 300, "answer": "1"})
     data = write_jsonl(tmp_path / "test.jsonl", rows)
-    result = evaluate(dataset=str(data), max_tokens=8)  # the demo model: 256 positions, 248 for the prompt
+    result = evaluate(EvalConfig(dataset=str(data), max_tokens=8))  # the demo model: 256 positions, 248 for the prompt
     assert result["skipped_long_prompts"] == 1 and result["num_examples"] == 3
     assert [r["gold"] for r in result["examples"]] == [r["answer"] for r in (rows[0], rows[2], rows[3])]
     assert result["settings"]["max_prompt_length"] == 248
@@ -148,8 +149,9 @@ def test_eval_skips_and_counts_prompts_longer_than_the_context(tmp_path):
 
 
 def test_eval_refuses_when_every_prompt_is_too_long(tmp_path):
+    from grpo_mlx.config import EvalConfig
     from grpo_mlx.evaluate import evaluate
 
     data = write_jsonl(tmp_path / "test.jsonl", [{"question": "x" * HUGE, "answer": "1"}])
     with pytest.raises(UserError, match="every prompt .* longer than 248 tokens"):
-        evaluate(dataset=str(data), max_tokens=8)
+        evaluate(EvalConfig(dataset=str(data), max_tokens=8))

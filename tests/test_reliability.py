@@ -119,7 +119,7 @@ ERRORS = [
     ("epsilon_above_1", ["--epsilon", "1.5"], "epsilon=1.5"),
     ("epsilon_0", ["--epsilon", "0"], "epsilon=0.0"),
     ("max_tokens_0", ["--max-tokens", "0"], "max_tokens=0"),
-    ("unknown_loss_type", ["--loss-type", "ppo"], "loss_type='ppo'"),
+    ("unknown_loss_type", ["--loss-type", "ppo"], "'--loss-type': 'ppo' is not one of 'grpo'"),
     ("unknown_reward", ["--reward", "no_such_reward"], "unknown reward 'no_such_reward'"),
     ("plugin_file_missing", ["--reward", "{tmp}/nowhere.py:score"], "not found"),
     ("plugin_import_fails", ["--reward", "{broken_plugin}:score"], "importing"),

@@ -121,8 +121,6 @@ def test_config_file_values_still_convert_where_unambiguous():
     (["--warmup-steps", "-1"], "warmup_steps", ">= 0"),
     (["--weight-decay", "-0.1"], "weight_decay", ">= 0"),
     (["--seed", "-1"], "seed", "in [0, "),
-    (["--q-bits", "7"], "q_bits", "one of 2, 3, 4, 5, 6, 8"),
-    (["--q-group-size", "16"], "q_group_size", "one of 32, 64, 128"),
     (["--output", ""], "output", "must not be empty"),
 ])
 def test_out_of_range_flags_are_one_error_line(flags, field, expected, tmp_path, monkeypatch, capsys):
@@ -132,6 +130,41 @@ def test_out_of_range_flags_are_one_error_line(flags, field, expected, tmp_path,
     line = one_error_line(capsys)
     assert f"{field}=" in line and expected in line
     assert list(tmp_path.iterdir()) == []  # refused before anything was written
+
+
+@pytest.mark.parametrize("field,value,choices", [
+    ("q_bits", "7", "2, 3, 4, 5, 6, 8"),
+    ("q_group_size", "16", "32, 64, 128"),
+    ("loss_type", "ppo", "grpo, bnpo, dr_grpo, dapo"),
+    ("kl_estimator", "k9", "k1, k2, k3"),
+])
+def test_a_value_outside_a_fields_choices_is_one_error_line(field, value, choices, tmp_path, capsys):
+    flag = "--" + field.replace("_", "-")
+    # On the command line the option is a click Choice ...
+    assert run_main(["train", flag, value, *SHORT, "--output", str(tmp_path / "run")]) == 2
+    line = one_error_line(capsys)
+    assert f"'{flag}'" in line and f"'{value}' is not one of" in line
+    # ... and a config file's value goes through validate(), which reads the same choices.
+    path = tmp_path / "config.yaml"
+    path.write_text(f"{field}: {value}\n")
+    assert run_main(["train", "--config", str(path), *SHORT, "--output", str(tmp_path / "run")]) == 2
+    line = one_error_line(capsys)
+    assert f"{field}=" in line and f"one of {choices}" in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "generate", "fuse", "rewards", "report"])
+def test_every_command_takes_debug(command, capsys):
+    assert run_main([command, "--debug", "--help"]) == 0
+    assert "--debug" in capsys.readouterr().out
+
+
+def test_debug_is_an_option_not_a_word_anywhere_on_the_command_line(capsys):
+    # "--debug" given as the value of --system-prompt does not turn tracebacks on.
+    assert run_main(["eval", "--system-prompt", "--debug", "--samples", "0"]) == 2
+    assert "samples=0" in one_error_line(capsys)
+    with pytest.raises(UserError, match="samples=0"):
+        main(["eval", "--samples", "0", "--debug"])
 
 
 # ---------------------------------------------------------------- warm-up
