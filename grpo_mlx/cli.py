@@ -53,7 +53,7 @@ def train(config_path, debug, **flags):
     """Train LoRA adapters with GRPO."""
     file_values = load_config_file(config_path) if config_path else {}
     config = build_config(file_values, flags)
-    from .trainer import run_training  # MLX loads only once the config is known to be good
+    from .runner import run_training  # MLX loads only once the config is known to be good
 
     run_training(config)
 

@@ -14,7 +14,7 @@ from grpo_mlx.config import TrainConfig
 from grpo_mlx.grpo import LOSS_TYPES, loss_normaliser
 from grpo_mlx.policy import attach_adapters
 from grpo_mlx.rollout import generate_rollout, make_sampler, pad_batch
-from grpo_mlx.trainer import (
+from grpo_mlx.gradients import (
     accumulate_gradients,
     enable_grad_checkpoint,
     make_grad_step,
@@ -203,7 +203,7 @@ def test_rollout_without_sampler_logprobs_samples_the_same_completions(tiny_mode
 @pytest.mark.parametrize("compile_", [False, True])
 def test_scoring_completion_positions_only_gives_the_same_loss_and_gradients(tiny_model_dir, compile_):
     from grpo_mlx.logprobs import lm_head_split_matches
-    from grpo_mlx.trainer import first_scored_position
+    from grpo_mlx.gradients import first_scored_position
 
     model, _ = lora_model(tiny_model_dir)
     assert lm_head_split_matches(model)
@@ -233,7 +233,7 @@ def test_scoring_completion_positions_only_gives_the_same_loss_and_gradients(tin
 @pytest.mark.parametrize("micro_batch_size", [None, 3])
 def test_running_each_prompt_once_per_group_gives_the_same_loss_and_gradients(tiny_model_dir, micro_batch_size):
     from grpo_mlx.logprobs import supports_shared_prompt
-    from grpo_mlx.trainer import forward_logprobs, prompt_groups
+    from grpo_mlx.gradients import forward_logprobs, prompt_groups
 
     model, _ = lora_model(tiny_model_dir)
     assert supports_shared_prompt(model)
@@ -261,7 +261,7 @@ def test_running_each_prompt_once_per_group_gives_the_same_loss_and_gradients(ti
 
 
 def test_unset_micro_batch_size_keeps_a_real_models_logits_under_the_budget():
-    from grpo_mlx.trainer import LOGITS_BUDGET_BYTES, auto_micro_batch_size
+    from grpo_mlx.gradients import LOGITS_BUDGET_BYTES, auto_micro_batch_size
 
     # Qwen2.5's vocabulary, 512 scored positions: one row's float32 logits are ~311 MB.
     rows = auto_micro_batch_size(512, 151_936)
@@ -272,6 +272,7 @@ def test_unset_micro_batch_size_keeps_a_real_models_logits_under_the_budget():
 
 
 def test_training_step_splits_into_micro_batches_when_logits_exceed_the_budget(tiny_model_dir, tmp_path, monkeypatch):
+    import grpo_mlx.gradients as gradients
     import grpo_mlx.trainer as trainer
     from grpo_mlx.config import build_config
 
@@ -289,7 +290,7 @@ def test_training_step_splits_into_micro_batches_when_logits_exceed_the_budget(t
     run = trainer.setup(config)
     list(trainer.train(run))
     assert seen[-1] == [8]  # tiny vocabulary: one micro-batch
-    monkeypatch.setattr(trainer, "LOGITS_BUDGET_BYTES", 1)  # every row over budget
+    monkeypatch.setattr(gradients, "LOGITS_BUDGET_BYTES", 1)  # every row over budget
     config.steps = 2
     list(trainer.train(run))
     assert seen[-1] == [1] * 8

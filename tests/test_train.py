@@ -45,7 +45,7 @@ def test_later_iterations_use_the_sampling_policys_logprobs_as_old(tiny_model_di
     """mu = 2: update 1's old log-probs are its own forward (ratio exactly 1); update 2's ratio is
     exp(log pi_theta1 - log pi_theta0) with theta0 the sampling policy, computed here independently."""
     import grpo_mlx.trainer as trainer
-    from grpo_mlx.grpo import token_logprobs
+    from grpo_mlx.logprobs import token_logprobs
     from grpo_mlx.policy import reference_mode
     from grpo_mlx.rollout import generate_rollout, pad_batch
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+import grpo_mlx.sampling as sampling
 import grpo_mlx.trainer as trainer
 from grpo_mlx.checkpoint import load_latest_checkpoint
 from grpo_mlx.cli import main
@@ -190,7 +191,7 @@ def test_dynamic_sampling_drops_a_group_whose_valid_rows_are_equal(tiny_model_di
     config = tiny_config(tmp_path, model=str(tiny_model_dir), steps=1, reward=[f"{plugin}:partial"],
                          dynamic_sampling=True, max_sampling_rounds=1)
     run = trainer.setup(config)
-    rollout, examples, rewards, valid, _, timing = trainer.sample_groups(run, 1)
+    rollout, examples, rewards, valid, _, timing = sampling.sample_groups(run, 1)
     assert timing["sampling_rounds"] == 2 and examples == [] and rollout.num_rows == 0
     (metrics, _), = list(trainer.train(run))
     assert metrics["skipped_update"] == 1.0
