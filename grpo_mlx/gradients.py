@@ -112,14 +112,14 @@ def make_grad_step(model: nn.Module, config: TrainConfig, split_head: bool = Fal
 
 def accumulate_gradients(grad_step, tokens, completion_mask, advantages, old_logprobs, ref_logprobs, batches, normaliser,
                          start=0, batch_groups=None):
-    """Sum the micro-batches' gradients; returns (grads, loss, parts, logprobs).
+    """Sum the micro-batches' gradients; returns (grads, loss, micro_batch_stats, logprobs).
 
-    `parts` holds (completion tokens, metrics) per micro-batch for weighting;
-    `logprobs` the current policy's, per micro-batch, for later updates' ratios.
+    `micro_batch_stats` holds (completion tokens, metrics) per micro-batch for weighting;
+    `logprobs` the current policy's for every row, for later updates' ratios.
     `batch_groups`: each micro-batch's `prompt_groups`, or None.
     """
     normaliser = mx.array(normaliser, dtype=mx.float32)
-    grads, loss, parts, logprobs = None, 0.0, [], []
+    grads, loss, micro_batch_stats, micro_batch_logprobs = None, 0.0, [], []
     for b, groups in zip(batches, batch_groups or [None] * len(batches)):
         (mb_loss, (m, lp)), g = grad_step(
             tokens[b],
@@ -134,9 +134,9 @@ def accumulate_gradients(grad_step, tokens, completion_mask, advantages, old_log
         grads = g if grads is None else tree_map(mx.add, grads, g)
         mx.eval(grads, mb_loss, m, lp)
         loss += mb_loss.item()
-        parts.append((float(completion_mask[b].sum().item()), {k: v.item() for k, v in m.items()}))
-        logprobs.append(lp)
-    return grads, loss, parts, mx.concatenate(logprobs, axis=0)
+        micro_batch_stats.append((float(completion_mask[b].sum().item()), {k: v.item() for k, v in m.items()}))
+        micro_batch_logprobs.append(lp)
+    return grads, loss, micro_batch_stats, mx.concatenate(micro_batch_logprobs, axis=0)
 
 
 def first_scored_position(prompt_tokens) -> int:
@@ -183,9 +183,9 @@ def micro_batches(n: int, size: int | None) -> list[slice]:
 
 def forward_logprobs(model, tokens, temperature, batches, start=0, split_head=False, batch_groups=None) -> mx.array:
     """Log-probs without gradient, one micro-batch at a time (old or reference policy)."""
-    parts = []
+    micro_batch_logprobs = []
     for b, groups in zip(batches, batch_groups or [None] * len(batches)):
         lp = mx.stop_gradient(policy_logprobs(model, tokens[b], temperature, start, split_head, groups))
         mx.eval(lp)
-        parts.append(lp)
-    return mx.concatenate(parts, axis=0)
+        micro_batch_logprobs.append(lp)
+    return mx.concatenate(micro_batch_logprobs, axis=0)

@@ -79,7 +79,7 @@ def sample_groups(run: Run, step: int):
     rank = distributed.world().rank()
     local_batch = distributed.local_batch_size(c.batch_size, distributed.world().size())
     sampler = make_sampler(c.temperature, c.top_p, c.top_k, c.min_p)
-    kept_rollouts, kept_examples, kept_rewards, kept_valid, kept_columns = [], [], [], [], []
+    kept_rollouts, kept_examples, kept_rewards, kept_applicable, kept_columns = [], [], [], [], []
     gen_time = reward_time = 0.0
     gen_tokens = rounds = 0
     for _ in range(1 + (c.max_sampling_rounds if c.dynamic_sampling else 0)):
@@ -93,31 +93,31 @@ def sample_groups(run: Run, step: int):
         if not examples:  # this rank is full; the others draw more
             distributed.agree_on_failure(None, RewardError)  # joins the others' reward check below
             continue
-        rollout, rewards, valid, columns, (seconds_generating, seconds_scoring) = sample_round(run, step, examples, sampler)
+        rollout, rewards, applicable, columns, (seconds_generating, seconds_scoring) = sample_round(run, step, examples, sampler)
         gen_time += seconds_generating
         reward_time += seconds_scoring
         gen_tokens += sum(rollout.completion_lengths)
 
         # The advantages' own rule: a group kept here never gets all-zero advantages.
-        keep = np.array(informative_groups(rewards, G, valid)) if c.dynamic_sampling else np.ones(len(examples), bool)
+        keep = np.array(informative_groups(rewards, G, applicable)) if c.dynamic_sampling else np.ones(len(examples), bool)
         informative = [g for g in range(len(examples)) if keep[g]]
         for g in informative:
             rows = slice(g * G, (g + 1) * G)
             kept_examples.append(examples[g])
             kept_rewards += rewards[rows]
-            kept_valid += valid[rows]
+            kept_applicable += applicable[rows]
             kept_columns.append({k: v[rows] for k, v in columns.items()})
         kept_rollouts.append(rollout.select_groups(informative))
 
     rollout = Rollout.concatenate(kept_rollouts)
     columns = {k: [x for col in kept_columns for x in col[k]] for k in columns}
     timing = {"time/generation": gen_time, "time/rewards": reward_time, "generated_tokens": gen_tokens, "sampling_rounds": rounds}
-    return rollout, kept_examples, kept_rewards, kept_valid, columns, timing
+    return rollout, kept_examples, kept_rewards, kept_applicable, columns, timing
 
 
 def sample_round(run: Run, step: int, examples: list, sampler):
     """Roll out and score G completions for each of `examples`:
-    (rollout, rewards, valid, columns, (generation seconds, reward seconds)).
+    (rollout, rewards, applicable, columns, (generation seconds, reward seconds)).
 
     A reward failing on any rank raises RewardError on every rank.
     """
@@ -133,7 +133,7 @@ def sample_round(run: Run, step: int, examples: list, sampler):
     tic = time.perf_counter()
     failure = None
     try:
-        rewards, valid, columns = score_groups(run.reward_fns, run.reward_weights, c, examples, rollout.texts, rollout.completion_lengths)
+        rewards, applicable, columns = score_groups(run.reward_fns, run.reward_weights, c, examples, rollout.texts, rollout.completion_lengths)
     except RewardError as e:
         where = failing_example(run, examples, rollout.texts, rollout.completion_lengths)
         failure = RewardError(f"{e}; at step {step}, {where}")
@@ -141,11 +141,11 @@ def sample_round(run: Run, step: int, examples: list, sampler):
     reward_time = time.perf_counter() - tic
     # A reward failing on one rank stops every rank here, none left waiting in a collective.
     distributed.agree_on_failure(failure, RewardError)
-    return rollout, rewards, valid, columns, (gen_time, reward_time)
+    return rollout, rewards, applicable, columns, (gen_time, reward_time)
 
 
 def score_groups(reward_fns, reward_weights, config: TrainConfig, examples, texts, completion_lengths):
-    """Score G completions per example with every reward function: (rewards, valid, columns)."""
+    """Score G completions per example with every reward function: (rewards, applicable, columns)."""
     G = config.group_size
     return score_completions(
         reward_fns,

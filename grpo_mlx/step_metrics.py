@@ -16,12 +16,13 @@ from .rollout import Rollout
 UPDATE_METRICS = ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "ratio/mean", "entropy")
 
 
-def reduce_update_metrics(loss: float, parts) -> tuple[float, dict]:
+def reduce_update_metrics(loss: float, micro_batch_stats) -> tuple[float, dict]:
     """The global loss (a sum over micro-batches and ranks) and the token-weighted metrics.
 
-    `parts` holds (completion tokens, metrics) per micro-batch of this rank.
+    `micro_batch_stats` holds (completion tokens, metrics) per micro-batch of this rank.
     """
-    local = [loss, sum(w for w, _ in parts)] + [sum(w * m[k] for w, m in parts) for k in UPDATE_METRICS]
+    tokens = sum(w for w, _ in micro_batch_stats)
+    local = [loss, tokens] + [sum(w * m[k] for w, m in micro_batch_stats) for k in UPDATE_METRICS]
     total = distributed.sum_across(local)
     weight = max(total[1], 1.0)
     return float(total[0]), {k: float(v / weight) for k, v in zip(UPDATE_METRICS, total[2:])}
@@ -30,7 +31,7 @@ def reduce_update_metrics(loss: float, parts) -> tuple[float, dict]:
 # ---------------------------------------------------------------- rewards and completions
 
 
-def reward_metrics(rewards, valid, columns, group_size) -> dict:
+def reward_metrics(rewards, applicable, columns, group_size) -> dict:
     r = np.array(rewards, dtype=np.float64)
     if r.size == 0:
         return {"reward": float("nan"), "reward_std": 0.0, "frac_reward_zero_std": 1.0}
@@ -58,7 +59,7 @@ def completion_metrics(lengths, truncated) -> dict:
     }
 
 
-def batch_metrics(rollout: Rollout, rewards, valid, columns, config: TrainConfig) -> dict:
+def batch_metrics(rollout: Rollout, rewards, applicable, columns, config: TrainConfig) -> dict:
     """Reward and completion metrics of the global batch: every rank's rows, in rank order.
 
     Ranks send their rows, not their means, so the numbers equal one process's.
@@ -66,7 +67,7 @@ def batch_metrics(rollout: Rollout, rewards, valid, columns, config: TrainConfig
     G = config.group_size
     names = sorted(columns)  # every rank runs the same reward functions
     table = np.zeros((rollout.num_rows, 4 + len(names)))
-    table[:, 0], table[:, 1] = rewards, valid
+    table[:, 0], table[:, 1] = rewards, applicable
     table[:, 2], table[:, 3] = rollout.completion_lengths, rollout.truncated
     for i, name in enumerate(names):  # a reward that does not apply (None) travels as NaN
         table[:, 4 + i] = [np.nan if v is None else float(v) for v in columns[name]]

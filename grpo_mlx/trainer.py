@@ -193,9 +193,9 @@ def grpo_step(run: Run, step: int):
     mx.random.seed((c.seed * 1_000_003 + step) * distributed.world().size() + distributed.world().rank())
     mx.reset_peak_memory()
 
-    rollout, examples, rewards, valid, columns, timing = sample_groups(run, step)
+    rollout, examples, rewards, applicable, columns, timing = sample_groups(run, step)
     n = rollout.num_rows
-    metrics = batch_metrics(rollout, rewards, valid, columns, c)
+    metrics = batch_metrics(rollout, rewards, applicable, columns, c)
     metrics["time/generation"] = timing["time/generation"]
     metrics["time/rewards"] = timing["time/rewards"]
     metrics["tokens_per_sec/generation"] = timing["generated_tokens"] / max(timing["time/generation"], 1e-9)
@@ -221,7 +221,7 @@ def grpo_step(run: Run, step: int):
 
     # bnpo across ranks: the mean over ranks of each rank's token-mean loss.
     normaliser = loss_normaliser(c.loss_type, num_sequences, num_tokens, batch_tokens * ranks_with_rows, c.max_tokens)
-    metrics.update(update_policy(run, rollout, rewards, valid, tokens, completion_mask, normaliser))
+    metrics.update(update_policy(run, rollout, rewards, applicable, tokens, completion_mask, normaliser))
     trained_tokens = float(tokens.size) * c.num_iterations
     metrics["tokens_per_sec/train"] = trained_tokens / max(metrics["time/train"], 1e-9)
     metrics["learning_rate"] = float(np.array(run.optimizer.learning_rate))
@@ -231,11 +231,11 @@ def grpo_step(run: Run, step: int):
     return metrics, sample
 
 
-def update_policy(run: Run, rollout: Rollout, rewards, valid, tokens, completion_mask, normaliser: float) -> dict:
+def update_policy(run: Run, rollout: Rollout, rewards, applicable, tokens, completion_mask, normaliser: float) -> dict:
     """Advantages, the reference pass, then mu = num_iterations updates on this rank's rows; returns
     their metrics: the first update's view (ratios of 1 for mu = 1) and the last one's ratios."""
     c = run.config
-    advantages = group_advantages(mx.array(rewards), c.group_size, scale=c.scale_rewards, valid=mx.array(valid))
+    advantages = group_advantages(mx.array(rewards), c.group_size, scale=c.scale_rewards, applicable=mx.array(applicable))
     # Each group's prompt runs once in the log-prob passes when run.shared_prompt, not G times.
     start, batches, batch_groups = plan_micro_batches(
         run.model, rollout.prompt_tokens, tokens.shape[1], c.micro_batch_size, run.shared_prompt
@@ -254,12 +254,12 @@ def update_policy(run: Run, rollout: Rollout, rewards, valid, tokens, completion
     update_metrics = []
     old_logprobs = None  # the first update's policy is the sampling one: its forward gives the old log-probs
     for _ in range(c.num_iterations):
-        grads, loss, parts, logprobs = accumulate_gradients(
+        grads, loss, micro_batch_stats, logprobs = accumulate_gradients(
             run.grad_step, tokens, completion_mask, advantages, old_logprobs, ref_logprobs, batches, normaliser, start,
             batch_groups,
         )
         old_logprobs = logprobs if old_logprobs is None else old_logprobs
-        update_metrics.append(apply_update(run, grads, loss, parts))
+        update_metrics.append(apply_update(run, grads, loss, micro_batch_stats))
     metrics["time/train"] = time.perf_counter() - tic
     metrics.update(update_metrics[0])
     if len(update_metrics) > 1:
@@ -269,7 +269,7 @@ def update_policy(run: Run, rollout: Rollout, rewards, valid, tokens, completion
     return metrics
 
 
-def apply_update(run: Run, grads, loss: float, parts) -> dict:
+def apply_update(run: Run, grads, loss: float, micro_batch_stats) -> dict:
     """Sum over ranks, clip, check for non-finite values, step the optimizer; returns update metrics.
 
     `grads` None: this rank has no rows and adds nothing. The clip, the finiteness
@@ -279,7 +279,7 @@ def apply_update(run: Run, grads, loss: float, parts) -> dict:
     if grads is None:
         grads = tree_map(mx.zeros_like, run.model.trainable_parameters())
     grads = distributed.sum_gradients(grads)
-    loss, metrics = reduce_update_metrics(loss, parts)
+    loss, metrics = reduce_update_metrics(loss, micro_batch_stats)
     if c.max_grad_norm > 0:
         grads, grad_norm = optim.clip_grad_norm(grads, c.max_grad_norm)
     else:

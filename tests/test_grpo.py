@@ -125,10 +125,10 @@ def test_group_of_two_gives_finite_symmetric_advantages():
     assert np.all(adv[2:] == 0.0)
 
 
-def test_invalid_rows_leave_the_group_mean_and_get_zero():
+def test_rows_no_reward_applies_to_leave_the_group_mean_and_get_zero():
     rewards = mx.array([1.0, 0.0, 123.0, 1.0])
-    valid = mx.array([True, True, False, True])
-    adv = np.array(group_advantages(rewards, 4, valid=valid))
+    applicable = mx.array([True, True, False, True])
+    adv = np.array(group_advantages(rewards, 4, applicable=applicable))
     assert adv[2] == 0.0
     np.testing.assert_allclose(adv[[0, 1, 3]], ref_advantages([1.0, 0.0, 1.0], 3), rtol=1e-5)
 

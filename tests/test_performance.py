@@ -71,8 +71,8 @@ def assert_same_grads(a, b, rtol=1e-4, atol=1e-6):
 
 def run_accumulated(model, config, tokens, mask, advantages, old, ref, batches, normaliser, grad_step=None):
     grad_step = grad_step or make_grad_step(model, config)
-    grads, loss, parts, logprobs = accumulate_gradients(grad_step, tokens, mask, advantages, old, ref, batches, normaliser)
-    return flat_grads(grads), loss, parts, np.array(logprobs)
+    grads, loss, micro_batch_stats, logprobs = accumulate_gradients(grad_step, tokens, mask, advantages, old, ref, batches, normaliser)
+    return flat_grads(grads), loss, micro_batch_stats, np.array(logprobs)
 
 
 # ---------------------------------------------------------------- compile
@@ -87,13 +87,13 @@ def test_compiled_step_gives_the_same_loss_and_gradients_and_sees_new_weights(ti
     plain_step, compiled_step = make_grad_step(model, plain_config), make_grad_step(model, compiled_config)
 
     for update in range(2):
-        g_plain, loss_plain, parts_plain, lp_plain = run_accumulated(model, plain_config, tokens, mask, adv, old, ref, batches, norm, plain_step)
-        g_comp, loss_comp, parts_comp, lp_comp = run_accumulated(model, compiled_config, tokens, mask, adv, old, ref, batches, norm, compiled_step)
+        g_plain, loss_plain, stats_plain, lp_plain = run_accumulated(model, plain_config, tokens, mask, adv, old, ref, batches, norm, plain_step)
+        g_comp, loss_comp, stats_comp, lp_comp = run_accumulated(model, compiled_config, tokens, mask, adv, old, ref, batches, norm, compiled_step)
         assert loss_comp == pytest.approx(loss_plain, rel=1e-5, abs=1e-7)
         assert_same_grads(g_plain, g_comp)
         np.testing.assert_allclose(lp_comp, lp_plain, rtol=1e-5, atol=1e-5)
-        for k, v in parts_plain[0][1].items():
-            assert parts_comp[0][1][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+        for k, v in stats_plain[0][1].items():
+            assert stats_comp[0][1][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
         lora_b = [v for k, v in g_comp.items() if k.endswith("lora_b")]
         assert lora_b and all(np.abs(v).max() > 0 for v in lora_b)
         # An optimizer update between calls: a compiled step that captured the weights
@@ -218,13 +218,13 @@ def test_scoring_completion_positions_only_gives_the_same_loss_and_gradients(tin
     batches = micro_batches(4, 3)  # two micro-batches
     full = make_grad_step(model, config)
     split = make_grad_step(model, config, split_head=True)
-    g_full, loss_full, parts_full, lp_full = run_accumulated(model, config, tokens, mask, adv, old, ref, batches, norm, full)
-    grads, loss, parts, logprobs = accumulate_gradients(split, tokens, mask, adv, old, ref, batches, norm, start)
+    g_full, loss_full, stats_full, lp_full = run_accumulated(model, config, tokens, mask, adv, old, ref, batches, norm, full)
+    grads, loss, micro_batch_stats, logprobs = accumulate_gradients(split, tokens, mask, adv, old, ref, batches, norm, start)
     assert loss == pytest.approx(loss_full, rel=1e-5, abs=1e-7)
     assert_same_grads(g_full, flat_grads(grads))
     m = np.array(mask)
     np.testing.assert_allclose(np.array(logprobs) * m, lp_full * m, rtol=1e-5, atol=1e-5)
-    for (w, metrics), (w_full, metrics_full) in zip(parts, parts_full):
+    for (w, metrics), (w_full, metrics_full) in zip(micro_batch_stats, stats_full):
         assert w == w_full
         for k, v in metrics_full.items():
             assert metrics[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
