@@ -127,7 +127,7 @@ def sample_round(run: Run, step: int, examples: list, sampler):
     check_prompt_lengths(prompts, run.prompt_limit)
 
     tic = time.perf_counter()
-    rollout = run.rollout_fn(run.model, run.tokenizer, prompts, G, c.max_tokens, sampler, with_logprobs=False)
+    rollout = run.rollout_fn(run.model, run.tokenizer, prompts, G, c.max_tokens, sampler)
     gen_time = time.perf_counter() - tic
 
     tic = time.perf_counter()

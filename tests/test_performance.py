@@ -188,9 +188,9 @@ def test_rollout_without_sampler_logprobs_samples_the_same_completions(tiny_mode
     model, tokenizer = load(str(tiny_model_dir))
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 4 plus 5?"}], add_generation_prompt=True)
     mx.random.seed(7)
-    with_lp = generate_rollout(model, tokenizer, [prompt], 4, 8, make_sampler(1.0))
+    with_lp = generate_rollout(model, tokenizer, [prompt], 4, 8, make_sampler(1.0), with_logprobs=True)
     mx.random.seed(7)
-    without = generate_rollout(model, tokenizer, [prompt], 4, 8, make_sampler(1.0), with_logprobs=False)
+    without = generate_rollout(model, tokenizer, [prompt], 4, 8, make_sampler(1.0))
     assert without.sampling_logprobs is None
     assert [len(x) for x in with_lp.sampling_logprobs] == with_lp.completion_lengths
     assert without.completion_tokens == with_lp.completion_tokens
