@@ -9,7 +9,10 @@ Choices, and why:
    and cost no extra forward; with mu > 1 that forward's log-probs are kept for
    the later updates' ratios.
 4. The reference policy is the same model with adapters bypassed; beta = 0
-   skips the reference forward entirely.
+   skips the reference forward entirely. The log-prob passes take the cheapest
+   path that two numerical probes at start-up show to give the plain forward's
+   numbers (LOGPROB_PATHS: one prompt pass per group, or logits on completion
+   positions only); the path is logged and recorded in config.yaml.
 5. Micro-batches accumulate gradients; each loss is normalised by the whole
    batch's counts (`loss_normaliser`), so accumulating gives the full batch's
    gradient for every loss_type. The gradient step can be compiled
@@ -74,6 +77,12 @@ from .sampling import check_answers, sample_groups, try_rewards
 from .step_metrics import batch_metrics, make_sample, reduce_update_metrics
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before the run stops
+# How the log-prob passes run (Run.logprob_path), as logged at start-up and recorded in config.yaml.
+LOGPROB_PATHS = {
+    "shared-prompt": "each group's prompt runs once, logits on completion positions only",
+    "split-head": "row by row, LM head on completion positions only",
+    "full-forward": "row by row, the model's whole forward (logits at every position)",
+}
 
 
 @dataclass
@@ -101,6 +110,13 @@ class Run:
     # generate_rollout's signature; tests inject fixed completions through it
     rollout_fn: Callable[..., Rollout] = generate_rollout
     grad_step: Callable | None = None  # make_grad_step's function, built on the first step
+
+    @property
+    def logprob_path(self) -> str:
+        """The key of LOGPROB_PATHS this run's log-prob passes take."""
+        if self.shared_prompt:
+            return "shared-prompt"
+        return "split-head" if self.split_head else "full-forward"
 
 
 # ---------------------------------------------------------------- setup
@@ -130,7 +146,11 @@ def setup(config: TrainConfig, log=lambda msg: None) -> Run:
     # The same seed gives every rank the same LoRA init; taking rank 0's makes sure of it.
     model.update(distributed.broadcast_from_main(model.trainable_parameters()))
     mx.eval(model.parameters())
-    return Run(
+    shared_prompt = supports_shared_prompt(model)
+    # Not under gradient checkpointing: a prompt's keys and values leave the checkpointed block
+    # through the cache, and mx.checkpoint's backward pass does not carry their gradient.
+    checkpointed = getattr(type(model.layers[0]), "_grpo_mlx_checkpointed", False)
+    run = Run(
         config=config,
         model=model,
         tokenizer=tokenizer,
@@ -142,10 +162,11 @@ def setup(config: TrainConfig, log=lambda msg: None) -> Run:
         system_prompt=system_prompt,
         prompt_limit=prompt_limit,
         split_head=lm_head_split_matches(model),
-        # Not under gradient checkpointing: a prompt's keys and values leave the checkpointed block
-        # through the cache, and mx.checkpoint's backward pass does not carry their gradient.
-        shared_prompt=supports_shared_prompt(model) and not getattr(type(model.layers[0]), "_grpo_mlx_checkpointed", False),
+        shared_prompt=shared_prompt and not checkpointed,
     )
+    why = " (no shared prompt under --grad-checkpoint)" if shared_prompt and checkpointed else ""
+    log(f"log-probs: {LOGPROB_PATHS[run.logprob_path]}{why}")
+    return run
 
 
 def load_data(config: TrainConfig, reward_fns: dict, log) -> list[Example]:
