@@ -72,7 +72,7 @@ def cli():
 def train(config_path, **flags):
     """Train LoRA adapters with GRPO."""
     config = build_config(load_config_file(config_path) if config_path else {}, flags, TrainConfig)
-    from .trainer import run_training  # MLX loads only once the config is known to be good
+    from .runner import run_training  # MLX loads only once the config is known to be good
 
     run_training(config)
 

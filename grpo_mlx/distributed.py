@@ -2,10 +2,10 @@
 
 `mlx.launch --hosts 10.0.0.1,10.0.0.2 -- grpo-mlx train ...` starts one process per rank and
 `mx.distributed.init()` connects them (ring over TCP or Thunderbolt, MPI, JACCL). Without a
-launcher `init()` returns a group of one and every helper here returns its input: a
+launcher `init()` returns a world of one rank and every helper here returns its input: a
 single-machine run pays nothing.
 
-How the trainer uses the group:
+How the trainer uses the ranks:
 1. Each step's B prompts are drawn from the data stream exactly as one process would draw
    them; rank r keeps prompts r*B/R .. (r+1)*B/R-1 and generates and scores its groups whole.
 2. Losses are normalised by the global batch's counts (sequences, completion tokens), so the
@@ -38,7 +38,7 @@ _world = None
 
 
 def world() -> mx.distributed.Group:
-    """The group of all ranks, initialised once; a group of one without a launcher."""
+    """All ranks (an mx.distributed.Group), initialised once; one rank without a launcher."""
     global _world
     if _world is None:
         _world = mx.distributed.init()
@@ -63,19 +63,19 @@ def local_batch_size(batch_size: int, world_size: int) -> int:
 def sum_across(values) -> np.ndarray:
     """Element-wise sum over ranks of a small float vector, in float64."""
     values = np.asarray(values, dtype=np.float64)
-    group = world()
-    if group.size() == 1:
+    ranks = world()
+    if ranks.size() == 1:
         return values
-    total = mx.distributed.all_sum(mx.array(values, dtype=mx.float64), group=group, stream=mx.cpu)
+    total = mx.distributed.all_sum(mx.array(values, dtype=mx.float64), group=ranks, stream=mx.cpu)
     return np.array(total)
 
 
 def gather_counts(count: int) -> list[int]:
     """Every rank's `count`, in rank order."""
-    group = world()
-    if group.size() == 1:
+    ranks = world()
+    if ranks.size() == 1:
         return [int(count)]
-    counts = mx.distributed.all_gather(mx.array([int(count)], dtype=mx.int32), group=group, stream=mx.cpu)
+    counts = mx.distributed.all_gather(mx.array([int(count)], dtype=mx.int32), group=ranks, stream=mx.cpu)
     return [int(c) for c in np.array(counts)]
 
 
@@ -86,13 +86,13 @@ def gather_rows(table: np.ndarray, capacity: int) -> np.ndarray:
     leading column that marks its real rows.
     """
     table = np.asarray(table, dtype=np.float64)
-    group = world()
-    if group.size() == 1:
+    ranks = world()
+    if ranks.size() == 1:
         return table
     padded = np.zeros((capacity, 1 + table.shape[1]))
     padded[: len(table), 0] = 1.0
     padded[: len(table), 1:] = table
-    gathered = np.array(mx.distributed.all_gather(mx.array(padded, dtype=mx.float64), group=group, stream=mx.cpu))
+    gathered = np.array(mx.distributed.all_gather(mx.array(padded, dtype=mx.float64), group=ranks, stream=mx.cpu))
     return gathered[gathered[:, 0] == 1.0, 1:]
 
 
@@ -103,11 +103,11 @@ def sum_gradients(grads):
     normalised by global counts, so the ranks' gradients add up rather than average.
     Multiplying the mean back by R is exact for R a power of two.
     """
-    group = world()
-    if group.size() == 1:
+    ranks = world()
+    if ranks.size() == 1:
         return grads
-    size = group.size()
-    return tree_map(lambda g: g * size, nn.average_gradients(grads, group))
+    size = ranks.size()
+    return tree_map(lambda g: g * size, nn.average_gradients(grads, ranks))
 
 
 def broadcast_from_main(tree):
@@ -116,12 +116,12 @@ def broadcast_from_main(tree):
     Arrays go in key order: trees built differently (an optimizer state loaded from
     a checkpoint vs one initialised here) may list the same keys in another order.
     """
-    group = world()
-    if group.size() == 1:
+    ranks = world()
+    if ranks.size() == 1:
         return tree
-    keep = group.rank() == 0
+    keep = ranks.rank() == 0
     flat = sorted(tree_flatten(tree), key=lambda kv: kv[0])
-    flat = [(k, mx.distributed.all_sum(x if keep else mx.zeros_like(x), group=group, stream=mx.cpu)) for k, x in flat]
+    flat = [(k, mx.distributed.all_sum(x if keep else mx.zeros_like(x), group=ranks, stream=mx.cpu)) for k, x in flat]
     mx.eval([x for _, x in flat])
     return tree_unflatten(flat)
 
@@ -141,8 +141,8 @@ def agree_on_failure(error: Exception | None, error_type: type[Exception] = User
     raise `error_type` with the first failing rank's message, named by its rank, so
     they stop together instead of waiting on the one that gave up.
     """
-    group = world()
-    if group.size() == 1:
+    ranks = world()
+    if ranks.size() == 1:
         if error is not None:
             raise error
         return
@@ -150,7 +150,7 @@ def agree_on_failure(error: Exception | None, error_type: type[Exception] = User
     mine = np.zeros(FAILURE_MESSAGE_BYTES, dtype=np.uint8)
     mine[0] = error is not None
     mine[1 : 1 + len(message)] = np.frombuffer(message, dtype=np.uint8)
-    every = np.array(mx.distributed.all_gather(mx.array(mine), group=group, stream=mx.cpu)).reshape(group.size(), -1)
+    every = np.array(mx.distributed.all_gather(mx.array(mine), group=ranks, stream=mx.cpu)).reshape(ranks.size(), -1)
     failed = np.flatnonzero(every[:, 0])
     if len(failed) > 0:
         rank = int(failed[0])

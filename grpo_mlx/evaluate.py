@@ -108,7 +108,7 @@ def decode_all(model, tokenizer, prompts: list[list[int]], group_size: int, max_
         if seed is not None:
             mx.random.seed(seed * 1_000_003 + index)
         # No log-probs: eval needs none, and keeping them holds each step's [N, V] log-softmax alive.
-        rollout = generate_rollout(model, tokenizer, batch, group_size, max_tokens, sampler, with_logprobs=False)
+        rollout = generate_rollout(model, tokenizer, batch, group_size, max_tokens, sampler)
         texts += rollout.texts
         finish += rollout.finish_reasons
         if on_batch is not None:

@@ -33,21 +33,21 @@ def _check_choice(name: str, value, choices) -> None:
 # ---------------------------------------------------------------- advantages
 
 
-def informative_groups(rewards, group_size: int, valid=None) -> mx.array:
+def informative_groups(rewards, group_size: int, applicable=None) -> mx.array:
     """[num_groups] bool: whether a group carries a learning signal.
 
-    A group is informative iff its valid rows' rewards are not all equal; rows
-    no reward applies to (valid False) do not count, so fewer than 2 valid rows
+    A group is informative iff its applicable rows' rewards are not all equal; rows
+    no reward applies to (applicable False) do not count, so fewer than 2 applicable rows
     is never informative. Found by comparison, not by std == 0: the mean of
     equal floats need not equal them exactly. Dynamic sampling keeps groups by
     this same rule, so a kept group never has all-zero advantages.
     """
     r = mx.array(rewards).astype(mx.float32).reshape(-1, group_size)
-    w = mx.ones(r.shape, dtype=mx.bool_) if valid is None else mx.array(valid).astype(mx.bool_).reshape(-1, group_size)
+    w = mx.ones(r.shape, dtype=mx.bool_) if applicable is None else mx.array(applicable).astype(mx.bool_).reshape(-1, group_size)
     big = mx.array(float("inf"), dtype=mx.float32)
     group_max = mx.where(w, r, -big).max(axis=1)
     group_min = mx.where(w, r, big).min(axis=1)
-    return group_max > group_min  # two valid rows at least, with different rewards
+    return group_max > group_min  # two applicable rows at least, with different rewards
 
 
 def group_advantages(
@@ -55,7 +55,7 @@ def group_advantages(
     group_size: int,
     scale: str = "group",
     eps: float = 1e-4,
-    valid: mx.array | None = None,
+    applicable: mx.array | None = None,
 ) -> mx.array:
     """Group-relative advantages, DeepSeekMath §4.1.2 (outcome supervision).
 
@@ -66,10 +66,10 @@ def group_advantages(
     compare. scale="batch" divides by the unbiased std of the whole batch
     instead; scale="none" does not divide (Dr. GRPO).
 
-    A group whose (valid) rewards are all equal carries no learning signal and
+    A group whose (applicable) rewards are all equal carries no learning signal and
     gets exactly 0: never NaN, and never rounding noise divided by eps.
 
-    `valid` ([N] bool, optional) marks rows whose reward applies; the others
+    `applicable` ([N] bool, optional) marks rows whose reward applies; the others
     leave their group's mean and std and get advantage 0.
     """
     _check_choice("scale", scale, SCALES)
@@ -80,14 +80,14 @@ def group_advantages(
     if n % group_size != 0:
         raise ValueError(f"{n} rewards do not split into groups of {group_size}")
 
-    w = mx.ones_like(rewards) if valid is None else mx.array(valid).astype(mx.float32)
+    w = mx.ones_like(rewards) if applicable is None else mx.array(applicable).astype(mx.float32)
     r = (rewards * w).reshape(-1, group_size)
     w = w.reshape(-1, group_size)
     count = w.sum(axis=1, keepdims=True)
     mean = r.sum(axis=1, keepdims=True) / mx.maximum(count, 1.0)
     centered = (r - mean) * w
 
-    informative = informative_groups(rewards, group_size, valid)[:, None]
+    informative = informative_groups(rewards, group_size, applicable)[:, None]
     centered = mx.where(informative, centered, 0.0)
 
     if scale == "group":

@@ -100,22 +100,17 @@ def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
     return dict(tree_flatten(model.trainable_parameters()))
 
 
-def save_adapters(model: nn.Module, directory: str | Path, adapter_config: dict, atomic_write=None) -> None:
+def save_adapters(model: nn.Module, directory: str | Path, adapter_config: dict) -> None:
     """Write adapters.safetensors + adapter_config.json in mlx-lm's format."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    write = atomic_write or _plain_write
-    write(directory / ADAPTER_WEIGHTS, lambda tmp: mx.save_safetensors(str(tmp), adapter_weights(model)))
-    write(directory / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(adapter_config, indent=2)))
+    _replace_with(directory / ADAPTER_WEIGHTS, lambda tmp: mx.save_safetensors(str(tmp), adapter_weights(model)))
+    _replace_with(directory / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(adapter_config, indent=2)))
 
 
-def _plain_write(path: Path, writer) -> None:
+def _replace_with(path: Path, writer) -> None:
+    """writer(tmp), then tmp replaces `path`: a reader never sees half a file."""
     tmp = path.with_name(path.name + ".tmp" + path.suffix)
     writer(tmp)
     os.replace(tmp, path)
 
-
-def load_adapter_weights(model: nn.Module, path: str | Path) -> None:
-    weights = mx.load(str(path))
-    model.load_weights(list(weights.items()), strict=False)
-    mx.eval(model.parameters())

@@ -128,14 +128,14 @@ def generate_rollout(
     sampler,
     prefill_step_size: int = 2048,
     on_token=None,
-    with_logprobs: bool = True,
+    with_logprobs: bool = False,
 ) -> Rollout:
     """Sample `group_size` completions for each prompt, all N decoded in one batch.
 
     `on_token(tokens_done)` is called after each decode step, for progress.
-    `with_logprobs=False` skips `Rollout.sampling_logprobs` (the trainer
-    recomputes log-probs): keeping them holds every step's [N, V] log-softmax
-    alive until the end and stacks N*T scalars, for no use in training.
+    `with_logprobs=True` keeps `Rollout.sampling_logprobs`; training and eval leave
+    it off (the trainer recomputes log-probs): keeping them holds every step's
+    [N, V] log-softmax alive until the end and stacks N*T scalars.
     """
     # Sample the policy itself: LoRA dropout (training mode) acts in the training forward only.
     modes = [(name, m, m.training) for name, m in model.named_modules()]

@@ -288,7 +288,7 @@ def main() -> None:
     from grpo_mlx.config import TrainConfig
     from grpo_mlx.data import load_examples, render_prompt
     from grpo_mlx.rollout import pad_batch
-    from grpo_mlx.trainer import LENGTH_BUCKET
+    from grpo_mlx.gradients import LENGTH_BUCKET
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="grpo-mlx-bench-"))
     work.mkdir(parents=True, exist_ok=True)

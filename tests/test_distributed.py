@@ -127,7 +127,8 @@ def train_fixed(config, steps=None, sgd=True, rollout_fn=fixed_rollout):
 def worker(model_dir: str, out_dir: str) -> None:
     """Train every case and a resumed run; write each rank's adapters and metrics to out_dir."""
     from grpo_mlx.distributed import world
-    from grpo_mlx.trainer import resume, save, setup, train
+    from grpo_mlx.runner import resume, save
+    from grpo_mlx.trainer import setup, train
 
     out, rank = Path(out_dir), world().rank()
     for name, overrides in CASES.items():
@@ -333,7 +334,9 @@ def test_update_metric_names_match_what_the_loss_reports(tiny_model_dir, tmp_pat
     """Ranks reduce update metrics by UPDATE_METRICS: the loss must report exactly those."""
     import mlx.core as mx
 
-    from grpo_mlx.trainer import UPDATE_METRICS, make_loss_fn, setup
+    from grpo_mlx.gradients import make_loss_fn
+    from grpo_mlx.step_metrics import UPDATE_METRICS
+    from grpo_mlx.trainer import setup
 
     run = setup(case_config(tiny_model_dir, tmp_path / "run"))
     tokens = mx.array([[1, 2, 3, 4]])

@@ -1,5 +1,5 @@
 """The GRPO math against a float64 NumPy reference written here, independently,
-and the loss training computes (trainer.make_loss_fn, grpo.loss_normaliser) against it."""
+and the loss training computes (gradients.make_loss_fn, grpo.loss_normaliser) against it."""
 
 import itertools
 
@@ -10,7 +10,7 @@ import pytest
 from grpo_mlx.config import TrainConfig
 from grpo_mlx.grpo import IMPORTANCE_LEVELS, KL_ESTIMATORS, LOSS_TYPES, group_advantages, loss_normaliser, policy_loss
 from grpo_mlx.logprobs import token_logprobs
-from grpo_mlx.trainer import make_loss_fn
+from grpo_mlx.gradients import make_loss_fn
 
 # ---------------------------------------------------------------- float64 reference
 
@@ -125,10 +125,10 @@ def test_group_of_two_gives_finite_symmetric_advantages():
     assert np.all(adv[2:] == 0.0)
 
 
-def test_invalid_rows_leave_the_group_mean_and_get_zero():
+def test_rows_no_reward_applies_to_leave_the_group_mean_and_get_zero():
     rewards = mx.array([1.0, 0.0, 123.0, 1.0])
-    valid = mx.array([True, True, False, True])
-    adv = np.array(group_advantages(rewards, 4, valid=valid))
+    applicable = mx.array([True, True, False, True])
+    adv = np.array(group_advantages(rewards, 4, applicable=applicable))
     assert adv[2] == 0.0
     np.testing.assert_allclose(adv[[0, 1, 3]], ref_advantages([1.0, 0.0, 1.0], 3), rtol=1e-5)
 
@@ -172,7 +172,7 @@ def tiny_policy():
 @pytest.mark.parametrize("mu", [1, 2])
 @pytest.mark.parametrize("case", range(len(GRID)), ids=["-".join(c) for c in GRID])
 def test_training_loss_matches_float64_reference(tiny_policy, case, mu):
-    """The loss training computes (trainer.make_loss_fn with grpo.loss_normaliser of the whole
+    """The loss training computes (gradients.make_loss_fn with grpo.loss_normaliser of the whole
     batch, as grpo_step passes it), whole and in micro-batches, against the paper's formulas."""
     loss_type, estimator, level = GRID[case]
     config = TrainConfig(model="unused", loss_type=loss_type, kl_estimator=estimator, importance_level=level,

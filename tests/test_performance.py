@@ -14,7 +14,7 @@ from grpo_mlx.config import TrainConfig
 from grpo_mlx.grpo import LOSS_TYPES, loss_normaliser
 from grpo_mlx.policy import attach_adapters
 from grpo_mlx.rollout import generate_rollout, make_sampler, pad_batch
-from grpo_mlx.trainer import (
+from grpo_mlx.gradients import (
     accumulate_gradients,
     enable_grad_checkpoint,
     make_grad_step,
@@ -71,8 +71,8 @@ def assert_same_grads(a, b, rtol=1e-4, atol=1e-6):
 
 def run_accumulated(model, config, tokens, mask, advantages, old, ref, batches, normaliser, grad_step=None):
     grad_step = grad_step or make_grad_step(model, config)
-    grads, loss, parts, logprobs = accumulate_gradients(grad_step, tokens, mask, advantages, old, ref, batches, normaliser)
-    return flat_grads(grads), loss, parts, np.array(logprobs)
+    grads, loss, micro_batch_stats, logprobs = accumulate_gradients(grad_step, tokens, mask, advantages, old, ref, batches, normaliser)
+    return flat_grads(grads), loss, micro_batch_stats, np.array(logprobs)
 
 
 # ---------------------------------------------------------------- compile
@@ -87,13 +87,13 @@ def test_compiled_step_gives_the_same_loss_and_gradients_and_sees_new_weights(ti
     plain_step, compiled_step = make_grad_step(model, plain_config), make_grad_step(model, compiled_config)
 
     for update in range(2):
-        g_plain, loss_plain, parts_plain, lp_plain = run_accumulated(model, plain_config, tokens, mask, adv, old, ref, batches, norm, plain_step)
-        g_comp, loss_comp, parts_comp, lp_comp = run_accumulated(model, compiled_config, tokens, mask, adv, old, ref, batches, norm, compiled_step)
+        g_plain, loss_plain, stats_plain, lp_plain = run_accumulated(model, plain_config, tokens, mask, adv, old, ref, batches, norm, plain_step)
+        g_comp, loss_comp, stats_comp, lp_comp = run_accumulated(model, compiled_config, tokens, mask, adv, old, ref, batches, norm, compiled_step)
         assert loss_comp == pytest.approx(loss_plain, rel=1e-5, abs=1e-7)
         assert_same_grads(g_plain, g_comp)
         np.testing.assert_allclose(lp_comp, lp_plain, rtol=1e-5, atol=1e-5)
-        for k, v in parts_plain[0][1].items():
-            assert parts_comp[0][1][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+        for k, v in stats_plain[0][1].items():
+            assert stats_comp[0][1][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
         lora_b = [v for k, v in g_comp.items() if k.endswith("lora_b")]
         assert lora_b and all(np.abs(v).max() > 0 for v in lora_b)
         # An optimizer update between calls: a compiled step that captured the weights
@@ -188,9 +188,9 @@ def test_rollout_without_sampler_logprobs_samples_the_same_completions(tiny_mode
     model, tokenizer = load(str(tiny_model_dir))
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 4 plus 5?"}], add_generation_prompt=True)
     mx.random.seed(7)
-    with_lp = generate_rollout(model, tokenizer, [prompt], 4, 8, make_sampler(1.0))
+    with_lp = generate_rollout(model, tokenizer, [prompt], 4, 8, make_sampler(1.0), with_logprobs=True)
     mx.random.seed(7)
-    without = generate_rollout(model, tokenizer, [prompt], 4, 8, make_sampler(1.0), with_logprobs=False)
+    without = generate_rollout(model, tokenizer, [prompt], 4, 8, make_sampler(1.0))
     assert without.sampling_logprobs is None
     assert [len(x) for x in with_lp.sampling_logprobs] == with_lp.completion_lengths
     assert without.completion_tokens == with_lp.completion_tokens
@@ -203,7 +203,7 @@ def test_rollout_without_sampler_logprobs_samples_the_same_completions(tiny_mode
 @pytest.mark.parametrize("compile_", [False, True])
 def test_scoring_completion_positions_only_gives_the_same_loss_and_gradients(tiny_model_dir, compile_):
     from grpo_mlx.logprobs import lm_head_split_matches
-    from grpo_mlx.trainer import first_scored_position
+    from grpo_mlx.gradients import first_scored_position
 
     model, _ = lora_model(tiny_model_dir)
     assert lm_head_split_matches(model)
@@ -218,13 +218,13 @@ def test_scoring_completion_positions_only_gives_the_same_loss_and_gradients(tin
     batches = micro_batches(4, 3)  # two micro-batches
     full = make_grad_step(model, config)
     split = make_grad_step(model, config, split_head=True)
-    g_full, loss_full, parts_full, lp_full = run_accumulated(model, config, tokens, mask, adv, old, ref, batches, norm, full)
-    grads, loss, parts, logprobs = accumulate_gradients(split, tokens, mask, adv, old, ref, batches, norm, start)
+    g_full, loss_full, stats_full, lp_full = run_accumulated(model, config, tokens, mask, adv, old, ref, batches, norm, full)
+    grads, loss, micro_batch_stats, logprobs = accumulate_gradients(split, tokens, mask, adv, old, ref, batches, norm, start)
     assert loss == pytest.approx(loss_full, rel=1e-5, abs=1e-7)
     assert_same_grads(g_full, flat_grads(grads))
     m = np.array(mask)
     np.testing.assert_allclose(np.array(logprobs) * m, lp_full * m, rtol=1e-5, atol=1e-5)
-    for (w, metrics), (w_full, metrics_full) in zip(parts, parts_full):
+    for (w, metrics), (w_full, metrics_full) in zip(micro_batch_stats, stats_full):
         assert w == w_full
         for k, v in metrics_full.items():
             assert metrics[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
@@ -233,7 +233,7 @@ def test_scoring_completion_positions_only_gives_the_same_loss_and_gradients(tin
 @pytest.mark.parametrize("micro_batch_size", [None, 3])
 def test_running_each_prompt_once_per_group_gives_the_same_loss_and_gradients(tiny_model_dir, micro_batch_size):
     from grpo_mlx.logprobs import supports_shared_prompt
-    from grpo_mlx.trainer import forward_logprobs, prompt_groups
+    from grpo_mlx.gradients import forward_logprobs, prompt_groups
 
     model, _ = lora_model(tiny_model_dir)
     assert supports_shared_prompt(model)
@@ -261,7 +261,7 @@ def test_running_each_prompt_once_per_group_gives_the_same_loss_and_gradients(ti
 
 
 def test_unset_micro_batch_size_keeps_a_real_models_logits_under_the_budget():
-    from grpo_mlx.trainer import LOGITS_BUDGET_BYTES, auto_micro_batch_size
+    from grpo_mlx.gradients import LOGITS_BUDGET_BYTES, auto_micro_batch_size
 
     # Qwen2.5's vocabulary, 512 scored positions: one row's float32 logits are ~311 MB.
     rows = auto_micro_batch_size(512, 151_936)
@@ -272,6 +272,7 @@ def test_unset_micro_batch_size_keeps_a_real_models_logits_under_the_budget():
 
 
 def test_training_step_splits_into_micro_batches_when_logits_exceed_the_budget(tiny_model_dir, tmp_path, monkeypatch):
+    import grpo_mlx.gradients as gradients
     import grpo_mlx.trainer as trainer
     from grpo_mlx.config import build_config
 
@@ -289,7 +290,7 @@ def test_training_step_splits_into_micro_batches_when_logits_exceed_the_budget(t
     run = trainer.setup(config)
     list(trainer.train(run))
     assert seen[-1] == [8]  # tiny vocabulary: one micro-batch
-    monkeypatch.setattr(trainer, "LOGITS_BUDGET_BYTES", 1)  # every row over budget
+    monkeypatch.setattr(gradients, "LOGITS_BUDGET_BYTES", 1)  # every row over budget
     config.steps = 2
     list(trainer.train(run))
     assert seen[-1] == [1] * 8

@@ -57,7 +57,7 @@ def test_recomputed_logprobs_equal_the_samplers(policy):
     model, tokenizer = policy
     prompts = [chat(tokenizer, "What is 40 plus 2?"), chat(tokenizer, "Add 3 and 9, please.")]
     mx.random.seed(1)
-    rollout = generate_rollout(model, tokenizer, prompts, 4, 10, make_sampler(1.0))
+    rollout = generate_rollout(model, tokenizer, prompts, 4, 10, make_sampler(1.0), with_logprobs=True)
     tokens, mask = pad_batch(rollout.prompt_tokens, rollout.completion_tokens, 0, bucket=32)
     recomputed = np.array(token_logprobs(model, tokens))
     for i, sampled in enumerate(rollout.sampling_logprobs):
@@ -118,7 +118,8 @@ def test_prompts_longer_than_the_prefill_step_are_prefilled_in_chunks(policy):
     step = 8
     assert len(prompts[0]) > 4 * step
     recording = RecordingModel(model)
-    chunked = generate_rollout(recording, tokenizer, prompts, 2, 8, make_sampler(0.0), prefill_step_size=step)
+    chunked = generate_rollout(recording, tokenizer, prompts, 2, 8, make_sampler(0.0), prefill_step_size=step,
+                               with_logprobs=True)
     whole = generate_rollout(model, tokenizer, prompts, 2, 8, make_sampler(0.0))
     # Each prompt but its last token (the generator's first input), `step` tokens at a time, then decoding.
     chunks = [min(step, len(p) - 1 - start) for p in prompts for start in range(0, len(p) - 1, step)]
@@ -147,11 +148,11 @@ def test_rollout_samples_without_lora_dropout_and_leaves_training_on(tiny_model_
     dropouts = [m for name, m in model.named_modules() if name.endswith(".dropout")]
     assert dropouts and all(m.training for m in dropouts)  # as the trainer holds the model
     prompts = [chat(tokenizer, "What is 12 plus 30?")]
-    rollouts = [generate_rollout(model, tokenizer, prompts, 4, 8, make_sampler(0.0)) for _ in range(2)]
+    rollouts = [generate_rollout(model, tokenizer, prompts, 4, 8, make_sampler(0.0), with_logprobs=True) for _ in range(2)]
     assert all(m.training for m in dropouts)  # training goes on with dropout
 
     model.eval()
-    expected = generate_rollout(model, tokenizer, prompts, 4, 8, make_sampler(0.0))
+    expected = generate_rollout(model, tokenizer, prompts, 4, 8, make_sampler(0.0), with_logprobs=True)
     for rollout in rollouts:
         assert rollout.completion_tokens == expected.completion_tokens
         for got, want in zip(rollout.sampling_logprobs, expected.sampling_logprobs):

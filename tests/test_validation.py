@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+import grpo_mlx.sampling as sampling
 import grpo_mlx.trainer as trainer
 from grpo_mlx.checkpoint import load_latest_checkpoint
 from grpo_mlx.cli import main
@@ -204,26 +205,26 @@ def test_first_warmup_step_changes_the_adapters(tiny_model_dir, tmp_path):
 # ---------------------------------------------------------------- dynamic sampling
 
 
-def test_a_group_is_informative_only_if_its_valid_rewards_differ():
+def test_a_group_is_informative_only_if_its_applicable_rewards_differ():
     rewards = [1, 1, 1, 0,  1, 0, 1, 1,  5, 0, 0, 0,  2, 2, 2, 2]
-    valid = [1, 1, 1, 0,  1, 1, 1, 1,  1, 0, 0, 0,  1, 1, 1, 1]
-    assert np.array(informative_groups(rewards, 4, valid)).tolist() == [False, True, False, False]
+    applicable = [1, 1, 1, 0,  1, 1, 1, 1,  1, 0, 0, 0,  1, 1, 1, 1]
+    assert np.array(informative_groups(rewards, 4, applicable)).tolist() == [False, True, False, False]
     assert np.array(informative_groups(rewards, 4)).tolist() == [True, True, True, False]
     # group_advantages follows the same rule: zero exactly where a group is not informative
-    advantages = np.array(group_advantages(mx.array(rewards, dtype=mx.float32), 4, valid=mx.array(valid))).reshape(4, 4)
+    advantages = np.array(group_advantages(mx.array(rewards, dtype=mx.float32), 4, applicable=mx.array(applicable))).reshape(4, 4)
     assert (np.abs(advantages).sum(axis=1) > 0).tolist() == [False, True, False, False]
 
 
-def test_dynamic_sampling_drops_a_group_whose_valid_rows_are_equal(tiny_model_dir, tmp_path):
+def test_dynamic_sampling_drops_a_group_whose_applicable_rows_are_equal(tiny_model_dir, tmp_path):
     # Every group: three rows score 1, the last row gets None (the reward does not apply),
-    # which the combined reward scores 0. Over its valid rows the group is constant.
+    # which the combined reward scores 0. Over its applicable rows the group is constant.
     plugin = tmp_path / "partial.py"
     plugin.write_text("def partial(completions, answers, group_size, **fields):\n"
                       "    return [None if i % group_size == group_size - 1 else 1.0 for i in range(len(completions))]\n")
     config = tiny_config(tmp_path, model=str(tiny_model_dir), steps=1, reward=[f"{plugin}:partial"],
                          dynamic_sampling=True, max_sampling_rounds=1)
     run = trainer.setup(config)
-    rollout, examples, rewards, valid, _, timing = trainer.sample_groups(run, 1)
+    rollout, examples, rewards, valid, _, timing = sampling.sample_groups(run, 1)
     assert timing["sampling_rounds"] == 2 and examples == [] and rollout.num_rows == 0
     (metrics, _), = list(trainer.train(run))
     assert metrics["skipped_update"] == 1.0

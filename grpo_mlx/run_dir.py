@@ -1,0 +1,131 @@
+"""The run directory: check --output against --resume/--overwrite, create and lock it,
+clear an old run once the new one has loaded, and write config.yaml.
+
+Nothing the user keeps is removed: only a directory marked as a grpo-mlx run
+(RUN_MARKER), holding only what a run writes, is ever emptied.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from .checkpoint import RUN_MARKER, RunLock, atomic_write, checkpoint_dirs, foreign_entries, remove_run_files, run_entries
+from .config import ONE_SHOT_ACTIONS, TrainConfig, config_to_dict
+from .errors import UserError
+
+
+def prepare_run_dir(config: TrainConfig):
+    """Check --output, create and lock it: (run_dir, lock). Nothing is removed here.
+
+    A run directory is one `train` created: it holds RUN_MARKER. A new run needs a
+    new or empty directory; --resume a run with a checkpoint; --overwrite a marked
+    run holding only what a run writes, which `clear_old_run` empties once the new
+    run has loaded. A live run's lock refuses every second `train` on it.
+    """
+    run_dir = Path(config.output)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--output {run_dir} is a file, not a directory: choose another --output")
+    lock = RunLock(run_dir)
+    try:
+        if lock.path.exists() and not lock.acquire():
+            raise UserError(
+                f"{run_dir} is in use by a running grpo-mlx train (pid {lock.holder()}): "
+                "wait for it to end or stop it, or choose another --output"
+            )
+        check_run_dir(config, run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not config.resume and not (run_dir / RUN_MARKER).exists():  # a new run in a new or empty directory
+            (run_dir / RUN_MARKER).write_text("written by grpo-mlx train: --overwrite may replace this run\n")
+        if not lock.acquire():  # another train created it in the meantime
+            raise UserError(f"{run_dir} is in use by a running grpo-mlx train (pid {lock.holder()}): choose another --output")
+    except OSError as e:
+        lock.release()
+        raise UserError(f"cannot prepare run directory {run_dir} ({e.strerror or e}): choose another --output")
+    except BaseException:
+        lock.release()
+        raise
+    return run_dir, lock
+
+
+def check_run_dir(config: TrainConfig, run_dir: Path) -> None:
+    """Refuse an --output the requested action does not fit; see prepare_run_dir."""
+    if not run_dir.is_dir():
+        if config.resume:
+            raise UserError(f"nothing to resume in {run_dir}: it does not exist; drop --resume to start a run")
+        return
+    marked = (run_dir / RUN_MARKER).exists()
+    written = run_entries(run_dir)
+    foreign = foreign_entries(run_dir)
+    if config.resume:
+        if not written:
+            raise UserError(f"nothing to resume in {run_dir}: it holds no run; drop --resume to start one")
+        check_same_adapters(config, run_dir)
+        if not checkpoint_dirs(run_dir):
+            raise UserError(
+                f"no checkpoint in {run_dir}: --resume has nothing to continue from; "
+                "restore its checkpoints/ folder, or pass --overwrite to start over"
+            )
+        return
+    # Files grpo-mlx did not write: a user's folder, or a run with the user's files in it. Only a plain
+    # `train` on a run of ours goes on, to the "already holds a run" message below.
+    if foreign and (config.overwrite or not (marked and written)):
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        action = "--overwrite removes only a grpo-mlx run's own files" if config.overwrite else "a run needs a new or empty folder"
+        raise UserError(
+            f"--output {run_dir} holds files grpo-mlx did not write ({shown}): {action}; choose another --output"
+        )
+    if written and not config.overwrite:
+        raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, --overwrite to replace it, or another --output")
+    if written and not marked:
+        raise UserError(
+            f"{run_dir} has no {RUN_MARKER} marker (made by an older grpo-mlx, or not by grpo-mlx), so --overwrite "
+            "will not delete it: delete it by hand, or choose another --output"
+        )
+
+
+def clear_old_run(run_dir: Path, log=lambda msg: None) -> None:
+    """--overwrite: remove the old run's files, once the new run has loaded everything it needs."""
+    if not run_entries(run_dir):
+        return
+    try:
+        remove_run_files(run_dir)
+    except OSError as e:
+        raise UserError(f"cannot remove the old run in {run_dir} ({e.strerror or e}): remove it by hand or choose another --output")
+    log(f"removed the previous run in {run_dir} (--overwrite)")
+
+
+# Fields that shape the model and its adapters: a run resumed with others would load mismatched weights.
+RESUME_MUST_MATCH = ("model", "quantize", "q_bits", "q_group_size", "lora_rank", "lora_layers", "lora_scale", "dora")
+
+
+def check_same_adapters(config: TrainConfig, run_dir: Path) -> None:
+    """Compare with the run's config.yaml, before the model loads (`resume` checks the checkpoint itself)."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    try:
+        saved = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        return  # written atomically by us; unreadable only if edited by hand: the checkpoint decides
+    if not isinstance(saved, dict):
+        return
+    ours = config_to_dict(config)
+    changed = [f"{k} {saved[k]!r} -> {ours[k]!r}" for k in RESUME_MUST_MATCH if k in saved and saved[k] != ours[k]]
+    if changed:
+        raise UserError(
+            f"{run_dir} holds a different run ({', '.join(changed)}): resume it with its own settings, "
+            "pass --overwrite to replace it, or choose another --output"
+        )
+
+
+def write_config(config: TrainConfig, run_dir: Path, logprob_path: str | None = None) -> None:
+    """config.yaml: the run's settings, reusable as --config; `logprob_path` (how the log-probs
+    were computed, trainer.LOGPROB_PATHS) goes in a comment, recorded but never read back."""
+    # --resume and --overwrite act once: a config.yaml reused as --config must not replay them.
+    values = {k: v for k, v in config_to_dict(config).items() if k not in ONE_SHOT_ACTIONS}
+    text = yaml.safe_dump(values, sort_keys=False)
+    if logprob_path is not None:
+        text = f"# recorded by grpo-mlx train, not read back:\n# logprob_path: {logprob_path}\n" + text
+    atomic_write(run_dir / "config.yaml", lambda p: Path(p).write_text(text))

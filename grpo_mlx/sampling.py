@@ -1,0 +1,174 @@
+"""Sampling and scoring a batch of GRPO groups: B prompts x G completions, every reward.
+
+Rewards are also tried here before the model loads (`try_rewards`, `check_answers`),
+and a reward that fails mid-run is traced to the example it failed on (`failing_example`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import distributed
+from .config import TrainConfig
+from .data import check_prompt_lengths, render_prompt, take_examples
+from .errors import UserError
+from .grpo import informative_groups
+from .rewards import RewardError, first_failing_rows, score_completions
+from .rollout import Rollout, make_sampler
+from .step_metrics import prompt_text
+
+if TYPE_CHECKING:  # trainer imports this module: the annotation alone needs Run
+    from .trainer import Run
+
+TRIAL_EXAMPLES = 2  # examples a reward function is tried on before training
+
+
+def check_answers(reward_fns: dict, examples: list, dataset: str, log) -> None:
+    """Refuse data with no gold answer when every reward needs one (all rows would score "does not
+    apply": zero signal); warn when most examples lack one."""
+    needing = [name for name, fn in reward_fns.items() if getattr(fn, "needs_answer", False)]
+    missing = sum(ex.answer is None for ex in examples)
+    if not needing or not examples or missing * 2 <= len(examples):
+        return
+    if missing == len(examples) and len(needing) == len(reward_fns):
+        raise UserError(
+            f"no example of {dataset} has a gold answer, and every reward asked for ({', '.join(needing)}) "
+            "scores against one, so none would apply: "
+            "name the answer field with --answer-field, or use a reward that needs none (e.g. format)"
+        )
+    log(f"warning: {missing} of {len(examples)} examples have no gold answer; {', '.join(needing)} "
+        "does not apply to them")
+
+
+def try_rewards(reward_fns: dict, examples: list, config: TrainConfig) -> None:
+    """Call every reward function once before the model loads, so a broken plug-in fails in seconds.
+
+    The trial completions are the gold answers themselves (empty text where there
+    is none), laid out as a rollout would be: G rows per example.
+    """
+    trial = examples[:TRIAL_EXAMPLES]
+    texts = [ex.answer or "" for ex in trial for _ in range(config.group_size)]
+    failure = None
+    for name, fn in reward_fns.items():
+        try:
+            score_groups({name: fn}, {}, config, trial, texts, [len(t) for t in texts])
+        except RewardError as e:
+            failure = RewardError(f"{e} (in a trial call before training, with the gold answers as completions); fix the function")
+            failure.__cause__ = e
+            break
+    # A plug-in may fail on one rank only (its own files, its own machine): every rank stops.
+    distributed.agree_on_failure(failure, RewardError)
+
+
+def sample_groups(run: Run, step: int):
+    """Draw prompts, roll out G completions each, score them.
+
+    With dynamic sampling (DAPO) groups whose rewards are all equal are dropped
+    and more prompts are drawn, up to `max_sampling_rounds` extra rounds.
+
+    With R ranks each round draws the prompts all ranks still need from the one
+    data stream, as a single process would, and rank r keeps its share in rank
+    order: the first round gives rank r prompts r*B/R .. (r+1)*B/R-1. Every rank
+    runs the same rounds and advances `data_position` alike.
+    """
+    c = run.config
+    G = c.group_size
+    rank = distributed.world().rank()
+    local_batch = distributed.local_batch_size(c.batch_size, distributed.world().size())
+    sampler = make_sampler(c.temperature, c.top_p, c.top_k, c.min_p)
+    kept_rollouts, kept_examples, kept_rewards, kept_applicable, kept_columns = [], [], [], [], []
+    gen_time = reward_time = 0.0
+    gen_tokens = rounds = 0
+    for _ in range(1 + (c.max_sampling_rounds if c.dynamic_sampling else 0)):
+        needs = distributed.gather_counts(local_batch - len(kept_examples))  # every rank's shortfall
+        if sum(needs) == 0:
+            break
+        drawn = take_examples(run.examples, c.seed, run.data_position, sum(needs))
+        run.data_position += sum(needs)
+        rounds += 1
+        examples = drawn[sum(needs[:rank]) : sum(needs[: rank + 1])]
+        if not examples:  # this rank is full; the others draw more
+            distributed.agree_on_failure(None, RewardError)  # joins the others' reward check below
+            continue
+        rollout, rewards, applicable, columns, (seconds_generating, seconds_scoring) = sample_round(run, step, examples, sampler)
+        gen_time += seconds_generating
+        reward_time += seconds_scoring
+        gen_tokens += sum(rollout.completion_lengths)
+
+        # The advantages' own rule: a group kept here never gets all-zero advantages.
+        keep = np.array(informative_groups(rewards, G, applicable)) if c.dynamic_sampling else np.ones(len(examples), bool)
+        informative = [g for g in range(len(examples)) if keep[g]]
+        for g in informative:
+            rows = slice(g * G, (g + 1) * G)
+            kept_examples.append(examples[g])
+            kept_rewards += rewards[rows]
+            kept_applicable += applicable[rows]
+            kept_columns.append({k: v[rows] for k, v in columns.items()})
+        kept_rollouts.append(rollout.select_groups(informative))
+
+    rollout = Rollout.concatenate(kept_rollouts)
+    columns = {k: [x for col in kept_columns for x in col[k]] for k in columns}
+    timing = {"time/generation": gen_time, "time/rewards": reward_time, "generated_tokens": gen_tokens, "sampling_rounds": rounds}
+    return rollout, kept_examples, kept_rewards, kept_applicable, columns, timing
+
+
+def sample_round(run: Run, step: int, examples: list, sampler):
+    """Roll out and score G completions for each of `examples`:
+    (rollout, rewards, applicable, columns, (generation seconds, reward seconds)).
+
+    A reward failing on any rank raises RewardError on every rank.
+    """
+    c = run.config
+    G = c.group_size
+    prompts = [render_prompt(run.tokenizer, ex, run.system_prompt) for ex in examples]
+    check_prompt_lengths(prompts, run.prompt_limit)
+
+    tic = time.perf_counter()
+    rollout = run.rollout_fn(run.model, run.tokenizer, prompts, G, c.max_tokens, sampler)
+    gen_time = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    failure = None
+    try:
+        rewards, applicable, columns = score_groups(run.reward_fns, run.reward_weights, c, examples, rollout.texts, rollout.completion_lengths)
+    except RewardError as e:
+        where = failing_example(run, examples, rollout.texts, rollout.completion_lengths)
+        failure = RewardError(f"{e}; at step {step}, {where}")
+        failure.__cause__ = e
+    reward_time = time.perf_counter() - tic
+    # A reward failing on one rank stops every rank here, none left waiting in a collective.
+    distributed.agree_on_failure(failure, RewardError)
+    return rollout, rewards, applicable, columns, (gen_time, reward_time)
+
+
+def score_groups(reward_fns, reward_weights, config: TrainConfig, examples, texts, completion_lengths):
+    """Score G completions per example with every reward function: (rewards, applicable, columns)."""
+    G = config.group_size
+    return score_completions(
+        reward_fns,
+        reward_weights,
+        texts,
+        [ex.answer for ex in examples for _ in range(G)],
+        [ex.meta for ex in examples for _ in range(G)],
+        completion_lengths=completion_lengths,
+        group_size=G,
+        max_completion_length=config.max_tokens,
+    )
+
+
+def failing_example(run: Run, examples, texts, completion_lengths) -> str:
+    """Name the example a reward failed on: the first group that also fails when scored alone."""
+    G = run.config.group_size
+
+    def score_group(rows: slice):
+        g = rows.start // G
+        score_groups(run.reward_fns, run.reward_weights, run.config, examples[g:g + 1], texts[rows], completion_lengths[rows])
+
+    rows = first_failing_rows(score_group, len(examples) * G, block=G)
+    if rows is None:
+        return f"a batch of {len(examples)} examples starting with {prompt_text(examples[0])[:80]!r}"
+    ex = examples[rows.start // G]
+    return f"example {prompt_text(ex)[:80]!r} (answer {ex.answer!r})"
