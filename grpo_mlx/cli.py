@@ -102,7 +102,8 @@ def generate(**flags):
     import mlx.core as mx
     from mlx_lm.generate import generate as mlx_generate
 
-    from .data import Example, render_prompt, resolve_system_prompt
+    from .data import Example
+    from .prompts import render_prompt, resolve_system_prompt
     from .fuse import load_with_adapters
     from .rollout import make_sampler
 

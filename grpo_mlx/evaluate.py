@@ -129,7 +129,7 @@ def evaluate_examples(model, tokenizer, examples, samples: int = 1, system_promp
     `on_progress(phase, num_prompts)` is called after each batch, phase "greedy" or "sampled".
     Returns {"accuracy", "correct", "num_examples", "greedy_truncated", ["pass@k", "maj@K"], "examples"}.
     """
-    from .data import render_prompt, resolve_system_prompt
+    from .prompts import render_prompt, resolve_system_prompt
     from .rollout import make_sampler
 
     golds = [ex.answer for ex in examples]
@@ -187,7 +187,8 @@ def evaluate(config: EvalConfig, on_progress=None, on_start=None) -> dict:
     Prompts longer than the model's context less `max_tokens` are skipped and counted
     (`skipped_long_prompts`); when none is short enough, evaluation is refused.
     """
-    from .data import context_length, drop_long_prompts, load_examples, prompt_length_limit, resolve_system_prompt
+    from .data import load_examples
+    from .prompts import context_length, drop_long_prompts, prompt_length_limit, resolve_system_prompt
     from .fuse import load_with_adapters, trained_base_model
 
     c = config.validate()

@@ -13,7 +13,8 @@ import numpy as np
 
 from . import distributed
 from .config import TrainConfig
-from .data import check_prompt_lengths, render_prompt, take_examples
+from .data import take_examples
+from .prompts import check_prompt_lengths, render_prompt
 from .errors import UserError
 from .grpo import informative_groups
 from .rewards import RewardError, first_failing_rows, score_completions

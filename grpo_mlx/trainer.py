@@ -51,14 +51,8 @@ from mlx.utils import tree_flatten, tree_map
 
 from . import distributed
 from .config import TrainConfig
-from .data import (
-    Example,
-    context_length,
-    drop_long_prompts,
-    load_examples_with_stats,
-    prompt_length_limit,
-    resolve_system_prompt,
-)
+from .data import Example, load_examples_with_stats
+from .prompts import context_length, drop_long_prompts, prompt_length_limit, resolve_system_prompt
 from .errors import UserError
 from .gradients import (
     LENGTH_BUCKET,
@@ -98,7 +92,7 @@ class Run:
     reward_weights: dict[str, float]
     optimizer: optim.Optimizer
     system_prompt: str | None
-    prompt_limit: int | None = None  # longest prompt in tokens (data.prompt_length_limit)
+    prompt_limit: int | None = None  # longest prompt in tokens (prompts.prompt_length_limit)
     step: int = 0
     data_position: int = 0
     bad_steps: int = 0

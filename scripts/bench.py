@@ -286,7 +286,8 @@ def main() -> None:
     import mlx.core as mx
 
     from grpo_mlx.config import TrainConfig
-    from grpo_mlx.data import load_examples, render_prompt
+    from grpo_mlx.data import load_examples
+    from grpo_mlx.prompts import render_prompt
     from grpo_mlx.rollout import pad_batch
     from grpo_mlx.gradients import LENGTH_BUCKET
 

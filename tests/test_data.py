@@ -11,17 +11,15 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from grpo_mlx.data import (  # noqa: E402
-    SYSTEM_PROMPTS,
     Example,
     arithmetic_examples,
     countdown_examples,
     epoch_order,
     load_examples,
     load_examples_with_stats,
-    render_prompt,
-    resolve_system_prompt,
     take_examples,
 )
+from grpo_mlx.prompts import SYSTEM_PROMPTS, render_prompt, resolve_system_prompt  # noqa: E402
 from grpo_mlx.errors import UserError  # noqa: E402
 
 GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k"

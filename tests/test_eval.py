@@ -14,7 +14,8 @@ import pytest
 from grpo_mlx.answers import to_number
 from grpo_mlx.cli import main
 from grpo_mlx.config import EvalConfig
-from grpo_mlx.data import arithmetic_examples, render_prompt
+from grpo_mlx.data import arithmetic_examples
+from grpo_mlx.prompts import render_prompt
 from grpo_mlx.errors import UserError
 from grpo_mlx.evaluate import EvalProgress, evaluate, k_values, majority_vote, pass_at_k
 from grpo_mlx.rewards import accuracy_reward, list_rewards

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
 from grpo_mlx.cli import cli, main
-from grpo_mlx.data import Example, render_prompt
+from grpo_mlx.data import Example
+from grpo_mlx.prompts import render_prompt
 from grpo_mlx.fuse import FUSE_MARKER, load_with_adapters
 from grpo_mlx.tiny_model import demo_model_path
 

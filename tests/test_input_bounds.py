@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from grpo_mlx.config import build_config
-from grpo_mlx.data import Example, arithmetic_examples, render_prompt
+from grpo_mlx.data import Example, arithmetic_examples
+from grpo_mlx.prompts import render_prompt
 from grpo_mlx.errors import UserError
 from grpo_mlx.trainer import setup, train
 
@@ -76,7 +77,7 @@ def test_max_tokens_beyond_the_context_is_refused(tiny_model_dir, tmp_path):
 
 
 def test_the_limit_is_exact_in_tokens_at_the_boundary(tiny_model_dir):
-    from grpo_mlx.data import drop_long_prompts
+    from grpo_mlx.prompts import drop_long_prompts
     from grpo_mlx.policy import load_model
 
     _, tokenizer, _ = load_model(str(tiny_model_dir))
@@ -89,7 +90,7 @@ def test_the_limit_is_exact_in_tokens_at_the_boundary(tiny_model_dir):
 
 
 def test_rendered_prompts_are_checked_again_before_rolling_out():
-    from grpo_mlx.data import check_prompt_lengths
+    from grpo_mlx.prompts import check_prompt_lengths
 
     check_prompt_lengths([[1] * 10, [1] * 12], 12)
     with pytest.raises(UserError, match="rendered to 13 tokens, more than the limit of 12"):

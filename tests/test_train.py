@@ -134,7 +134,8 @@ def test_train_fuse_and_load_give_the_same_greedy_output(trained_run_dir, tiny_m
     from mlx_lm.generate import generate
     from mlx_lm.utils import load
 
-    from grpo_mlx.data import Example, render_prompt
+    from grpo_mlx.data import Example
+    from grpo_mlx.prompts import render_prompt
     from grpo_mlx.fuse import load_with_adapters
 
     run_dir, fused_dir = trained_run_dir, tmp_path / "fused"  # trained by `grpo-mlx train` (conftest.py)

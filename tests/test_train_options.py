@@ -13,7 +13,8 @@ from mlx.utils import tree_flatten
 from grpo_mlx.cli import cli, main
 import grpo_mlx.trainer as trainer
 from grpo_mlx.config import build_config
-from grpo_mlx.data import Example, epoch_order, render_prompt
+from grpo_mlx.data import Example, epoch_order
+from grpo_mlx.prompts import render_prompt
 from grpo_mlx.fuse import load_with_adapters
 from grpo_mlx.policy import reference_mode
 from grpo_mlx.trainer import setup, train
