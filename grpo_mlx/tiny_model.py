@@ -2,7 +2,7 @@
 
 Two uses: random-weight fixtures for tests (`make_tiny_model`, well under a second) and the
 embedded demo model in `grpo_mlx/demo_model/` (built by `scripts/build_demo_model.py`), which
-lets `grpo-mlx demo` show GRPO learning without downloading anything.
+lets `grpo-mlx train` (no options) show GRPO learning without downloading anything.
 
 The directory layout is what a Hugging Face Qwen2 checkpoint has, cut down to what
 `mlx_lm.load` and `transformers.AutoTokenizer` read: `config.json`, `model.safetensors`,
