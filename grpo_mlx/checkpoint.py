@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -151,10 +152,26 @@ def load_latest_checkpoint(run_dir: Path, warn=None):
 # ---------------------------------------------------------------- the run directory
 
 
+CHECKPOINT_FILES = {ADAPTER_WEIGHTS, ADAPTER_CONFIG, OPTIMIZER_STATE, TRAINER_STATE}
+_CHECKPOINT_NAME = re.compile(r"(\.tmp-)?step-\d{6,}")
+
+
 def foreign_entries(run_dir: Path) -> list[str]:
-    """Names at the top of `run_dir` that no run writes (RUN_FILES and their atomic_write leftovers)."""
+    """Paths in `run_dir` that no run writes: at the top (RUN_FILES and their atomic_write
+    leftovers), and inside checkpoints/ (step-NNNNNN folders holding a checkpoint's files)."""
     ours = set(RUN_FILES) | {_tmp_name(name) for name in RUN_FILES} | set(SYSTEM_FILES)
-    return sorted(p.name for p in Path(run_dir).iterdir() if p.name not in ours)
+    foreign = [p.name for p in Path(run_dir).iterdir() if p.name not in ours]
+    root = Path(run_dir) / CHECKPOINTS
+    if root.is_symlink() or (root.exists() and not root.is_dir()):
+        foreign.append(CHECKPOINTS)
+    elif root.is_dir():
+        for step in root.iterdir():
+            if not (_CHECKPOINT_NAME.fullmatch(step.name) and step.is_dir() and not step.is_symlink()):
+                foreign.append(f"{CHECKPOINTS}/{step.name}")
+                continue
+            foreign += [f"{CHECKPOINTS}/{step.name}/{p.name}" for p in step.iterdir()
+                        if p.name not in CHECKPOINT_FILES or not p.is_file() or p.is_symlink()]
+    return sorted(foreign)
 
 
 def run_entries(run_dir: Path) -> list[Path]:

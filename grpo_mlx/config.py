@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -337,6 +338,10 @@ def load_config_file(path: str | Path) -> dict:
     return values
 
 
+# Fields naming a file or folder: a leading ~ means the home folder.
+PATH_FIELDS = {"model", "adapter_path", "dataset", "output"}
+
+
 def build_config(file_values: dict | None = None, flag_values: dict | None = None, kind: type = TrainConfig):
     """A validated `kind` (TrainConfig, EvalConfig, GenerateConfig) from defaults, the demo preset (train
     without --model), a config file and flags, later sources winning (None = not given)."""
@@ -348,6 +353,9 @@ def build_config(file_values: dict | None = None, flag_values: dict | None = Non
                 raise UserError(f"unknown config option {key!r}: see `grpo-mlx {kind.command} --help` for the options")
             if value is not None:
                 values[key] = _coerce(key, hints[key], value)
+    for key in PATH_FIELDS & values.keys():  # "~/runs/x" is the home folder, as in a shell
+        if isinstance(values[key], str) and values[key].startswith("~"):
+            values[key] = os.path.expanduser(values[key])
     if kind is TrainConfig and values.get("model") is None:
         for key, value in DEMO_PRESET.items():
             values.setdefault(key, value)

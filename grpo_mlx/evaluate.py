@@ -232,7 +232,18 @@ def check_result_path(path: str | Path) -> Path:
         raise UserError(f"--output {path}: {parent} is a file, not a folder; choose another path for the results")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"--output {path}: folder {parent} is not writable; choose another path for the results")
+    if path.exists() and not is_eval_result(path):
+        raise UserError(f"--output {path} exists and is not an earlier eval result: choose another path (eval replaces only its own results)")
     return path
+
+
+def is_eval_result(path: Path) -> bool:
+    """Whether `path` holds what write_result writes (so replacing it loses nothing of the user's)."""
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(result, dict) and {"accuracy", "settings"} <= result.keys()
 
 
 def write_result(result: dict, path: str | Path) -> Path:

@@ -97,9 +97,9 @@ def check_fuse_output(output: Path, adapter_path: Path, model: str | None, overw
     if target == run_dir or run_dir in target.parents:
         raise UserError(f"--output {output} is inside the run directory {adapter_path}: choose a directory of its own")
     base = Path(resolve_model_path(model)).expanduser()
-    if base.is_dir() and (target == base.resolve() or target in base.resolve().parents):
+    if base.is_dir() and (target == base.resolve() or target in base.resolve().parents or base.resolve() in target.parents):
         # Even with --overwrite: the run's adapters (and any other run on this base) need the base as it was.
-        raise UserError(f"--output {output} is or holds the base model's folder {base}: choose another folder")
+        raise UserError(f"--output {output} is, holds or lies inside the base model's folder {base}: choose another folder")
     if target.exists() and not target.is_dir():
         raise UserError(f"--output {output} is a file: give a folder for the fused model")
     if not target.is_dir() or not any(target.iterdir()):

@@ -50,6 +50,9 @@ def _train_in(config: TrainConfig, run_dir: Path, console) -> Path:
             clear_old_run(run_dir, log=dashboard.message)
         if config.resume:
             resume(run, run_dir, log=dashboard.message)
+            if run.step >= config.steps:  # nothing to train: say so rather than "saved" with no step run
+                raise UserError(f"the run in {run_dir} is already at step {run.step}, and --steps is {config.steps}: "
+                                "pass a larger --steps to train further")
             if main:
                 keep_metrics_until(run_dir, run.step)
         if main:

@@ -102,3 +102,11 @@ def test_an_option_of_another_command_is_refused_naming_the_command():
         build_config({"group_size": 4}, {}, EvalConfig)
     with pytest.raises(UserError, match="prompt is not set"):
         build_config({}, {}, GenerateConfig)
+
+
+def test_a_leading_tilde_in_a_path_is_the_home_folder(monkeypatch, tmp_path):
+    from grpo_mlx.config import TrainConfig, build_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = build_config({"output": "~/runs/x"}, {"model": "~/models/m"}, TrainConfig)
+    assert config.output == str(tmp_path / "runs" / "x") and config.model == str(tmp_path / "models" / "m")

@@ -327,3 +327,21 @@ def test_output_under_a_file_is_refused_before_the_evaluation_runs(tmp_path, cap
     assert len(err) == 1 and err[0].startswith("error:") and str(blocker) in err[0]
     assert calls == []  # refused before any model loaded or prompt decoded
     assert blocker.read_text() == "a file, not a folder\n"
+
+
+def test_output_replaces_only_an_earlier_eval_result(tmp_path, capsys, monkeypatch):
+    import grpo_mlx.evaluate
+
+    calls = []
+    monkeypatch.setattr(grpo_mlx.evaluate, "evaluate", lambda *a, **k: calls.append(1) or pytest.fail("evaluated"))
+    users_file = tmp_path / "adapters.safetensors"
+    users_file.write_bytes(b"trained weights")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--limit", "2", "--output", str(users_file)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "not an earlier eval result" in err[0]
+    assert calls == [] and users_file.read_bytes() == b"trained weights"
+    earlier = tmp_path / "result.json"
+    grpo_mlx.evaluate.write_result({"accuracy": 0.5, "settings": {}}, earlier)
+    assert grpo_mlx.evaluate.check_result_path(earlier) == earlier  # its own result may be replaced

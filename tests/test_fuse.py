@@ -107,7 +107,9 @@ def test_fuse_never_replaces_the_base_models_folder(tiny_model_dir, trained_run,
         assert "base model" in refused(capsys, lambda: fuse(base, trained_run, base, *extra))
     # Nor a folder holding it: replacing that would remove the base too.
     assert "base model" in refused(capsys, lambda: fuse(base, trained_run, tmp_path, "--overwrite"))
-    assert snapshot(base) == before
+    # Nor a folder inside it: the export would sit among the base's own files.
+    assert "base model" in refused(capsys, lambda: fuse(base, trained_run, base / "fused"))
+    assert snapshot(base) == before and not (base / "fused").exists()
 
 
 @pytest.mark.parametrize("command", ["fuse", "eval", "generate"])

@@ -74,6 +74,26 @@ def test_overwrite_refuses_a_run_holding_a_foreign_file(run_copy, tiny_model_dir
     assert snapshot(run_copy) == before
 
 
+@pytest.mark.parametrize("user_path", ["checkpoints/notes.txt", "checkpoints/best/adapters.safetensors",
+                                       "checkpoints/step-000001/notes.txt"])
+def test_overwrite_refuses_user_files_inside_checkpoints(user_path, run_copy, tiny_model_dir, capsys):
+    (run_copy / user_path).parent.mkdir(parents=True, exist_ok=True)
+    (run_copy / user_path).write_text("the user's own")
+    before = snapshot(run_copy)
+    assert run_main(short_args(tiny_model_dir, run_copy, 1, "--overwrite")) == 2
+    line = error_line(capsys)
+    assert user_path.rsplit("/", 1)[0] in line and "did not write" in line
+    assert snapshot(run_copy) == before
+
+
+def test_resume_of_a_run_already_at_steps_says_so_and_changes_nothing(run_copy, tiny_model_dir, capsys):
+    before = snapshot(run_copy)
+    assert run_main(short_args(tiny_model_dir, run_copy, 1, "--resume")) == 2
+    line = error_line(capsys)
+    assert "already at step 2" in line and "--steps" in line
+    assert snapshot(run_copy) == before
+
+
 def test_overwrite_refuses_a_run_without_the_marker(run_copy, tiny_model_dir, capsys):
     """A run from an older grpo-mlx (no marker) is never deleted: the user deletes it by hand."""
     (run_copy / RUN_MARKER).unlink()
