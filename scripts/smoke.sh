@@ -13,11 +13,11 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 test -s "$work/run/adapters.safetensors"
 "$grpo" train --steps 4 --save-every 2 --output "$work/run" --resume
 "$grpo" generate --adapter-path "$work/run" --prompt "What is 21 plus 21?" --max-tokens 8
-"$grpo" eval --adapter-path "$work/run" --limit 8 --samples 2 --output "$work/eval.json"
+"$grpo" eval --adapter-path "$work/run" --limit 8 --samples 2 --max-tokens 8 --output "$work/eval.json"
 test -s "$work/eval.json"
 "$grpo" fuse --adapter-path "$work/run" --output "$work/fused"
 "$grpo" fuse --adapter-path "$work/run" --output "$work/fused" --overwrite
-"$grpo" eval --model "$work/fused" --limit 8 --output "$work/eval-fused.json"
+"$grpo" eval --model "$work/fused" --limit 8 --max-tokens 8 --output "$work/eval-fused.json"
 # The fused model scores what base + adapters score.
 python - "$work/eval.json" "$work/eval-fused.json" <<'PY'
 import json, sys
