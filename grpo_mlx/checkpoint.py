@@ -153,14 +153,15 @@ def load_latest_checkpoint(run_dir: Path, warn=None):
 
 
 CHECKPOINT_FILES = {ADAPTER_WEIGHTS, ADAPTER_CONFIG, OPTIMIZER_STATE, TRAINER_STATE}
+# The names a run writes at the top of its directory, with atomic_write's leftovers of them.
+_RUN_NAMES = set(RUN_FILES) | {_tmp_name(name) for name in RUN_FILES}
 _CHECKPOINT_NAME = re.compile(r"(\.tmp-)?step-\d{6,}")
 
 
 def foreign_entries(run_dir: Path) -> list[str]:
     """Paths in `run_dir` that no run writes: at the top (RUN_FILES and their atomic_write
     leftovers), and inside checkpoints/ (step-NNNNNN folders holding a checkpoint's files)."""
-    ours = set(RUN_FILES) | {_tmp_name(name) for name in RUN_FILES} | set(SYSTEM_FILES)
-    foreign = [p.name for p in Path(run_dir).iterdir() if p.name not in ours]
+    foreign = [p.name for p in Path(run_dir).iterdir() if p.name not in _RUN_NAMES | set(SYSTEM_FILES)]
     root = Path(run_dir) / CHECKPOINTS
     if root.is_symlink() or (root.exists() and not root.is_dir()):
         foreign.append(CHECKPOINTS)
@@ -176,7 +177,7 @@ def foreign_entries(run_dir: Path) -> list[str]:
 
 def run_entries(run_dir: Path) -> list[Path]:
     """What a run wrote in `run_dir`, less the marker and the lock, which stay with the directory."""
-    ours = (set(RUN_FILES) | {_tmp_name(name) for name in RUN_FILES}) - {RUN_MARKER, RUN_LOCK}
+    ours = _RUN_NAMES - {RUN_MARKER, RUN_LOCK}
     return sorted(p for p in Path(run_dir).iterdir() if p.name in ours)
 
 

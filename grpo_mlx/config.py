@@ -245,7 +245,6 @@ COMMAND_CONFIGS = (TrainConfig, EvalConfig, GenerateConfig)
 
 # Every field's declared type (`str | None`, `list[float]`, ...), read once per command's config.
 FIELD_TYPES_OF = {kind: {f.name: typing.get_type_hints(kind)[f.name] for f in fields(kind)} for kind in COMMAND_CONFIGS}
-FIELD_TYPES = FIELD_TYPES_OF[TrainConfig]
 
 
 def _in_interval(value, interval: str) -> bool:
@@ -269,9 +268,14 @@ def _options(hint) -> tuple:
     return typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
 
 
+def _set_type(hint):
+    """The type a hint holds when set: `int | None` -> int, `list[str]` stays."""
+    return next(o for o in _options(hint) if o is not type(None))
+
+
 def value_type(kind: type, name: str):
-    """The type a field of config class `kind` holds when set: `int | None` -> int, `list[str]` stays."""
-    return next(o for o in _options(FIELD_TYPES_OF[kind][name]) if o is not type(None))
+    """The type a field of config class `kind` holds when set."""
+    return _set_type(FIELD_TYPES_OF[kind][name])
 
 
 def _has_type(value, hint) -> bool:
@@ -333,7 +337,7 @@ def load_config_file(path: str | Path) -> dict:
     values = {k.replace("-", "_"): v for k, v in data.items()}
     for key in ONE_SHOT_ACTIONS:
         value = values.pop(key, None)
-        if value is True or str(value).lower() in ("1", "true", "yes", "on"):
+        if _coerce_scalar(bool, value) is True:
             raise UserError(f"config file {path} sets {key}: true; {key} acts once, so a config file cannot set it: pass --{key} on the command line")
     return values
 
@@ -368,7 +372,7 @@ def build_config(file_values: dict | None = None, flag_values: dict | None = Non
 def _coerce(name: str, hint, value):
     """Turn what YAML/JSON or click give (strings, lists, scalars) into the field's declared type
     where that is unambiguous; anything else is left as it is for `validate` to refuse by type."""
-    kind = next(o for o in _options(hint) if o is not type(None))
+    kind = _set_type(hint)
     if typing.get_origin(kind) is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]

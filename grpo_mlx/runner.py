@@ -25,6 +25,7 @@ from .run_dir import clear_old_run, prepare_run_dir, write_config
 from .run_log import MetricsLogger, keep_metrics_until
 from .trainer import NonFiniteError, Run, setup, train
 
+
 def run_training(config: TrainConfig, console=None) -> Path:
     """The `grpo-mlx train` command: set up, train with a dashboard, checkpoint, save."""
     # With several ranks, rank 0 alone writes the run directory and draws the dashboard.

@@ -8,7 +8,6 @@ reward failure, and a non-finite update is undone.
 
 import json
 import typing
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,19 +20,12 @@ import grpo_mlx.sampling as sampling
 import grpo_mlx.trainer as trainer
 from grpo_mlx.checkpoint import load_latest_checkpoint
 from grpo_mlx.cli import main
-from grpo_mlx.config import FIELD_TYPES, build_config
+from grpo_mlx.config import FIELD_TYPES_OF, TrainConfig, build_config
 from grpo_mlx.errors import UserError
 from grpo_mlx.grpo import group_advantages, informative_groups
+from test_reliability import TEXT_REWARD, run_main
 
-TEXT_REWARD = f"{Path(__file__).parent / 'plugin_rewards.py'}:text_length"
-
-
-def run_main(args) -> int:
-    try:
-        main(args)
-    except SystemExit as e:
-        return e.code
-    return 0
+FIELD_TYPES = FIELD_TYPES_OF[TrainConfig]
 
 
 # Appended to CLI runs that must fail: if a value were wrongly accepted, the run stays short.
