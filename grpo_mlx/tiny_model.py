@@ -75,20 +75,22 @@ def train_tokenizer(texts: list[str], vocab_size: int = 512) -> Tokenizer:
 
 
 def save_model_dir(path, model: qwen2.Model, model_args: dict, tokenizer: Tokenizer) -> Path:
-    """Write `model` and `tokenizer` as a checkpoint directory `mlx_lm.load(path)` reads offline."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    eos_id = tokenizer.token_to_id(IM_END)
+    """Write a Qwen2 `model` and `tokenizer` as a checkpoint directory `mlx_lm.load(path)` reads offline."""
     config = {
         **vars(qwen2.ModelArgs.from_dict({**model_args, "model_type": "qwen2"})),
         "architectures": ["Qwen2ForCausalLM"],
-        "eos_token_id": eos_id,
-        "pad_token_id": tokenizer.token_to_id(PAD),
         "torch_dtype": "float32",
     }
+    return write_model_dir(path, dict(tree_flatten(model.parameters())), config, tokenizer)
+
+
+def write_model_dir(path, weights: dict, config: dict, tokenizer: Tokenizer) -> Path:
+    """`config.json` (plus the tokenizer's eos/pad ids), `model.safetensors` and the tokenizer files."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = {**config, "eos_token_id": tokenizer.token_to_id(IM_END), "pad_token_id": tokenizer.token_to_id(PAD)}
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())),
-                        metadata={"format": "mlx"})
+    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
     tokenizer.save(str(path / "tokenizer.json"))
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -97,7 +99,7 @@ def save_model_dir(path, model: qwen2.Model, model_args: dict, tokenizer: Tokeni
         "pad_token": PAD,
         "add_bos_token": False,
         "add_eos_token": False,
-        "model_max_length": config["max_position_embeddings"],
+        "model_max_length": config.get("max_position_embeddings", 2048),
         "chat_template": CHAT_TEMPLATE,
     }
     (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
