@@ -85,7 +85,22 @@ def _random_construction(rng: random.Random, numbers: list[int]) -> tuple[int, s
     return value, expression.removeprefix("(").removesuffix(")")
 
 
-BUILTIN_TASKS = {"arithmetic": arithmetic_examples, "countdown": countdown_examples}
+def multiplication_examples(n: int, seed: int = 0) -> list[Example]:
+    """A 3-digit times a 4-digit number: "What is 347 times 2816?" -> "977152".
+
+    Deterministic in `seed`. Too hard for a small model in its head, one call with
+    `--tools calculator`: the tool-use demo's task.
+    """
+    rng = random.Random(seed)
+    examples = []
+    for _ in range(n):
+        a, b = rng.randint(100, 999), rng.randint(1000, 9999)
+        examples.append(Example(prompt=f"What is {a} times {b}?", answer=str(a * b), meta={"a": a, "b": b}))
+    return examples
+
+
+BUILTIN_TASKS = {"arithmetic": arithmetic_examples, "countdown": countdown_examples,
+                 "multiplication": multiplication_examples}
 BUILTIN_SIZES = {"train": 10_000, "test": 500, "validation": 500}
 HELD_OUT_SEED_OFFSET = 10_000  # test/validation draw from a seed the train split never uses
 
@@ -123,7 +138,7 @@ def load_examples_with_stats(dataset: str, split: str = "train", dataset_config:
     """(examples, number of bad rows skipped).
 
     `dataset` is, checked in this order: a built-in task name (`arithmetic`,
-    `countdown`); a local .jsonl/.json/.parquet file or a folder of them (a folder
+    `countdown`, `multiplication`); a local .jsonl/.json/.parquet file or a folder of them (a folder
     uses the files whose names contain `split`, else all); a Hugging Face data set
     name, loaded with `datasets.load_dataset` (from its cache when offline).
 
@@ -203,7 +218,7 @@ def _load_hub(datasets, dataset: str, split: str, dataset_config: str | None):
         raise UserError(
             f"could not load data set {dataset!r} (config {dataset_config!r}, split {split!r}): "
             f"{_first_line(e)}; without network access only data sets already cached can load, "
-            "so pass a local .jsonl/.json/.parquet file or a built-in task (arithmetic, countdown)"
+            f"so pass a local .jsonl/.json/.parquet file or a built-in task ({', '.join(BUILTIN_TASKS)})"
         ) from e
 
 

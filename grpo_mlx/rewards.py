@@ -126,13 +126,14 @@ def _load_plugin(spec: str) -> RewardFn:
     return fn
 
 
-def _import_file(spec: str, path: Path):
+def _import_file(spec: str, path: Path, label: str = "reward plug-in", example: str = "my_rewards.py:my_reward"):
+    """The module in the file `path`; `label` and `example` word the errors (environment plug-ins share this)."""
     if not path.is_file():
-        raise UserError(f"reward plug-in {spec!r}: file {path} not found; give the path of a .py file, e.g. my_rewards.py:my_reward")
+        raise UserError(f"{label} {spec!r}: file {path} not found; give the path of a .py file, e.g. {example}")
     module_name = "grpo_mlx_plugin_" + re.sub(r"\W", "_", path.stem)
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     if module_spec is None or module_spec.loader is None:
-        raise UserError(f"reward plug-in {spec!r}: cannot load {path} as Python; give a .py file")
+        raise UserError(f"{label} {spec!r}: cannot load {path} as Python; give a .py file")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module  # dataclasses and pickling look their module up here
     try:
@@ -141,19 +142,19 @@ def _import_file(spec: str, path: Path):
         raise
     except BaseException as exc:  # SystemExit too: a module may call sys.exit() at import
         sys.modules.pop(module_name, None)
-        raise UserError(f"reward plug-in {spec!r}: importing {path} failed ({exception_text(exc)}); fix the file") from exc
+        raise UserError(f"{label} {spec!r}: importing {path} failed ({exception_text(exc)}); fix the file") from exc
     return module
 
 
-def _import_module(spec: str, module_name: str):
+def _import_module(spec: str, module_name: str, label: str = "reward plug-in", example: str = "path/to/file.py:function"):
     try:
         return importlib.import_module(module_name)
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # SystemExit too
         raise UserError(
-            f"reward plug-in {spec!r}: cannot import module {module_name!r} ({exception_text(exc)}); "
-            "install it or put it on PYTHONPATH, or give a file path like path/to/file.py:function"
+            f"{label} {spec!r}: cannot import module {module_name!r} ({exception_text(exc)}); "
+            f"install it or put it on PYTHONPATH, or give a file path like {example}"
         ) from exc
 
 
