@@ -18,8 +18,9 @@ What bounds a program, in layers (each catches what the one before may miss):
    process dies, the kernel kills every process inside), as root or through a user
    namespace. macOS: `sandbox-exec` with a profile that denies the network.
 4. The parent: `start_new_session=True`, and at the end, or at the timeout, SIGKILL to
-   the whole process group; on Linux also to any process that carries the call's
-   marker in its environment (a child that called setsid() to leave the group).
+   the whole process group; on Linux also, until none is left, to any live process of
+   the group or carrying the call's marker in its environment (a child that called
+   setsid() to leave the group), so nothing of the call runs once run_python returns.
 5. A scrubbed environment (HOME and TMPDIR point at the working folder, no
    PYTHONPATH, no tokens in variables), `python -I`, and the working folder as cwd.
 

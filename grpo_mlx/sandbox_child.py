@@ -55,7 +55,7 @@ def main() -> None:
     linecache.cache["<program>"] = (len(code), None, code.splitlines(True), "<program>")
     try:
         compiled = compile(code, "<program>", "exec")
-    except SyntaxError:
+    except (SyntaxError, ValueError):  # ValueError: a NUL byte in the source
         traceback.print_exc(limit=0)
         sys.exit(1)
     if config["guard"]:
