@@ -91,6 +91,13 @@ def test_trl_rewards_get_prompts_columns_and_trainer_state_by_keyword(tmp_path):
     assert set(timeouts.values()) == {0}
 
 
+def test_a_reward_taking_prompts_gets_the_prompts(tmp_path):
+    """The bug: TRL's `def f(prompts, completions, **kwargs)` got the completions as prompts, silently."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"question": "What is 3 plus 4?", "answer": "7"}])
+    _, _, columns, _ = score(load_examples(str(data)), ["seven", "it is 7"], [trl("prompt_length")])
+    assert columns[trl("prompt_length")] == [17.0, 17.0]
+
+
 def test_every_column_of_the_row_reaches_a_reward_by_name(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [{"question": "Q?", "answer": 18, "source": "s1"}])
     seen = {}
