@@ -461,6 +461,8 @@ class RewardWorker:
             message = pickle.dumps(request)
         except Exception as exc:  # a data set column pickle cannot carry
             return "bad", f"{label}: its arguments cannot be sent to the reward worker process ({exception_text(exc)})"
+        if self.process is not None and self.process.poll() is not None:  # died between calls (OOM killer, kill)
+            self.stop()
         if self.process is None:
             self._start()
         try:
