@@ -151,8 +151,9 @@ def rewards():
         click.echo(f"{name:<{width}}  {description}")
     click.echo(
         "\nPass several with --reward accuracy,format (weights: --reward-weights 1,0.5).\n"
-        "Your own: --reward path/to/file.py:fn or --reward package.module:fn, where\n"
-        "fn(completions, answers, **fields) returns one float (or None) per completion."
+        "Your own: --reward path/to/file.py:fn or --reward package.module:fn, called as TRL calls it,\n"
+        "fn(prompts=..., completions=..., trainer_state=..., **columns), or fn(completions, answers, **fields).\n"
+        "Your fn returns one float (or None) per completion; a call past --reward-timeout seconds scores None."
     )
 
 

@@ -155,6 +155,9 @@ class TrainConfig(CommandConfig):
     reward: list[str] = _list_opt(["accuracy"], "Reward functions: built-in names, file.py:fn or module:fn, comma-separated.")
     reward_weights: list[float] | None = _opt(None, "Weights of the reward functions, comma-separated; default all 1.")
     scale_rewards: str = _opt("group", "Advantage scaling: group std, batch std, or none (Dr. GRPO).", choices=SCALES)
+    # 30 s: one call scores a whole batch, and a slow symbolic check stays within it (math-verify's own is 5 s a row).
+    reward_timeout: float = _opt(30.0, "Seconds a reward call may run before it is cut off: its rows then score None, counted as rewards/<name>/timeouts.",
+                                 range="(0, inf)")
     # objective
     loss_type: str = _opt("grpo", "Loss normalisation: grpo, bnpo, dr_grpo or dapo.", choices=LOSS_TYPES)
     importance_level: str = _opt("token", "Importance ratio per token, or per sequence (GSPO).", choices=IMPORTANCE_LEVELS)

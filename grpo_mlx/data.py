@@ -22,13 +22,15 @@ class Example:
 
     `prompt` is the question as plain text or a list of chat messages
     ({"role", "content"}); `answer` is the gold final answer (None when the
-    data set has none); `meta` holds the example's other fields, passed on to
-    reward functions.
+    data set has none); `meta` holds the example's other fields. `row` is the
+    data set row as read, every column under its own name, for reward functions
+    (empty for a built-in task).
     """
 
     prompt: str | list[dict]
     answer: str | None
     meta: dict = field(default_factory=dict)
+    row: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 # ---------------------------------------------------------------- built-in tasks
@@ -333,7 +335,7 @@ def _row_to_example(row: dict, prompt_key: str, answer_key: str | None, alpaca: 
         if answer is None:
             return None
     meta = {k: v for k, v in row.items() if k not in (*prompt_keys, answer_key)}
-    return Example(prompt=prompt, answer=answer, meta=meta)
+    return Example(prompt=prompt, answer=answer, meta=meta, row=dict(row))
 
 
 def _alpaca_prompt(instruction, input_text):

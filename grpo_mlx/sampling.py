@@ -17,7 +17,7 @@ from .data import take_examples
 from .prompts import check_prompt_lengths, render_prompt
 from .errors import UserError
 from .grpo import informative_groups
-from .rewards import RewardError, first_failing_rows, score_completions
+from .rewards import RewardError, RewardTimeoutError, TrainerState, first_failing_rows, score_completions
 from .rollout import Rollout, make_sampler
 from .step_metrics import prompt_text
 
@@ -48,14 +48,15 @@ def try_rewards(reward_fns: dict, examples: list, config: TrainConfig) -> None:
     """Call every reward function once before the model loads, so a broken plug-in fails in seconds.
 
     The trial completions are the gold answers themselves (empty text where there
-    is none), laid out as a rollout would be: G rows per example.
+    is none), laid out as a rollout would be: G rows per example. A trial call that
+    runs past --reward-timeout is an error at once, not scored row by row.
     """
     trial = examples[:TRIAL_EXAMPLES]
     texts = [ex.answer or "" for ex in trial for _ in range(config.group_size)]
     failure = None
     for name, fn in reward_fns.items():
         try:
-            score_groups({name: fn}, {}, config, trial, texts, [len(t) for t in texts])
+            score_groups({name: fn}, {}, config, trial, texts, [len(t) for t in texts], split_on_timeout=False)
         except RewardError as e:
             failure = RewardError(f"{e} (in a trial call before training, with the gold answers as completions); fix the function")
             failure.__cause__ = e
@@ -81,6 +82,7 @@ def sample_groups(run: Run, step: int):
     local_batch = distributed.local_batch_size(c.batch_size, distributed.world().size())
     sampler = make_sampler(c.temperature, c.top_p, c.top_k, c.min_p)
     kept_rollouts, kept_examples, kept_rewards, kept_applicable, kept_columns = [], [], [], [], []
+    timeouts = dict.fromkeys(run.reward_fns, 0)
     gen_time = reward_time = 0.0
     gen_tokens = rounds = 0
     for _ in range(1 + (c.max_sampling_rounds if c.dynamic_sampling else 0)):
@@ -94,7 +96,10 @@ def sample_groups(run: Run, step: int):
         if not examples:  # this rank is full; the others draw more
             distributed.agree_on_failure(None, RewardError)  # joins the others' reward check below
             continue
-        rollout, rewards, applicable, columns, (seconds_generating, seconds_scoring) = sample_round(run, step, examples, sampler)
+        rollout, rewards, applicable, columns, round_timeouts, (seconds_generating, seconds_scoring) = \
+            sample_round(run, step, examples, sampler)
+        for name, count in round_timeouts.items():
+            timeouts[name] += count
         gen_time += seconds_generating
         reward_time += seconds_scoring
         gen_tokens += sum(rollout.completion_lengths)
@@ -112,13 +117,22 @@ def sample_groups(run: Run, step: int):
 
     rollout = Rollout.concatenate(kept_rollouts)
     columns = {k: [x for col in kept_columns for x in col[k]] for k in columns}
-    timing = {"time/generation": gen_time, "time/rewards": reward_time, "generated_tokens": gen_tokens, "sampling_rounds": rounds}
+    timing = {"time/generation": gen_time, "time/rewards": reward_time, "generated_tokens": gen_tokens, "sampling_rounds": rounds,
+              "reward_timeouts": timeout_metrics(timeouts)}
     return rollout, kept_examples, kept_rewards, kept_applicable, columns, timing
+
+
+def timeout_metrics(timeouts: dict) -> dict:
+    """`rewards/<name>/timeouts`: rows of the global batch whose reward call was cut off, for the
+    rewards that had any (every rank takes part: the same rewards on every rank)."""
+    names = sorted(timeouts)
+    totals = distributed.sum_across([timeouts[name] for name in names]) if names else []
+    return {f"rewards/{name}/timeouts": int(total) for name, total in zip(names, totals) if total > 0}
 
 
 def sample_round(run: Run, step: int, examples: list, sampler):
     """Roll out and score G completions for each of `examples`:
-    (rollout, rewards, applicable, columns, (generation seconds, reward seconds)).
+    (rollout, rewards, applicable, columns, timeouts per reward, (generation seconds, reward seconds)).
 
     A reward failing on any rank raises RewardError on every rank.
     """
@@ -134,39 +148,56 @@ def sample_round(run: Run, step: int, examples: list, sampler):
     tic = time.perf_counter()
     failure = None
     try:
-        rewards, applicable, columns = score_groups(run.reward_fns, run.reward_weights, c, examples, rollout.texts, rollout.completion_lengths)
+        rewards, applicable, columns, timeouts = score_groups(run.reward_fns, run.reward_weights, c, examples, rollout.texts,
+                                                              rollout.completion_lengths, step)
     except RewardError as e:
-        where = failing_example(run, examples, rollout.texts, rollout.completion_lengths)
+        if isinstance(e, RewardTimeoutError):  # every row timed out: every example is one it failed on
+            where = f"example {prompt_text(examples[0])[:80]!r} (answer {examples[0].answer!r})"
+        else:
+            where = failing_example(run, examples, rollout.texts, rollout.completion_lengths, step)
         failure = RewardError(f"{e}; at step {step}, {where}")
         failure.__cause__ = e
     reward_time = time.perf_counter() - tic
     # A reward failing on one rank stops every rank here, none left waiting in a collective.
     distributed.agree_on_failure(failure, RewardError)
-    return rollout, rewards, applicable, columns, (gen_time, reward_time)
+    return rollout, rewards, applicable, columns, timeouts, (gen_time, reward_time)
 
 
-def score_groups(reward_fns, reward_weights, config: TrainConfig, examples, texts, completion_lengths):
-    """Score G completions per example with every reward function: (rewards, applicable, columns)."""
+def score_groups(reward_fns, reward_weights, config: TrainConfig, examples, texts, completion_lengths, step: int = 1,
+                 split_on_timeout: bool = True):
+    """Score G completions per example with every reward function at training step `step`:
+    (rewards, applicable, columns, timeouts per reward). Calls are cut off after --reward-timeout."""
     G = config.group_size
+    rows = [ex for ex in examples for _ in range(G)]
     return score_completions(
         reward_fns,
         reward_weights,
         texts,
-        [ex.answer for ex in examples for _ in range(G)],
-        [ex.meta for ex in examples for _ in range(G)],
+        [ex.answer for ex in rows],
+        [example_columns(ex) for ex in rows],
+        timeout=config.reward_timeout,
+        split_on_timeout=split_on_timeout,
+        prompts=[ex.prompt for ex in rows],
+        trainer_state=TrainerState(global_step=step - 1, max_steps=config.steps),
         completion_lengths=completion_lengths,
         group_size=G,
         max_completion_length=config.max_tokens,
     )
 
 
-def failing_example(run: Run, examples, texts, completion_lengths) -> str:
+def example_columns(example) -> dict:
+    """The data set columns a reward gets for an example: its row as read; a built-in task's prompt,
+    answer and fields."""
+    return example.row or {"prompt": example.prompt, "answer": example.answer, **example.meta}
+
+
+def failing_example(run: Run, examples, texts, completion_lengths, step: int = 1) -> str:
     """Name the example a reward failed on: the first group that also fails when scored alone."""
     G = run.config.group_size
 
     def score_group(rows: slice):
         g = rows.start // G
-        score_groups(run.reward_fns, run.reward_weights, run.config, examples[g:g + 1], texts[rows], completion_lengths[rows])
+        score_groups(run.reward_fns, run.reward_weights, run.config, examples[g:g + 1], texts[rows], completion_lengths[rows], step)
 
     rows = first_failing_rows(score_group, len(examples) * G, block=G)
     if rows is None:

@@ -213,6 +213,7 @@ def grpo_step(run: Run, step: int):
     metrics = batch_metrics(rollout, rewards, applicable, columns, c)
     metrics["time/generation"] = timing["time/generation"]
     metrics["time/rewards"] = timing["time/rewards"]
+    metrics.update(timing["reward_timeouts"])
     metrics["tokens_per_sec/generation"] = timing["generated_tokens"] / max(timing["time/generation"], 1e-9)
     if c.dynamic_sampling:
         metrics["sampling_rounds"] = timing["sampling_rounds"]

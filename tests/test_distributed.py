@@ -177,8 +177,9 @@ def raises_on_rank_1(completions, answers, **example_fields):
 
 
 def kills_rank_1(completions, answers, **example_fields):
-    """A crash no Python code sees: rank 1's process dies at once."""
-    return _rank1_fails_from_step_2(completions, lambda: os.kill(os.getpid(), signal.SIGKILL))
+    """A crash no Python code sees: rank 1's process dies at once (rewards run in a worker process
+    of the rank's: its parent)."""
+    return _rank1_fails_from_step_2(completions, lambda: os.kill(os.getppid(), signal.SIGKILL))
 
 
 # ---------------------------------------------------------------- launching

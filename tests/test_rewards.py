@@ -393,7 +393,7 @@ def test_score_completions_passes_meta_fields_and_only_accepted_kwargs():
     def plain(completions, answers):
         return [1.0] * len(completions)
 
-    rewards, applicable, columns = score_completions(
+    rewards, applicable, columns, _ = score_completions(
         {"uses_meta": uses_meta, "plain": plain, "accuracy": get_reward("accuracy")},
         {"uses_meta": 1.0, "plain": 0.5, "accuracy": 1.0},
         ["7", "8"],
@@ -408,7 +408,7 @@ def test_score_completions_passes_meta_fields_and_only_accepted_kwargs():
 
 
 def test_score_completions_marks_rows_no_reward_applies_to():
-    rewards, applicable, columns = score_completions(
+    rewards, applicable, columns, _ = score_completions(
         {"accuracy": get_reward("accuracy")}, {"accuracy": 1.0}, ["7", "7"], ["7", None], [{}, {}]
     )
     assert rewards == [1.0, 0.0] and applicable == [True, False] and columns["accuracy"] == [1.0, None]
@@ -419,7 +419,7 @@ def test_every_builtin_runs_on_a_trainer_shaped_batch():
     names = list(BUILTINS)
     fns = {n: get_reward(n) for n in names}
     completions = ["<think>Step 1: 3+4</think><answer>7</answer>", "8"] * 2
-    _, _, columns = score_completions(
+    _, _, columns, _ = score_completions(
         fns, {}, completions, ["7"] * 4, [{"a": 1}] * 4,
         completion_lengths=[12, 1, 12, 1], group_size=2, max_completion_length=16,
     )
