@@ -153,6 +153,40 @@ class _SharedPromptCache:
         return mx.concatenate([prompt_keys, keys], axis=2), mx.concatenate([prompt_values, values], axis=2)
 
 
+def checkpointed_block_call(call):
+    """A transformer block's `call` that recomputes its activations in the backward pass.
+
+    mlx-lm's grad_checkpoint wraps the block in mx.checkpoint, which carries the gradient
+    of its inputs and outputs only: keys and values a shared-prompt cache recorded inside
+    it would lose theirs. Here they go in and out of the checkpointed function as arrays:
+    the prompt call returns each layer's keys and values, the completion call takes them.
+    """
+
+    def block_call(block, *args, **kwargs):
+        shared = next((a for a in (*args, *kwargs.values()) if isinstance(a, _SharedPromptCache)), None)
+
+        def run(params, prompt_kv, *args, **kwargs):
+            block.update(params)
+            if shared is None:
+                return call(block, *args, **kwargs)
+            inner = _SharedPromptCache(shared.mask)  # a fresh one per (re)computation: no side effects
+            if prompt_kv:
+                inner.keys, inner.values = prompt_kv
+                inner.to_completions(shared.mask, shared.row_group, shared.offset)
+            swap = lambda a: inner if isinstance(a, _SharedPromptCache) else a  # noqa: E731
+            out = call(block, *map(swap, args), **{k: swap(v) for k, v in kwargs.items()})
+            return out if prompt_kv else (out, inner.keys, inner.values)
+
+        prompt_kv = (shared.keys, shared.values) if shared is not None and shared.row_group is not None else ()
+        result = mx.checkpoint(run)(block.trainable_parameters(), prompt_kv, *args, **kwargs)
+        if shared is None or prompt_kv:
+            return result
+        out, shared.keys, shared.values = result  # the prompt call: keep what the completions attend to
+        return out
+
+    return block_call
+
+
 def supports_shared_prompt(model) -> bool:
     """Whether `group_token_logprobs` reproduces `token_logprobs` on this model.
 

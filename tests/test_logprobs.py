@@ -212,3 +212,31 @@ def test_a_model_with_a_cache_of_its_own_does_not_share_prompts(tiny_lm):
             return self.inner(x, cache=cache)
 
     assert not supports_shared_prompt(Windowed(tiny_lm))
+
+
+def test_shared_prompt_gradient_under_gradient_checkpointing(monkeypatch):
+    """mlx-lm's grad_checkpoint loses the gradient of the prompt's keys and values here (all 128
+    elements of an adapter's gradient differ); `checkpointed_block_call` keeps it."""
+    from mlx_lm.models import qwen2
+
+    from grpo_mlx.logprobs import checkpointed_block_call
+
+    model = lora_qwen2(tie_word_embeddings=False, seed=4)
+    tokens, groups, mask = shared_prompt_batch(**SHARED_BATCHES["5-9-2"])
+    weights = mx.array(np.random.default_rng(8).normal(size=mask.shape).astype(np.float32)) * mask
+
+    def grads():
+        loss = lambda m: (group_token_logprobs(m, tokens, groups, temperature=0.7) * weights).sum()  # noqa: E731
+        return dict(tree_flatten(nn.value_and_grad(model, loss)(model)[1]))
+
+    plain = grads()
+    # The patch is on the block class, for the whole process: monkeypatch puts it back after the test.
+    monkeypatch.setattr(qwen2.TransformerBlock, "__call__", checkpointed_block_call(qwen2.TransformerBlock.__call__))
+    checkpoints = []
+    real_checkpoint = mx.checkpoint
+    monkeypatch.setattr(mx, "checkpoint", lambda f: checkpoints.append(1) or real_checkpoint(f))
+    checkpointed = grads()
+    assert len(checkpoints) == 2 * len(model.layers)  # each block checkpointed in each of the two calls
+    assert plain.keys() == checkpointed.keys()
+    for k in plain:
+        np.testing.assert_allclose(np.array(checkpointed[k]), np.array(plain[k]), rtol=1e-4, atol=1e-5, err_msg=k)
