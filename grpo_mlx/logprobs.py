@@ -8,7 +8,10 @@ Three ways to compute them, each checked to give the same numbers:
 - `split_head=True`: the model's body, then its LM head only on the scored
   positions (`lm_head_split`, checked by `lm_head_split_matches`);
 - `group_token_logprobs`: rows sharing a prompt (GRPO's G completions) run the
-  prompt once, through a shared-prompt cache (checked by `supports_shared_prompt`).
+  prompt once. Two model calls per micro-batch whatever its number of groups: every
+  prompt, left-padded, in one; every completion, against its group's keys and values
+  (a shared-prompt cache), in the other (checked by `supports_shared_prompt`).
+  `checkpointed_block_call` keeps this exact under gradient checkpointing.
 
 Log-probs are float32 whatever the model's dtype.
 """
