@@ -11,11 +11,10 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
-from mlx_lm.tuner.trainer import grad_checkpoint
 
 from .config import TrainConfig
 from .grpo import policy_loss
-from .logprobs import group_token_logprobs, token_logprobs
+from .logprobs import checkpointed_block_call, group_token_logprobs, token_logprobs
 
 LENGTH_BUCKET = 32  # pad batches to multiples of this: few distinct shapes
 LOGITS_BUDGET_BYTES = 2**30  # float32 logits of one micro-batch, when --micro-batch-size is unset
@@ -24,12 +23,13 @@ LOGITS_BUDGET_BYTES = 2**30  # float32 logits of one micro-batch, when --micro-b
 def enable_grad_checkpoint(model: nn.Module) -> None:
     """Recompute each transformer block's activations in the backward pass.
 
-    mlx-lm's grad_checkpoint patches the block *class* for the whole process;
-    patching it twice would nest checkpoints, so it is done once per class.
+    Patches the block *class* for the whole process, as mlx-lm's grad_checkpoint does,
+    with `checkpointed_block_call` (which keeps a shared prompt's gradient); patching it
+    twice would nest checkpoints, so it is done once per class.
     """
     block = type(model.layers[0])
     if not getattr(block, "_grpo_mlx_checkpointed", False):
-        grad_checkpoint(model.layers[0])
+        block.__call__ = checkpointed_block_call(block.__call__)
         block._grpo_mlx_checkpointed = True
 
 

@@ -8,7 +8,10 @@ Three ways to compute them, each checked to give the same numbers:
 - `split_head=True`: the model's body, then its LM head only on the scored
   positions (`lm_head_split`, checked by `lm_head_split_matches`);
 - `group_token_logprobs`: rows sharing a prompt (GRPO's G completions) run the
-  prompt once, through a shared-prompt cache (checked by `supports_shared_prompt`).
+  prompt once. Two model calls per micro-batch whatever its number of groups: every
+  prompt, left-padded, in one; every completion, against its group's keys and values
+  (a shared-prompt cache), in the other (checked by `supports_shared_prompt`).
+  `checkpointed_block_call` keeps this exact under gradient checkpointing.
 
 Log-probs are float32 whatever the model's dtype.
 """
@@ -16,6 +19,7 @@ Log-probs are float32 whatever the model's dtype.
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 
 def lm_head_split(model):
     """(body, head) with head(body(x)) == model(x) for mlx-lm's plain causal LMs, else None.
@@ -121,25 +125,69 @@ def _score_targets(logits_of, targets, skipped: int, temperature, chunk_size, wi
 
 
 class _SharedPromptCache:
-    """One layer's keys and values of a group's prompt, handed to an mlx-lm model as its cache.
+    """One layer's `cache` argument for the two calls of `group_token_logprobs`.
 
-    The prompt pass records them; the completion pass sees them broadcast to every
-    row of the group, ahead of its own. Concatenation only, no in-place writes, so
-    the gradient reaches the prompt's keys and values (adapters act on them too).
+    The prompt call records the left-padded prompts' keys and values [K, heads, P, d].
+    The completion call (after `to_completions`) hands each row its group's prompt keys
+    and values, gathered by group index, ahead of its own: a gather and a concatenation,
+    no in-place writes, so the gradient reaches the prompts' keys and values (adapters
+    act on them too). mlx-lm models take their attention mask from the first layer's
+    cache (`make_mask`) and start RoPE at `offset`.
     """
 
-    def __init__(self):
-        self.keys = self.values = None
-        self.offset = 0  # positions before the current input: RoPE starts here
+    def __init__(self, mask):
+        self.mask, self.offset = mask, 0
+        self.keys = self.values = self.row_group = None
+
+    def to_completions(self, mask, row_group, offset: int):
+        self.mask, self.row_group, self.offset = mask, row_group, offset
+
+    def make_mask(self, n, return_array=False, window_size=None):
+        if window_size is not None:  # a sliding window would need its own mask
+            raise NotImplementedError("sliding-window attention has no shared-prompt mask")
+        return self.mask
 
     def update_and_fetch(self, keys, values):
-        if self.keys is None:  # the prompt pass
-            self.keys, self.values, self.offset = keys, values, keys.shape[2]
+        if self.row_group is None:  # the prompt call
+            self.keys, self.values = keys, values
             return keys, values
-        rows = keys.shape[0]
-        shared_keys = mx.broadcast_to(self.keys, (rows, *self.keys.shape[1:]))
-        shared_values = mx.broadcast_to(self.values, (rows, *self.values.shape[1:]))
-        return mx.concatenate([shared_keys, keys], axis=2), mx.concatenate([shared_values, values], axis=2)
+        prompt_keys = mx.take(self.keys, self.row_group, axis=0)
+        prompt_values = mx.take(self.values, self.row_group, axis=0)
+        return mx.concatenate([prompt_keys, keys], axis=2), mx.concatenate([prompt_values, values], axis=2)
+
+
+def checkpointed_block_call(call):
+    """A transformer block's `call` that recomputes its activations in the backward pass.
+
+    mlx-lm's grad_checkpoint wraps the block in mx.checkpoint, which carries the gradient
+    of its inputs and outputs only: keys and values a shared-prompt cache recorded inside
+    it would lose theirs. Here they go in and out of the checkpointed function as arrays:
+    the prompt call returns each layer's keys and values, the completion call takes them.
+    """
+
+    def block_call(block, *args, **kwargs):
+        shared = next((a for a in (*args, *kwargs.values()) if isinstance(a, _SharedPromptCache)), None)
+
+        def run(params, prompt_kv, *args, **kwargs):
+            block.update(params)
+            if shared is None:
+                return call(block, *args, **kwargs)
+            inner = _SharedPromptCache(shared.mask)  # a fresh one per (re)computation: no side effects
+            if prompt_kv:
+                inner.keys, inner.values = prompt_kv
+                inner.to_completions(shared.mask, shared.row_group, shared.offset)
+            swap = lambda a: inner if isinstance(a, _SharedPromptCache) else a  # noqa: E731
+            out = call(block, *map(swap, args), **{k: swap(v) for k, v in kwargs.items()})
+            return out if prompt_kv else (out, inner.keys, inner.values)
+
+        prompt_kv = (shared.keys, shared.values) if shared is not None and shared.row_group is not None else ()
+        result = mx.checkpoint(run)(block.trainable_parameters(), prompt_kv, *args, **kwargs)
+        if shared is None or prompt_kv:
+            return result
+        out, shared.keys, shared.values = result  # the prompt call: keep what the completions attend to
+        return out
+
+    return block_call
 
 
 def supports_shared_prompt(model) -> bool:
@@ -147,55 +195,101 @@ def supports_shared_prompt(model) -> bool:
 
     Models with a cache of their own (`make_cache`: sliding windows, state-space
     layers) attend differently from a plain KV cache and are left out; the rest are
-    checked on a small batch.
+    checked on a small batch of two groups with prompts of different lengths.
     """
     if hasattr(model, "make_cache") or not hasattr(model, "layers"):
         return False
-    tokens = mx.array([[1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 7, 6, 5], [1, 2, 3, 4, 5, 5, 0]])
+    tokens = mx.array([[1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 7, 6, 0], [8, 9, 5, 5, 3, 0, 0], [8, 9, 1, 2, 3, 4, 5]])
+    scored = mx.array([[0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]])
     try:
-        expected = token_logprobs(model, tokens)[:, 3:]
-        got = group_token_logprobs(model, tokens, [(0, 3, 4)])[:, 3:]
+        expected = token_logprobs(model, tokens) * scored
+        got = group_token_logprobs(model, tokens, ((0, 2, 4), (2, 4, 2))) * scored
         return bool(mx.allclose(expected, got, atol=1e-4, rtol=1e-4).item())
     except Exception:  # an architecture whose layers want another cache
         return False
 
 
+def _shared_prompt_layout(groups, width: int) -> dict:
+    """Index arrays and masks of `group_token_logprobs`'s two calls, from the static groups.
+
+    Prompt call: group k's prompt minus its last token (p_k - 1 tokens) left-padded by
+    pad_k to P = max(p_k - 1): RoPE sees every row shifted by its pad, and attention
+    scores depend on position differences only. A query attends causally to keys at or
+    after its row's pad, and always to itself (a fully masked row would give NaN).
+    Completion call: row r of group k holds tokens p_k - 1 .. width - 2 right-padded to
+    C = width - min(p_k), attending to its group's prompt keys after the pad, then
+    causally to its own.
+    """
+    first_rows = np.array([first for first, _, _ in groups])
+    sizes = np.array([end - first for first, end, _ in groups])
+    if first_rows[0] != 0 or np.any(first_rows[1:] != first_rows[:-1] + sizes[:-1]):
+        raise ValueError(f"groups must cover the rows in order from row 0, got {groups}")
+    prefix = np.array([length - 1 for _, _, length in groups])  # tokens run in the prompt call
+    width_p, width_c = int(prefix.max()), width - 1 - int(prefix.min())
+    pads = width_p - prefix
+    row_group = np.repeat(np.arange(len(groups)), sizes)
+    row_start = prefix[row_group]  # the row's first completion-call position in `tokens`
+
+    keys_p = np.arange(width_p)
+    after_pad = keys_p[None, :] >= pads[:, None]  # [K, P]
+    causal_p = keys_p[None, :] <= keys_p[:, None]
+    prompt_mask = (causal_p[None] & after_pad[:, None, :]) | np.eye(width_p, dtype=bool)[None]
+
+    positions_c = row_start[:, None] + np.arange(width_c)[None, :]  # [N, C]
+    causal_c = np.broadcast_to(np.tril(np.ones((width_c, width_c), dtype=bool)), (len(row_group), width_c, width_c))
+    prompt_part = np.broadcast_to(after_pad[row_group][:, None, :], (len(row_group), width_c, width_p))
+    completion_mask = np.concatenate([prompt_part, causal_c], axis=2)
+
+    relative = np.arange(width - 1)[None, :] - row_start[:, None]  # output position -> completion-call position
+    return {
+        "width_p": width_p,
+        "prompt_rows": mx.array(first_rows),
+        "prompt_index": mx.array(np.maximum(keys_p[None, :] - pads[:, None], 0)),
+        "prompt_mask": mx.array(prompt_mask[:, None]),
+        "row_group": mx.array(row_group),
+        "input_index": mx.array(np.minimum(positions_c, width - 1)),
+        "target_index": mx.array(np.minimum(positions_c + 1, width - 1)),
+        "completion_mask": mx.array(completion_mask[:, None]),
+        "output_index": mx.array(np.clip(relative, 0, width_c - 1)),
+        "output_scored": mx.array(relative >= 0),
+    }
+
+
 def group_token_logprobs(model, tokens, groups, temperature: float = 1.0, chunk_size: int | None = None,
                          with_entropy: bool = False):
-    """`token_logprobs` for rows that share prompts, each prompt run once per group.
+    """`token_logprobs` for rows that share prompts: two model calls whatever the number of groups.
 
     `groups`: (first_row, end_row, prompt_length) covering the rows in order; the
     rows of a group hold the same tokens[:, :prompt_length]. GRPO's G completions of
-    one prompt are such a group: the prompt's forward (and backward) then costs one
-    row instead of G. Returns [N, T-1] like `token_logprobs`, with 0 before each
-    group's first completion position (prompt_length - 1).
+    one prompt are such a group. One call runs every group's prompt once (left-padded,
+    see `_shared_prompt_layout`), recording each layer's keys and values; a second runs
+    every row's completion against its group's keys and values, so a prompt's forward
+    (and backward) costs one row instead of G. The LM head runs on completion
+    positions only where the split matches. Returns [N, T-1] like `token_logprobs`,
+    with 0 before each group's first completion position (prompt_length - 1).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
     split = lm_head_split(model)
-    width = tokens.shape[1]
-    logprob_parts, entropy_parts = [], []
-    for first, end, prompt_length in groups:
-        cache = [_SharedPromptCache() for _ in model.layers]
-        if prompt_length > 1:  # all prompt tokens but the last, which predicts the first completion token
-            prefix = tokens[first : first + 1, : prompt_length - 1]
-            split[0](prefix, cache=cache) if split else model(prefix, cache=cache)
-        rows = tokens[first:end]
-        inputs, targets = rows[:, prompt_length - 1 : -1], rows[:, prompt_length:]
-        cache = cache if prompt_length > 1 else None
-        if split:
-            hidden = split[0](inputs, cache=cache)
-            logits_of = lambda a, b, h=hidden: split[1](h[:, a:b])  # noqa: E731
-        else:
-            logits = model(inputs, cache=cache)
-            logits_of = lambda a, b, x=logits: x[:, a:b]  # noqa: E731
-        scored = _score_targets(logits_of, targets, prompt_length - 1, temperature, chunk_size, with_entropy)
-        logprob_parts.append(scored[0] if with_entropy else scored)
-        if with_entropy:
-            entropy_parts.append(scored[1])
-    assert all(p.shape[1] == width - 1 for p in logprob_parts)
-    logprobs = mx.concatenate(logprob_parts, axis=0) if len(logprob_parts) > 1 else logprob_parts[0]
+    run = split[0] if split else model
+    layout = _shared_prompt_layout(groups, tokens.shape[1])
+    cache = None
+    if layout["width_p"] > 0:  # some prompt has more than its last token
+        cache = [_SharedPromptCache(layout["prompt_mask"]) for _ in model.layers]
+        prompts = mx.take_along_axis(tokens[layout["prompt_rows"]], layout["prompt_index"], axis=1)
+        run(prompts, cache=cache)
+        for c in cache:
+            c.to_completions(layout["completion_mask"], layout["row_group"], layout["width_p"])
+    inputs = mx.take_along_axis(tokens, layout["input_index"], axis=1)
+    targets = mx.take_along_axis(tokens, layout["target_index"], axis=1)
+    if split:
+        hidden = run(inputs, cache=cache)
+        logits_of = lambda a, b: split[1](hidden[:, a:b])  # noqa: E731
+    else:
+        logits = run(inputs, cache=cache)
+        logits_of = lambda a, b: logits[:, a:b]  # noqa: E731
+    scored = _score_targets(logits_of, targets, 0, temperature, chunk_size, with_entropy)
+    place = lambda x: mx.where(layout["output_scored"], mx.take_along_axis(x, layout["output_index"], axis=1), 0.0)  # noqa: E731
     if not with_entropy:
-        return logprobs
-    entropy = mx.concatenate(entropy_parts, axis=0) if len(entropy_parts) > 1 else entropy_parts[0]
-    return logprobs, entropy
+        return place(scored)
+    return place(scored[0]), place(scored[1])

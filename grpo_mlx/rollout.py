@@ -3,7 +3,9 @@
 Each prompt is prefilled once; its KV cache is handed to mlx-lm's
 `BatchGenerator` for all G completions of its group (the generator copies
 caches when it merges them into the batch), so the N = B*G completions decode
-together and the prompt costs one forward, not G.
+together and the prompt costs one forward, not G. The prefill runs the model's
+body only, without the LM head, where that split is exact (`lm_head_split_matches`):
+its logits would be thrown away.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import UserError
+from .logprobs import lm_head_split, lm_head_split_matches
 
 # The mlx-lm releases whose BatchGenerator API (`insert`, `next_generated`, `close`) this module
 # was tested with; pyproject.toml declares the same range and .ci/run tests its floor.
@@ -162,12 +165,15 @@ def _generate_rollout(model, tokenizer, prompts, group_size, max_tokens, sampler
         prefill_batch_size=n,
         prefill_step_size=prefill_step_size,
     )
+    # The prefill only fills the KV cache: at Qwen2.5's 151,936-token vocabulary the LM head
+    # would be about a quarter of its arithmetic and a [P, V] float32 block per prompt.
+    prefill = lm_head_split(model)[0] if lm_head_split_matches(model) else model
     row_prompts, caches = [], []
     for prompt in prompts:
         cache = make_prompt_cache(model)
         if len(prompt) > 1:  # the last prompt token is the generator's first input
             for start in range(0, len(prompt) - 1, prefill_step_size):
-                model(mx.array(prompt[start : min(start + prefill_step_size, len(prompt) - 1)])[None], cache=cache)
+                prefill(mx.array(prompt[start : min(start + prefill_step_size, len(prompt) - 1)])[None], cache=cache)
             mx.eval([c.state for c in cache])
         row_prompts += [[prompt[-1]]] * group_size
         caches += [cache] * group_size  # shared: merging the batch copies it

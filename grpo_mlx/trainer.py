@@ -140,10 +140,6 @@ def setup(config: TrainConfig, log=lambda msg: None) -> Run:
     # The same seed gives every rank the same LoRA init; taking rank 0's makes sure of it.
     model.update(distributed.broadcast_from_main(model.trainable_parameters()))
     mx.eval(model.parameters())
-    shared_prompt = supports_shared_prompt(model)
-    # Not under gradient checkpointing: a prompt's keys and values leave the checkpointed block
-    # through the cache, and mx.checkpoint's backward pass does not carry their gradient.
-    checkpointed = getattr(type(model.layers[0]), "_grpo_mlx_checkpointed", False)
     run = Run(
         config=config,
         model=model,
@@ -156,10 +152,9 @@ def setup(config: TrainConfig, log=lambda msg: None) -> Run:
         system_prompt=system_prompt,
         prompt_limit=prompt_limit,
         split_head=lm_head_split_matches(model),
-        shared_prompt=shared_prompt and not checkpointed,
+        shared_prompt=supports_shared_prompt(model),
     )
-    why = " (no shared prompt under --grad-checkpoint)" if shared_prompt and checkpointed else ""
-    log(f"log-probs: {LOGPROB_PATHS[run.logprob_path]}{why}")
+    log(f"log-probs: {LOGPROB_PATHS[run.logprob_path]}")
     return run
 
 

@@ -5,7 +5,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from grpo_mlx.logprobs import (
     group_token_logprobs,
@@ -127,30 +127,75 @@ def shared_prompt_batch(prompt_lengths=(6, 1, 9), rows=(3, 2, 2), width=16, seed
     return mx.array(tokens), groups, mx.array(mask)
 
 
-@pytest.mark.parametrize("chunk_size", [None, 4])
-def test_shared_prompt_logprobs_equal_row_by_row_logprobs(tiny_lm, tied_lm, chunk_size):
-    for model in (tiny_lm, tied_lm):
-        assert supports_shared_prompt(model)
-        tokens, groups, mask = shared_prompt_batch()
-        full, full_entropy = token_logprobs(model, tokens, temperature=0.8, with_entropy=True)
-        got, entropy = group_token_logprobs(model, tokens, groups, temperature=0.8, chunk_size=chunk_size,
-                                            with_entropy=True)
-        m = np.array(mask)
-        assert got.shape == full.shape
-        np.testing.assert_allclose(np.array(got) * m, np.array(full) * m, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(np.array(entropy) * m, np.array(full_entropy) * m, rtol=1e-5, atol=1e-5)
+# Ragged prompts (incl. a one-token prompt), ragged right-padded completions, a group of one row.
+SHARED_BATCHES = {"6-1-9": dict(prompt_lengths=(6, 1, 9), rows=(3, 2, 2)),
+                  "5-9-2": dict(prompt_lengths=(5, 9, 2), rows=(3, 1, 4), width=18, seed=11)}
 
 
-def test_shared_prompt_gradient_equals_row_by_row_gradient(tiny_lm):
-    tokens, groups, mask = shared_prompt_batch(seed=6)
-    weights = mx.array(np.random.default_rng(7).normal(size=mask.shape).astype(np.float32)) * mask
-    full = dict(tree_flatten(nn.value_and_grad(tiny_lm, lambda m: (token_logprobs(m, tokens) * weights).sum())(tiny_lm)[1]))
-    shared = dict(tree_flatten(nn.value_and_grad(
-        tiny_lm, lambda m: (group_token_logprobs(m, tokens, groups) * weights).sum())(tiny_lm)[1]))
+@pytest.mark.parametrize("batch", sorted(SHARED_BATCHES))
+@pytest.mark.parametrize("temperature,chunk_size", [(0.8, None), (1.3, 4)])
+@pytest.mark.parametrize("which", ["untied", "tied"])
+def test_shared_prompt_logprobs_equal_row_by_row_logprobs(tiny_lm, tied_lm, which, batch, temperature, chunk_size):
+    model = tiny_lm if which == "untied" else tied_lm
+    assert supports_shared_prompt(model)
+    tokens, groups, mask = shared_prompt_batch(**SHARED_BATCHES[batch])
+    full, full_entropy = token_logprobs(model, tokens, temperature=temperature, with_entropy=True)
+    got, entropy = group_token_logprobs(model, tokens, groups, temperature=temperature, chunk_size=chunk_size,
+                                        with_entropy=True)
+    m = np.array(mask)
+    assert got.shape == entropy.shape == full.shape
+    np.testing.assert_allclose(np.array(got) * m, np.array(full) * m, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.array(entropy) * m, np.array(full_entropy) * m, rtol=1e-5, atol=1e-5)
+    before_completion = np.arange(tokens.shape[1] - 1)[None, :] < np.array(
+        [length - 1 for first, end, length in groups for _ in range(first, end)])[:, None]
+    assert np.all(np.array(got)[before_completion] == 0) and np.all(np.array(entropy)[before_completion] == 0)
+
+
+def lora_qwen2(tie_word_embeddings: bool, seed: int):
+    """A random Qwen2 with LoRA on every layer and nonzero B matrices (so every adapter weight gets gradient)."""
+    from grpo_mlx.policy import attach_adapters
+
+    model = random_qwen2(tie_word_embeddings, seed)
+    attach_adapters(model, rank=4, num_layers=-1, scale=2.0)
+    rng = np.random.default_rng(seed)
+    model.update(tree_unflatten([(k, mx.array(rng.normal(scale=0.1, size=v.shape).astype(np.float32)))
+                                 for k, v in tree_flatten(model.trainable_parameters()) if k.endswith("lora_b")]))
+    return model
+
+
+@pytest.mark.parametrize("batch", sorted(SHARED_BATCHES))
+@pytest.mark.parametrize("weights", ["plain", "lora", "lora-tied"])
+def test_shared_prompt_gradient_equals_row_by_row_gradient(tiny_lm, batch, weights):
+    model = tiny_lm if weights == "plain" else lora_qwen2(weights == "lora-tied", seed=3)
+    tokens, groups, mask = shared_prompt_batch(**SHARED_BATCHES[batch])
+    weights_ = mx.array(np.random.default_rng(7).normal(size=mask.shape).astype(np.float32)) * mask
+
+    def grads(logprobs_of):
+        return dict(tree_flatten(nn.value_and_grad(model, lambda m: (logprobs_of(m) * weights_).sum())(model)[1]))
+
+    full = grads(lambda m: token_logprobs(m, tokens, temperature=0.7))
+    shared = grads(lambda m: group_token_logprobs(m, tokens, groups, temperature=0.7, chunk_size=5))
+    assert full.keys() == shared.keys() and full
     for k in full:
         np.testing.assert_allclose(np.array(shared[k]), np.array(full[k]), rtol=1e-4, atol=1e-5, err_msg=k)
     # The prompt's own weights get gradient through the shared keys and values.
-    assert float(mx.abs(shared["model.layers.0.self_attn.k_proj.weight"]).sum()) > 0
+    k_proj = "model.layers.0.self_attn.k_proj." + ("weight" if weights == "plain" else "lora_a")
+    assert float(mx.abs(shared[k_proj]).sum()) > 0
+
+
+@pytest.mark.parametrize("which", ["untied", "tied"])
+def test_a_shared_prompt_pass_is_two_model_calls_whatever_the_number_of_groups(tiny_lm, tied_lm, which, monkeypatch):
+    from mlx_lm.models import qwen2
+
+    model = tiny_lm if which == "untied" else tied_lm
+    calls = []
+    body_call = qwen2.Qwen2Model.__call__
+    monkeypatch.setattr(qwen2.Qwen2Model, "__call__", lambda self, *a, **k: calls.append(1) or body_call(self, *a, **k))
+    for prompt_lengths in [(4,), (5, 9, 2), (3, 7, 2, 8, 6, 4)]:
+        tokens, groups, _ = shared_prompt_batch(prompt_lengths, rows=(2,) * len(prompt_lengths), width=16)
+        calls.clear()
+        mx.eval(group_token_logprobs(model, tokens, groups, chunk_size=3))
+        assert len(calls) == 2, (prompt_lengths, len(calls))
 
 
 def test_a_model_with_a_cache_of_its_own_does_not_share_prompts(tiny_lm):
@@ -167,3 +212,31 @@ def test_a_model_with_a_cache_of_its_own_does_not_share_prompts(tiny_lm):
             return self.inner(x, cache=cache)
 
     assert not supports_shared_prompt(Windowed(tiny_lm))
+
+
+def test_shared_prompt_gradient_under_gradient_checkpointing(monkeypatch):
+    """mlx-lm's grad_checkpoint loses the gradient of the prompt's keys and values here (all 128
+    elements of an adapter's gradient differ); `checkpointed_block_call` keeps it."""
+    from mlx_lm.models import qwen2
+
+    from grpo_mlx.logprobs import checkpointed_block_call
+
+    model = lora_qwen2(tie_word_embeddings=False, seed=4)
+    tokens, groups, mask = shared_prompt_batch(**SHARED_BATCHES["5-9-2"])
+    weights = mx.array(np.random.default_rng(8).normal(size=mask.shape).astype(np.float32)) * mask
+
+    def grads():
+        loss = lambda m: (group_token_logprobs(m, tokens, groups, temperature=0.7) * weights).sum()  # noqa: E731
+        return dict(tree_flatten(nn.value_and_grad(model, loss)(model)[1]))
+
+    plain = grads()
+    # The patch is on the block class, for the whole process: monkeypatch puts it back after the test.
+    monkeypatch.setattr(qwen2.TransformerBlock, "__call__", checkpointed_block_call(qwen2.TransformerBlock.__call__))
+    checkpoints = []
+    real_checkpoint = mx.checkpoint
+    monkeypatch.setattr(mx, "checkpoint", lambda f: checkpoints.append(1) or real_checkpoint(f))
+    checkpointed = grads()
+    assert len(checkpoints) == 2 * len(model.layers)  # each block checkpointed in each of the two calls
+    assert plain.keys() == checkpointed.keys()
+    for k in plain:
+        np.testing.assert_allclose(np.array(checkpointed[k]), np.array(plain[k]), rtol=1e-4, atol=1e-5, err_msg=k)

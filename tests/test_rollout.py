@@ -97,33 +97,38 @@ def test_max_tokens_truncation_is_recorded(policy):
     assert stops_second.texts == [tokenizer.decode(c[:1]) for c in never_stops.completion_tokens]
 
 
-class RecordingModel:
-    """The model, recording the width of every input it is called on."""
+def recording_calls(monkeypatch):
+    """(body widths, head widths): the input width of every call of the Qwen2 body with a cache
+    (prefill and decode) and of the tied LM head (the embedding as a linear layer)."""
+    import mlx.nn as nn
+    from mlx_lm.models import qwen2
 
-    def __init__(self, model):
-        self.model, self.widths = model, []
+    body_widths, head_widths = [], []
+    body, head = qwen2.Qwen2Model.__call__, nn.Embedding.as_linear
 
-    def __call__(self, inputs, *args, **kwargs):
-        self.widths.append(inputs.shape[1])
-        return self.model(inputs, *args, **kwargs)
+    def recording_body(self, inputs, cache=None, *args, **kwargs):
+        if cache is not None:
+            body_widths.append(inputs.shape[1])
+        return body(self, inputs, cache, *args, **kwargs)
 
-    def __getattr__(self, name):
-        return getattr(self.model, name)
+    monkeypatch.setattr(qwen2.Qwen2Model, "__call__", recording_body)
+    monkeypatch.setattr(nn.Embedding, "as_linear", lambda self, x: head_widths.append(x.shape[1]) or head(self, x))
+    return body_widths, head_widths
 
 
-def test_prompts_longer_than_the_prefill_step_are_prefilled_in_chunks(policy):
+def test_prompts_longer_than_the_prefill_step_are_prefilled_in_chunks(policy, monkeypatch):
     model, tokenizer = policy
     prompts = [chat(tokenizer, "Add these numbers one by one and show each partial sum: 12, 30, 7, 5, 19, 44, 3 and 21."),
                chat(tokenizer, "What is 2 plus 2?")]
     step = 8
     assert len(prompts[0]) > 4 * step
-    recording = RecordingModel(model)
-    chunked = generate_rollout(recording, tokenizer, prompts, 2, 8, make_sampler(0.0), prefill_step_size=step,
+    widths, _ = recording_calls(monkeypatch)
+    chunked = generate_rollout(model, tokenizer, prompts, 2, 8, make_sampler(0.0), prefill_step_size=step,
                                with_logprobs=True)
-    whole = generate_rollout(model, tokenizer, prompts, 2, 8, make_sampler(0.0))
     # Each prompt but its last token (the generator's first input), `step` tokens at a time, then decoding.
     chunks = [min(step, len(p) - 1 - start) for p in prompts for start in range(0, len(p) - 1, step)]
-    assert recording.widths[: len(chunks)] == chunks and set(recording.widths[len(chunks) :]) == {1}
+    assert widths[: len(chunks)] == chunks and set(widths[len(chunks) :]) == {1}
+    whole = generate_rollout(model, tokenizer, prompts, 2, 8, make_sampler(0.0))
     assert chunked.completion_tokens == whole.completion_tokens
     # Independently of any cache: each greedy token is the argmax of one forward over the whole
     # sequence, with the log-prob that forward gives it.
@@ -157,3 +162,22 @@ def test_rollout_samples_without_lora_dropout_and_leaves_training_on(tiny_model_
         assert rollout.completion_tokens == expected.completion_tokens
         for got, want in zip(rollout.sampling_logprobs, expected.sampling_logprobs):
             np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_the_prefill_runs_without_the_lm_head_and_samples_the_same_tokens(policy, monkeypatch):
+    import grpo_mlx.rollout as rollout_module
+
+    model, tokenizer = policy
+    prompts = [chat(tokenizer, "What is 12 plus 30?"), chat(tokenizer, "Add 3 and 9, please. Think step by step.")]
+    prefixes = {len(p) - 1 for p in prompts}  # the prefill's input widths
+    body_widths, head_widths = recording_calls(monkeypatch)
+    body_only = generate_rollout(model, tokenizer, prompts, 3, 10, make_sampler(0.0), with_logprobs=True)
+    assert prefixes <= set(body_widths)  # the prompts were prefilled through the body...
+    assert not prefixes & set(head_widths) and 1 in head_widths  # ...and the head ran on decode steps only
+    body_widths.clear(), head_widths.clear()
+    monkeypatch.setattr(rollout_module, "lm_head_split_matches", lambda m: False)  # the whole model, as before
+    whole = generate_rollout(model, tokenizer, prompts, 3, 10, make_sampler(0.0), with_logprobs=True)
+    assert prefixes <= set(head_widths)
+    assert body_only.completion_tokens == whole.completion_tokens and body_only.texts == whole.texts
+    for got, want in zip(body_only.sampling_logprobs, whole.sampling_logprobs):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)

@@ -55,13 +55,13 @@ def test_the_logprob_path_is_logged_at_start_up_and_recorded_in_config_yaml(trai
     config_yaml = trained_run_dir / "config.yaml"
     assert "\n# logprob_path: shared-prompt\n" in config_yaml.read_text()
     assert build_config(load_config_file(config_yaml)).steps == 2
-    # --grad-checkpoint rules the shared prompt out: the split LM head remains, and the log says why.
+    # --grad-checkpoint keeps the shared prompt (its keys and values cross the checkpoint as arrays).
     monkeypatch.setattr(qwen2.TransformerBlock, "__call__", qwen2.TransformerBlock.__call__)  # the patch is process-wide
     monkeypatch.setattr(qwen2.TransformerBlock, "_grpo_mlx_checkpointed", False, raising=False)
     messages.clear()
     run = setup(small_config(tiny_model_dir, tmp_path, reward=[TEXT_REWARD], grad_checkpoint=True), log=messages.append)
-    assert run.logprob_path == "split-head"
-    assert "log-probs: row by row, LM head on completion positions only (no shared prompt under --grad-checkpoint)" in messages
+    assert run.logprob_path == "shared-prompt"
+    assert "log-probs: each group's prompt runs once, logits on completion positions only" in messages
 
 
 def test_later_iterations_use_the_sampling_policys_logprobs_as_old(tiny_model_dir, tmp_path, monkeypatch):
