@@ -58,6 +58,10 @@ DEMO_PRESET = {
 }
 
 
+MAX_TURNS_DEFAULT = 4  # model turns per trajectory when --tools or --env is on and --max-turns is unset
+TOOL_NAMES = ("calculator", "python")  # tools.BUILTIN_TOOLS, named here so validation needs no import of it
+
+
 # Fields that train, eval and generate share: one help text and one set of rules each. A command's
 # dataclass declares each with `shared(name)`, passing only what differs for it (its default, say).
 SHARED = {
@@ -78,6 +82,16 @@ SHARED = {
     "top_k": dict(default=0, range="[0, inf)", why="0 disables it", help="Top-k sampling; 0 disables it."),
     "min_p": dict(default=0.0, range="[0, 1]", why="0 disables it", help="Min-p sampling; 0 disables it."),
     "seed": dict(default=0, range="[0, 4294967295]", help="Random seed for sampling."),
+    # tools and multi-turn rollouts
+    "tools": dict(default=None, help="Tools the model may call mid-answer, comma-separated: calculator, python (a sandboxed "
+                                     "interpreter); each rollout becomes multi-turn. Unset: none."),
+    "env": dict(default=None, help="Environment plug-in answering the model's turns: path/to/file.py:Class or module:Class "
+                                   "(a grpo_mlx.environments.Environment subclass). Unset: --tools alone, else single-turn."),
+    "max_turns": dict(default=None, range="[1, inf)",
+                      help=f"Model turns per trajectory with --tools or --env; unset: {MAX_TURNS_DEFAULT}."),
+    "max_trajectory_tokens": dict(default=None, range="[1, inf)",
+                                  help="Tokens after the prompt per trajectory with --tools or --env, turns and observations "
+                                       "together; unset: max_turns * max_tokens + 256 per observation."),
 }
 
 
@@ -149,6 +163,10 @@ class TrainConfig(CommandConfig):
     top_p: float = shared("top_p")
     top_k: int = shared("top_k")
     min_p: float = shared("min_p")
+    tools: list[str] | None = shared("tools")
+    env: str | None = shared("env")
+    max_turns: int | None = shared("max_turns")
+    max_trajectory_tokens: int | None = shared("max_trajectory_tokens")
     dynamic_sampling: bool = _opt(False, "DAPO: drop groups whose rewards are all equal and sample more prompts.")
     max_sampling_rounds: int = _opt(3, "Extra sampling rounds allowed per step with --dynamic-sampling.", range="[0, inf)")
     # rewards
@@ -197,6 +215,7 @@ class TrainConfig(CommandConfig):
             self.bad("reward_weights", f"give one weight per reward function ({len(self.reward)}: {', '.join(self.reward)})")
         if self.resume and self.overwrite:
             self.bad("overwrite", "--resume and --overwrite exclude each other")
+        check_multi_turn(self)
 
 
 @dataclass
@@ -221,11 +240,43 @@ class EvalConfig(CommandConfig):
     min_p: float = shared("min_p")
     seed: int = shared("seed", help="Random seed for sampling and built-in task problems.")
     batch_size: int = _opt(8, "Prompts decoded together (each with its K samples).", range="[1, inf)")
+    tools: list[str] | None = shared("tools")
+    env: str | None = shared("env")
+    max_turns: int | None = shared("max_turns")
+    max_trajectory_tokens: int | None = shared("max_trajectory_tokens")
     output: str | None = _opt(None, "JSON file for the metrics, settings and per-problem completions.")
 
     def check_combinations(self) -> None:
         if self.samples > 1 and self.temperature <= 0:
             self.bad("temperature", "sampling K > 1 completions (--samples) needs a temperature > 0")
+        check_multi_turn(self)
+
+
+def multi_turn(config) -> bool:
+    """Whether a train or eval config's rollouts are multi-turn: --tools or --env given."""
+    return bool(config.tools) or config.env is not None
+
+
+def turn_limit(config) -> int:
+    """--max-turns, or its default."""
+    return config.max_turns if config.max_turns is not None else MAX_TURNS_DEFAULT
+
+
+def check_multi_turn(config) -> None:
+    """The rules of --tools, --env, --max-turns and --max-trajectory-tokens (train and eval)."""
+    unknown = [name for name in config.tools or [] if name not in TOOL_NAMES]
+    if unknown:
+        config.bad("tools", f"unknown tool {unknown[0]!r}: use {' or '.join(TOOL_NAMES)}, comma-separated")
+    if config.env is not None and (":" not in config.env or not config.env.rpartition(":")[2].strip()):
+        config.bad("env", "write it as path/to/file.py:Class or package.module:Class")
+    if not multi_turn(config):
+        for name in ("max_turns", "max_trajectory_tokens"):
+            if getattr(config, name) is not None:
+                config.bad(name, "only applies to multi-turn rollouts: add --tools or --env, or drop it")
+        return
+    max_tokens = config.max_tokens if config.max_tokens is not None else SHARED["max_tokens"]["default"]
+    if config.max_trajectory_tokens is not None and config.max_trajectory_tokens < max_tokens:
+        config.bad("max_trajectory_tokens", f"must be at least --max-tokens ({max_tokens}), the bound of one turn")
 
 
 @dataclass

@@ -146,6 +146,13 @@ SECTIONS = [
         ("completions/max_length", "max length", "num"),
         ("completions/clipped_ratio", "truncated", "pct"),
     ]),
+    # Multi-turn runs only (--tools, --env): the section shows when its metrics are logged.
+    ("tools", [
+        ("turns/mean", "turns", "num"),
+        ("tools/calls_per_trajectory", "calls/traj", "num"),
+        ("tools/errors", "call errors", "pct"),
+        ("time/tools", "in tools", "s"),
+    ]),
     ("speed", [
         ("tokens_per_sec/generation", "gen tok/s", "num"),
         ("tokens_per_sec/train", "train tok/s", "num"),
@@ -159,8 +166,8 @@ SECTIONS = [
 OFF_SCREEN = {"step", "skipped_update", "completions/min_length", "time/rewards", "time/logprobs"}
 # Metrics with a row in SECTIONS or deliberately hidden; any other goes under "other".
 PLACED_METRICS = {key for _, rows in SECTIONS for key, _, _ in rows} | OFF_SCREEN
-# Sections stacked in each screen column: reward | policy | completions over speed over other.
-SECTION_STACKS = [["reward"], ["policy"], ["completions", "speed", "other"]]
+# Sections stacked in each screen column: reward over tools | policy | completions over speed over other.
+SECTION_STACKS = [["reward", "tools"], ["policy"], ["completions", "speed", "other"]]
 
 
 def _is_reward_function_key(key: str) -> bool:
@@ -203,9 +210,18 @@ def _section_table(title: str, rows, metrics: dict) -> Table | None:
 # ---------------------------------------------------------------- the sample panel
 
 
+def trajectory_text(messages: list[dict]) -> str:
+    """A multi-turn trajectory turn by turn, each message on its own line(s) after its role."""
+    return "\n".join(f"{m.get('role', '?')}: {str(m.get('content', '')).strip()}" for m in messages)
+
+
 def _best_and_worst(sample: dict):
-    """((text, reward) best, (text, reward) worst), or (None, None) without completions."""
+    """((text, reward) best, (text, reward) worst), or (None, None) without completions.
+
+    A multi-turn sample's text is its trajectory turn by turn (`trajectory_text`)."""
     completions, rewards = sample.get("completions") or [], sample.get("rewards") or []
+    if sample.get("trajectories"):
+        completions = [trajectory_text(messages) for messages in sample["trajectories"]]
     pairs = list(zip(completions, rewards))
     if not pairs:
         return None, None

@@ -16,6 +16,10 @@ Choices, and why:
    `batch_size` prompts per batch, all K samples of a prompt in the same batch
    with one shared prefill. Sampling reseeds MLX's generator per batch from
    (seed, batch index), so a run is reproducible for a given seed and batch size.
+5. With --tools or --env the rollouts are multi-turn, as in training
+   (`multiturn.generate_multiturn_rollout`): accuracy is read from each
+   trajectory's last model turn (never from a tool's output), and each record
+   keeps the trajectory's messages, turns and tool calls.
 """
 
 from __future__ import annotations
@@ -93,40 +97,55 @@ def _batches(items: list, size: int):
         yield start // size, items[start:start + size]
 
 
-def decode_all(model, tokenizer, prompts: list[list[int]], group_size: int, max_tokens: int, sampler,
-               batch_size: int, seed: int | None = None, on_batch=None) -> tuple[list[str], list[str]]:
-    """(texts, finish_reasons) for group_size completions of each prompt, prompt i's at rows i*G .. i*G+G-1.
+def decode_all(model, tokenizer, prompts: list, group_size: int, max_tokens: int, sampler,
+               batch_size: int, seed: int | None = None, on_batch=None, turns: dict | None = None):
+    """The Rollout of group_size completions of each prompt, prompt i's at rows i*G .. i*G+G-1.
 
     `seed` (for sampling) reseeds MLX before each batch; `on_batch(num_prompts)` reports progress.
+    `turns`: multi-turn rollouts, `generate_multiturn_rollout`'s keyword arguments (make_env,
+    max_turns, ...); `prompts` are then the examples.
     """
     import mlx.core as mx
 
-    from .rollout import generate_rollout
+    from .multiturn import generate_multiturn_rollout
+    from .rollout import Rollout, generate_rollout
 
-    texts, finish = [], []
+    rollouts = []
     for index, batch in _batches(prompts, batch_size):
         if seed is not None:
             mx.random.seed(seed * 1_000_003 + index)
         # No log-probs: eval needs none, and keeping them holds each step's [N, V] log-softmax alive.
-        rollout = generate_rollout(model, tokenizer, batch, group_size, max_tokens, sampler)
-        texts += rollout.texts
-        finish += rollout.finish_reasons
+        if turns is None:
+            rollouts.append(generate_rollout(model, tokenizer, batch, group_size, max_tokens, sampler))
+        else:
+            rollouts.append(generate_multiturn_rollout(model, tokenizer, batch, group_size, max_tokens, sampler, **turns))
         if on_batch is not None:
             on_batch(len(batch))
-    return texts, finish
+    return Rollout.concatenate(rollouts)
 
 
-def _score(texts: list[str], golds: list[str]) -> tuple[list[str | None], list[bool]]:
+def _score(rollout, golds: list[str]) -> tuple[list[str | None], list[bool]]:
+    """The extracted answers and their correctness: a multi-turn row's answer is in its last model turn."""
+    texts = rollout.final_turns if rollout.multi_turn else rollout.texts
     correct = [score == 1.0 for score in accuracy_reward(texts, golds)]
     return [extract_answer(t) for t in texts], correct
 
 
+def _turn_record(rollout, row: int) -> dict:
+    """A multi-turn row's trajectory for the result file: its messages after the prompt, turns and tool calls."""
+    return {"messages": rollout.messages[row], "turns": rollout.turns[row], "tool_calls": rollout.tool_calls[row],
+            "tool_errors": rollout.tool_errors[row]}
+
+
 def evaluate_examples(model, tokenizer, examples, samples: int = 1, system_prompt: str | None = None,
                       max_tokens: int = TrainConfig.max_tokens, temperature: float = 1.0, top_p: float = 1.0,
-                      top_k: int = 0, min_p: float = 0.0, seed: int = 0, batch_size: int = 8, on_progress=None) -> dict:
+                      top_k: int = 0, min_p: float = 0.0, seed: int = 0, batch_size: int = 8, on_progress=None,
+                      turns: dict | None = None) -> dict:
     """Metrics and per-example records for a loaded model on `examples` (each with a gold answer).
 
     `on_progress(phase, num_prompts)` is called after each batch, phase "greedy" or "sampled".
+    `turns`: multi-turn rollouts with these `generate_multiturn_rollout` keywords (make_env, max_turns,
+    max_trajectory_tokens); the result then also has "turns/mean" and "tools/calls_per_trajectory".
     Returns {"accuracy", "correct", "num_examples", "greedy_truncated", ["pass@k", "maj@K"], "examples"}.
     """
     from .prompts import render_prompt, resolve_system_prompt
@@ -134,17 +153,22 @@ def evaluate_examples(model, tokenizer, examples, samples: int = 1, system_promp
 
     golds = [ex.answer for ex in examples]
     system = resolve_system_prompt(system_prompt)
-    prompts = [render_prompt(tokenizer, ex, system) for ex in examples]
+    if turns is None:
+        prompts = [render_prompt(tokenizer, ex, system) for ex in examples]
+    else:
+        prompts, turns = examples, {**turns, "system_prompt": system}
 
     def report(phase):  # on_batch callback for one phase, or None
         return None if on_progress is None else (lambda prompts: on_progress(phase, prompts))
 
-    texts, finish = decode_all(model, tokenizer, prompts, 1, max_tokens, make_sampler(0.0), batch_size,
-                               on_batch=report("greedy"))
-    extracted, correct = _score(texts, golds)
+    greedy = decode_all(model, tokenizer, prompts, 1, max_tokens, make_sampler(0.0), batch_size,
+                        on_batch=report("greedy"), turns=turns)
+    texts, finish = greedy.texts, greedy.finish_reasons
+    extracted, correct = _score(greedy, golds)
     records = [
         {"index": i, "prompt": ex.prompt, "gold": ex.answer, "gold_answer": parse_gold(ex.answer),
-         "completion": texts[i], "extracted": extracted[i], "correct": correct[i], "finish_reason": finish[i]}
+         "completion": texts[i], "extracted": extracted[i], "correct": correct[i], "finish_reason": finish[i],
+         **(_turn_record(greedy, i) if greedy.multi_turn else {})}
         for i, ex in enumerate(examples)
     ]
     n = len(examples)
@@ -152,13 +176,17 @@ def evaluate_examples(model, tokenizer, examples, samples: int = 1, system_promp
         "accuracy": sum(correct) / n,
         "correct": sum(correct),
         "num_examples": n,
-        "greedy_truncated": sum(r == "length" for r in finish),
+        "greedy_truncated": sum(r != "stop" for r in finish),
     }
+    if greedy.multi_turn:
+        result["turns/mean"] = sum(greedy.turns) / n
+        result["tools/calls_per_trajectory"] = sum(greedy.tool_calls) / n
     if samples > 1:
         sampler = make_sampler(temperature, top_p, top_k, min_p)
-        sample_texts, _ = decode_all(model, tokenizer, prompts, samples, max_tokens, sampler, batch_size,
-                                     seed=seed, on_batch=report("sampled"))
-        sample_answers, sample_correct = _score(sample_texts, [g for g in golds for _ in range(samples)])
+        sampled = decode_all(model, tokenizer, prompts, samples, max_tokens, sampler, batch_size,
+                             seed=seed, on_batch=report("sampled"), turns=turns)
+        sample_texts = sampled.texts
+        sample_answers, sample_correct = _score(sampled, [g for g in golds for _ in range(samples)])
         for i, record in enumerate(records):
             rows = slice(i * samples, (i + 1) * samples)
             answers, flags = sample_answers[rows], sample_correct[rows]
@@ -187,7 +215,10 @@ def evaluate(config: EvalConfig, on_progress=None, on_start=None) -> dict:
     Prompts longer than the model's context less `max_tokens` are skipped and counted
     (`skipped_long_prompts`); when none is short enough, evaluation is refused.
     """
+    from .config import multi_turn, turn_limit
     from .data import load_examples
+    from .environments import environment_factory, load_environment
+    from .multiturn import default_trajectory_tokens
     from .prompts import context_length, drop_long_prompts, prompt_length_limit, resolve_system_prompt
     from .fuse import load_with_adapters, trained_base_model
 
@@ -200,8 +231,15 @@ def evaluate(config: EvalConfig, on_progress=None, on_start=None) -> dict:
                              answer_field=c.answer_field, limit=c.limit, seed=c.seed)
     if any(ex.answer is None for ex in examples):
         raise UserError(f"{c.dataset} has no gold answers to score against: name the answer field with --answer-field")
+    if c.env is not None:  # a broken plug-in fails before the model loads
+        load_environment(c.env)
     model_obj, tokenizer, model_config = load_with_adapters(model, c.adapter_path)
-    prompt_limit = prompt_length_limit(None, context_length(model_config), max_tokens)
+    turns = None
+    if multi_turn(c):
+        trajectory = c.max_trajectory_tokens or default_trajectory_tokens(max_tokens, turn_limit(c))
+        turns = {"make_env": environment_factory(c.env, c.tools or [], tokenizer), "max_turns": turn_limit(c),
+                 "max_trajectory_tokens": trajectory}
+    prompt_limit = prompt_length_limit(None, context_length(model_config), turns["max_trajectory_tokens"] if turns else max_tokens)
     examples, too_long = drop_long_prompts(tokenizer, examples, resolve_system_prompt(c.system_prompt), prompt_limit,
                                            c.dataset)
 
@@ -210,7 +248,7 @@ def evaluate(config: EvalConfig, on_progress=None, on_start=None) -> dict:
     tic = time.perf_counter()
     result = evaluate_examples(model_obj, tokenizer, examples, samples=c.samples, system_prompt=c.system_prompt,
                                max_tokens=max_tokens, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
-                               min_p=c.min_p, seed=c.seed, batch_size=c.batch_size, on_progress=on_progress)
+                               min_p=c.min_p, seed=c.seed, batch_size=c.batch_size, on_progress=on_progress, turns=turns)
     settings = {key: value for key, value in asdict(c).items() if key != "output"}
     settings.update(model=model or "embedded-demo", adapter_path=None if c.adapter_path is None else str(c.adapter_path),
                     max_tokens=max_tokens, temperature=c.temperature if c.samples > 1 else None,
@@ -313,6 +351,9 @@ def summary_table(result: dict):
         if key.startswith(("pass@", "maj@")):
             table.add_row(f"{key} (T={settings['temperature']:g})", f"{value:.2%}")
     table.add_row("greedy cut at max tokens", str(result["greedy_truncated"]))
+    for key, label in (("turns/mean", "turns per problem (greedy)"), ("tools/calls_per_trajectory", "tool calls per problem (greedy)")):
+        if key in result:
+            table.add_row(label, f"{result[key]:.2f}")
     if result.get("skipped_long_prompts"):
         table.add_row(f"skipped: prompt over {settings['max_prompt_length']} tokens", str(result["skipped_long_prompts"]))
     return table

@@ -45,18 +45,20 @@ def render_prompt(tokenizer, example: Example, system_prompt: str | None = None)
     return list(tokenizer.encode(_plain_prompt(messages)))
 
 
-def _apply_chat_template(tokenizer, messages: list[dict]) -> list[int]:
+def _apply_chat_template(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """`messages` through the chat template with a generation prompt; `tools`: JSON schemas the template renders."""
     from jinja2 import TemplateError
 
+    kwargs = {"tools": tools} if tools else {}
     try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
     except TemplateError:
         # Some templates (older Gemma) refuse a system role: fold it into the first user turn.
         if messages[0]["role"] != "system" or len(messages) < 2:
             raise
         system, first, *rest = messages
         merged = {**first, "content": f"{system['content']}\n\n{first['content']}"}
-        ids = tokenizer.apply_chat_template([merged, *rest], add_generation_prompt=True)
+        ids = tokenizer.apply_chat_template([merged, *rest], add_generation_prompt=True, **kwargs)
     # transformers 5 returns a BatchEncoding where mlx-lm's wrapper returns a list.
     if not isinstance(ids, list) and "input_ids" in ids:
         ids = ids["input_ids"]

@@ -24,6 +24,13 @@ signature names (all of them with **kwargs):
 - ours: `answers` (the gold answer per row, from --answer-field, None where there is
   none), `completion_lengths` (tokens), `group_size`, `max_completion_length`.
   Where a column has one of our names, ours wins.
+- multi-turn rollouts (--tools, --env): `completions` is the whole trajectory after
+  the prompt: its text as the chat template renders it (turns and observations), or
+  for a conversational prompt its messages with their roles ("assistant", "tool",
+  "user"); `completion_lengths` count every token after the prompt, and
+  `max_completion_length` is the trajectory bound. `final_turns` holds each row's
+  last model turn: the built-ins that check the answer (accuracy, length, cosine)
+  read it, so a number in a tool's output never counts as the model's answer.
 
 The classic grpo-mlx form `fn(completions, answers, **fields)` still works, with
 text completions: a function is called positionally, `fn(texts, answers, **the
@@ -237,10 +244,14 @@ def calls_by_keyword(fn: Callable, offered: dict) -> bool:
 def reward_arguments(fn: Callable, texts: list[str], answers: list, keywords: dict) -> tuple[tuple, dict]:
     """(args, kwargs) that call `fn` on a batch: `texts` are the completions' text, `answers` the gold
     answers, `keywords` the other keyword lists (prompts, data set columns, trainer_state, ...)."""
+    keywords = dict(keywords)
+    conversations = keywords.pop("completion_messages", None)  # multi-turn: each row's messages after the prompt
     prompts = keywords.get("prompts")
     completions = list(texts) if prompts is None else [
-        [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text  # TRL's conversational form
-        for text, prompt in zip(texts, prompts)
+        # TRL's conversational form: the assistant's message, or a multi-turn row's messages with their roles
+        (conversations[i] if conversations is not None else [{"role": "assistant", "content": text}])
+        if isinstance(prompt, list) else text
+        for i, (text, prompt) in enumerate(zip(texts, prompts))
     ]
     offered = {**keywords, "completions": completions, "answers": list(answers)}
     if calls_by_keyword(fn, offered):
@@ -642,9 +653,14 @@ def _lengths(completions: list[str], completion_lengths) -> list[int]:
 
 
 @register_reward("accuracy", needs_answer=True)
-def accuracy_reward(completions, answers=None, **kwargs):
+def accuracy_reward(completions, answers=None, final_turns=None, **kwargs):
     """1 if the extracted final answer equals the gold answer, else 0; skipped without a gold answer."""
-    return [None if a is None else float(answers_equal(c, a)) for c, a in zip(completion_texts(completions), _golds(answers, completions))]
+    return [None if a is None else float(answers_equal(c, a)) for c, a in zip(_answer_texts(completions, final_turns), _golds(answers, completions))]
+
+
+def _answer_texts(completions, final_turns=None) -> list[str]:
+    """The text an answer is read from: each multi-turn row's last model turn, else the completion."""
+    return completion_texts(completions) if final_turns is None else [str(t) for t in final_turns]
 
 
 _THINK_ANSWER_SOFT = re.compile(r"<think>.*?</think>.*?<answer>.*?</answer>", re.DOTALL)
@@ -681,10 +697,11 @@ def reasoning_steps_reward(completions, answers=None, **kwargs):
 
 
 @register_reward("length", needs_answer=True)
-def length_reward(completions, answers=None, group_size=None, completion_lengths=None, **kwargs):
+def length_reward(completions, answers=None, group_size=None, completion_lengths=None, final_turns=None, **kwargs):
     """Kimi k1.5 length reward within each group: shorter correct answers score higher."""
     # Kimi k1.5 (arXiv:2501.12599) §2.3.3: lam = 0.5 - (len - min_len) / (max_len - min_len);
     # correct -> lam, wrong -> min(0, lam). A group of equal lengths gets lam = 0.
+    answer_texts = _answer_texts(completions, final_turns)
     completions, answers = completion_texts(completions), _golds(answers, completions)
     n = len(completions)
     g = n if group_size is None else int(group_size)
@@ -700,19 +717,21 @@ def length_reward(completions, answers=None, group_size=None, completion_lengths
                 out.append(None)
                 continue
             lam = 0.0 if hi == lo else 0.5 - (lengths[i] - lo) / (hi - lo)
-            out.append(lam if answers_equal(completions[i], answers[i]) else min(0.0, lam))
+            out.append(lam if answers_equal(answer_texts[i], answers[i]) else min(0.0, lam))
     return out
 
 
 @register_reward("cosine", needs_answer=True)
-def cosine_reward(completions, answers=None, max_completion_length=COSINE_MAX_LENGTH, completion_lengths=None, **kwargs):
+def cosine_reward(completions, answers=None, max_completion_length=COSINE_MAX_LENGTH, completion_lengths=None,
+                  final_turns=None, **kwargs):
     """Correctness scaled by length on a cosine: correct 1.0 -> 0.5, wrong -0.5 -> 0.0 as length grows."""
     # Yeo et al. 2025 (arXiv:2502.03373) Eq. 1:
     #   r = r_T + 0.5 (r_0 - r_T) (1 + cos(pi t / T)), t = length clipped to T.
     T = max(1, int(max_completion_length))
+    answer_texts = _answer_texts(completions, final_turns)
     completions, answers = completion_texts(completions), _golds(answers, completions)
     out = []
-    for c, a, t in zip(completions, answers, _lengths(completions, completion_lengths)):
+    for c, a, t in zip(answer_texts, answers, _lengths(completions, completion_lengths)):
         if a is None:
             out.append(None)
             continue

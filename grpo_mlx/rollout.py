@@ -53,16 +53,33 @@ class Rollout:
 
     `completion_tokens` include the stop token when the completion stopped
     (the policy must learn to stop); `texts` exclude it.
+
+    A multi-turn rollout (multiturn.py) fills the fields after `sampling_logprobs`:
+    its completion is everything after the prompt, the model's turns and the
+    observations between them, and `completion_masks` marks the model's own tokens.
     """
 
     prompt_tokens: list[list[int]]  # per row (shared within a group)
     completion_tokens: list[list[int]]
     texts: list[str]
-    finish_reasons: list[str]  # "stop" | "length"
+    finish_reasons: list[str]  # "stop" | "length" (| "turns": out of turns, multi-turn)
     group_size: int
     # The sampler's view: log-softmax of the raw logits at each completion token
     # (before temperature and top-p), from the generator at no extra cost.
     sampling_logprobs: list[list[float]] | None = None
+    # Multi-turn, per row: 1 for the model's own tokens, 0 for the observations and template text between turns.
+    completion_masks: list[list[int]] | None = None
+    turns: list[int] | None = None
+    tool_calls: list[int] | None = None
+    tool_errors: list[int] | None = None
+    tool_seconds: list[float] | None = None
+    messages: list[list[dict]] | None = None  # the conversation after the prompt, with roles
+    final_turns: list[str] | None = None  # the last model turn's text: what answer-based rewards read
+    tool_time: float = 0.0  # wall seconds the rollout waited for the environments
+
+    # The per-row fields, in the constructor's order after group_size.
+    ROW_FIELDS = ("sampling_logprobs", "completion_masks", "turns", "tool_calls", "tool_errors", "tool_seconds",
+                  "messages", "final_turns")
 
     @property
     def num_rows(self) -> int:
@@ -73,35 +90,51 @@ class Rollout:
         return [len(c) for c in self.completion_tokens]
 
     @property
+    def model_token_counts(self) -> list[int]:
+        """Tokens the model sampled per row (a multi-turn row's observations left out)."""
+        if self.completion_masks is None:
+            return self.completion_lengths
+        return [sum(m) for m in self.completion_masks]
+
+    @property
     def truncated(self) -> list[bool]:
-        return [r == "length" for r in self.finish_reasons]
+        return [r != "stop" for r in self.finish_reasons]
+
+    @property
+    def multi_turn(self) -> bool:
+        return self.turns is not None
 
     def select_groups(self, groups: list[int]) -> "Rollout":
         rows = [g * self.group_size + j for g in groups for j in range(self.group_size)]
         pick = lambda xs: None if xs is None else [xs[r] for r in rows]  # noqa: E731
         return Rollout(
             pick(self.prompt_tokens), pick(self.completion_tokens), pick(self.texts),
-            pick(self.finish_reasons), self.group_size, pick(self.sampling_logprobs),
+            pick(self.finish_reasons), self.group_size,
+            **{name: pick(getattr(self, name)) for name in self.ROW_FIELDS}, tool_time=self.tool_time,
         )
 
     @staticmethod
     def concatenate(rollouts: list["Rollout"]) -> "Rollout":
         first = rollouts[0]
         join = lambda attr: [x for r in rollouts for x in (getattr(r, attr) or [])]  # noqa: E731
-        logprobs = join("sampling_logprobs") if all(r.sampling_logprobs is not None for r in rollouts) else None
+        optional = {name: join(name) if all(getattr(r, name) is not None for r in rollouts) else None
+                    for name in Rollout.ROW_FIELDS}
         return Rollout(
             join("prompt_tokens"), join("completion_tokens"), join("texts"),
-            join("finish_reasons"), first.group_size, logprobs,
+            join("finish_reasons"), first.group_size, **optional, tool_time=sum(r.tool_time for r in rollouts),
         )
 
 
-def pad_batch(prompt_tokens, completion_tokens, pad_id: int = 0, bucket: int = 1, mask_rows=None):
+def pad_batch(prompt_tokens, completion_tokens, pad_id: int = 0, bucket: int = 1, mask_rows=None, token_masks=None):
     """Right-padded [N, T] tokens and the [N, T-1] mask of completion targets.
 
     `completion_mask[i, t]` is 1 where tokens[i, t+1] is a completion token,
     the positions `token_logprobs` scores. T is rounded up to a multiple of
     `bucket` so a compiled step sees few distinct shapes. `mask_rows` ([N]
     bool) zeroes whole rows (e.g. truncated completions under DAPO's masking).
+    `token_masks` (per row, one 0/1 per completion token; `Rollout.completion_masks`)
+    zeroes single targets: a multi-turn row's observation tokens stay in `tokens`
+    as context but are never trained on.
     """
     lengths = [len(p) + len(c) for p, c in zip(prompt_tokens, completion_tokens)]
     width = max(lengths)
@@ -112,7 +145,7 @@ def pad_batch(prompt_tokens, completion_tokens, pad_id: int = 0, bucket: int = 1
         tokens[i, : len(p)] = p
         tokens[i, len(p) : len(p) + len(c)] = c
         if mask_rows is None or not mask_rows[i]:
-            mask[i, len(p) - 1 : len(p) - 1 + len(c)] = 1.0
+            mask[i, len(p) - 1 : len(p) - 1 + len(c)] = 1.0 if token_masks is None else token_masks[i]
     return mx.array(tokens), mx.array(mask)
 
 

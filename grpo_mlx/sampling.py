@@ -12,12 +12,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import distributed
-from .config import TrainConfig
+from .config import TrainConfig, multi_turn, turn_limit
 from .data import take_examples
 from .prompts import check_prompt_lengths, render_prompt
 from .errors import UserError
 from .grpo import informative_groups
 from .rewards import RewardError, RewardTimeoutError, TrainerState, first_failing_rows, score_completions
+from .multiturn import default_trajectory_tokens, trajectory_prompts
 from .rollout import Rollout, make_sampler
 from .step_metrics import prompt_text
 
@@ -53,10 +54,14 @@ def try_rewards(reward_fns: dict, examples: list, config: TrainConfig) -> None:
     """
     trial = examples[:TRIAL_EXAMPLES]
     texts = [ex.answer or "" for ex in trial for _ in range(config.group_size)]
+    # Multi-turn rewards get the trajectory's messages and last turns too: a one-turn trajectory here.
+    turn_columns = turn_reward_columns(texts, [[{"role": "assistant", "content": t}] for t in texts]) \
+        if multi_turn(config) else None
     failure = None
     for name, fn in reward_fns.items():
         try:
-            score_groups({name: fn}, {}, config, trial, texts, [len(t) for t in texts], split_on_timeout=False)
+            score_groups({name: fn}, {}, config, trial, texts, [len(t) for t in texts], split_on_timeout=False,
+                         turn_columns=turn_columns)
         except RewardError as e:
             failure = RewardError(f"{e} (in a trial call before training, with the gold answers as completions); fix the function")
             failure.__cause__ = e
@@ -83,7 +88,7 @@ def sample_groups(run: Run, step: int):
     sampler = make_sampler(c.temperature, c.top_p, c.top_k, c.min_p)
     kept_rollouts, kept_examples, kept_rewards, kept_applicable, kept_columns = [], [], [], [], []
     timeouts = dict.fromkeys(run.reward_fns, 0)
-    gen_time = reward_time = 0.0
+    gen_time = reward_time = tool_time = 0.0
     gen_tokens = rounds = 0
     for _ in range(1 + (c.max_sampling_rounds if c.dynamic_sampling else 0)):
         needs = distributed.gather_counts(local_batch - len(kept_examples))  # every rank's shortfall
@@ -101,8 +106,9 @@ def sample_groups(run: Run, step: int):
         for name, count in round_timeouts.items():
             timeouts[name] += count
         gen_time += seconds_generating
+        tool_time += rollout.tool_time
         reward_time += seconds_scoring
-        gen_tokens += sum(rollout.completion_lengths)
+        gen_tokens += sum(rollout.model_token_counts)
 
         # The advantages' own rule: a group kept here never gets all-zero advantages.
         keep = np.array(informative_groups(rewards, G, applicable)) if c.dynamic_sampling else np.ones(len(examples), bool)
@@ -117,7 +123,8 @@ def sample_groups(run: Run, step: int):
 
     rollout = Rollout.concatenate(kept_rollouts)
     columns = {k: [x for col in kept_columns for x in col[k]] for k in columns}
-    timing = {"time/generation": gen_time, "time/rewards": reward_time, "generated_tokens": gen_tokens, "sampling_rounds": rounds,
+    timing = {"time/generation": gen_time, "time/rewards": reward_time, "time/tools": tool_time,
+              "generated_tokens": gen_tokens, "sampling_rounds": rounds,
               "reward_timeouts": timeout_metrics(timeouts)}
     return rollout, kept_examples, kept_rewards, kept_applicable, columns, timing
 
@@ -138,23 +145,32 @@ def sample_round(run: Run, step: int, examples: list, sampler):
     """
     c = run.config
     G = c.group_size
-    prompts = [render_prompt(run.tokenizer, ex, run.system_prompt) for ex in examples]
+    if run.make_env is None:
+        prompts = [render_prompt(run.tokenizer, ex, run.system_prompt) for ex in examples]
+    else:  # the environment's system text and tool schemas are part of the prompt
+        prompts = trajectory_prompts(run.tokenizer, examples, run.make_env, run.system_prompt)
     check_prompt_lengths(prompts, run.prompt_limit)
 
     tic = time.perf_counter()
-    rollout = run.rollout_fn(run.model, run.tokenizer, prompts, G, c.max_tokens, sampler)
+    if run.make_env is None:
+        rollout = run.rollout_fn(run.model, run.tokenizer, prompts, G, c.max_tokens, sampler)
+    else:
+        rollout = run.multiturn_fn(run.model, run.tokenizer, examples, G, c.max_tokens, sampler, make_env=run.make_env,
+                                   max_turns=turn_limit(c), max_trajectory_tokens=trajectory_tokens(c),
+                                   system_prompt=run.system_prompt)
     gen_time = time.perf_counter() - tic
 
     tic = time.perf_counter()
     failure = None
+    turn_columns = turn_reward_columns(rollout.final_turns, rollout.messages) if rollout.multi_turn else None
     try:
         rewards, applicable, columns, timeouts = score_groups(run.reward_fns, run.reward_weights, c, examples, rollout.texts,
-                                                              rollout.completion_lengths, step)
+                                                              rollout.completion_lengths, step, turn_columns=turn_columns)
     except RewardError as e:
         if isinstance(e, RewardTimeoutError):  # every row timed out: every example is one it failed on
             where = f"example {prompt_text(examples[0])[:80]!r} (answer {examples[0].answer!r})"
         else:
-            where = failing_example(run, examples, rollout.texts, rollout.completion_lengths, step)
+            where = failing_example(run, examples, rollout.texts, rollout.completion_lengths, step, turn_columns)
         failure = RewardError(f"{e}; at step {step}, {where}")
         failure.__cause__ = e
     reward_time = time.perf_counter() - tic
@@ -163,10 +179,24 @@ def sample_round(run: Run, step: int, examples: list, sampler):
     return rollout, rewards, applicable, columns, timeouts, (gen_time, reward_time)
 
 
+def trajectory_tokens(config) -> int:
+    """The bound on a multi-turn trajectory's tokens after the prompt: --max-trajectory-tokens or its default."""
+    if config.max_trajectory_tokens is not None:
+        return config.max_trajectory_tokens
+    return default_trajectory_tokens(config.max_tokens, turn_limit(config))
+
+
+def turn_reward_columns(final_turns: list[str], messages: list[list[dict]]) -> dict:
+    """What multi-turn rows add to a reward call: each row's last model turn, and its messages after the
+    prompt (the `completions` of a conversational prompt; see rewards.reward_arguments)."""
+    return {"final_turns": list(final_turns), "completion_messages": list(messages)}
+
+
 def score_groups(reward_fns, reward_weights, config: TrainConfig, examples, texts, completion_lengths, step: int = 1,
-                 split_on_timeout: bool = True):
+                 split_on_timeout: bool = True, turn_columns: dict | None = None):
     """Score G completions per example with every reward function at training step `step`:
-    (rewards, applicable, columns, timeouts per reward). Calls are cut off after --reward-timeout."""
+    (rewards, applicable, columns, timeouts per reward). Calls are cut off after --reward-timeout.
+    `turn_columns`: `turn_reward_columns` of a multi-turn rollout, else None."""
     G = config.group_size
     rows = [ex for ex in examples for _ in range(G)]
     return score_completions(
@@ -181,7 +211,8 @@ def score_groups(reward_fns, reward_weights, config: TrainConfig, examples, text
         trainer_state=TrainerState(global_step=step - 1, max_steps=config.steps),
         completion_lengths=completion_lengths,
         group_size=G,
-        max_completion_length=config.max_tokens,
+        max_completion_length=trajectory_tokens(config) if turn_columns is not None else config.max_tokens,
+        **(turn_columns or {}),
     )
 
 
@@ -191,13 +222,15 @@ def example_columns(example) -> dict:
     return example.row or {"prompt": example.prompt, "answer": example.answer, **example.meta}
 
 
-def failing_example(run: Run, examples, texts, completion_lengths, step: int = 1) -> str:
+def failing_example(run: Run, examples, texts, completion_lengths, step: int = 1, turn_columns: dict | None = None) -> str:
     """Name the example a reward failed on: the first group that also fails when scored alone."""
     G = run.config.group_size
 
     def score_group(rows: slice):
         g = rows.start // G
-        score_groups(run.reward_fns, run.reward_weights, run.config, examples[g:g + 1], texts[rows], completion_lengths[rows], step)
+        group_columns = None if turn_columns is None else {k: v[rows] for k, v in turn_columns.items()}
+        score_groups(run.reward_fns, run.reward_weights, run.config, examples[g:g + 1], texts[rows], completion_lengths[rows],
+                     step, turn_columns=group_columns)
 
     rows = first_failing_rows(score_group, len(examples) * G, block=G)
     if rows is None:

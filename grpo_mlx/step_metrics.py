@@ -59,6 +59,21 @@ def completion_metrics(lengths, truncated) -> dict:
     }
 
 
+# A multi-turn rollout's per-row counts that the turn and tool metrics are made of.
+TURN_COLUMNS = ("turns", "tool_calls", "tool_errors")
+
+
+def turn_metrics(turns, tool_calls, tool_errors) -> dict:
+    """`turns/mean` (model turns per trajectory), `tools/calls_per_trajectory`, and `tools/errors`:
+    the share of the batch's tool calls that answered an error (0 without calls)."""
+    calls = float(np.sum(tool_calls))
+    return {
+        "turns/mean": float(np.mean(turns)) if len(turns) else 0.0,
+        "tools/calls_per_trajectory": float(np.mean(tool_calls)) if len(tool_calls) else 0.0,
+        "tools/errors": float(np.sum(tool_errors)) / calls if calls else 0.0,
+    }
+
+
 def batch_metrics(rollout: Rollout, rewards, applicable, columns, config: TrainConfig) -> dict:
     """Reward and completion metrics of the global batch: every rank's rows, in rank order.
 
@@ -66,16 +81,22 @@ def batch_metrics(rollout: Rollout, rewards, applicable, columns, config: TrainC
     """
     G = config.group_size
     names = sorted(columns)  # every rank runs the same reward functions
-    table = np.zeros((rollout.num_rows, 4 + len(names)))
+    turn_columns = TURN_COLUMNS if rollout.multi_turn else ()  # the same on every rank: set by the config
+    first = 4 + len(turn_columns)
+    table = np.zeros((rollout.num_rows, first + len(names)))
     table[:, 0], table[:, 1] = rewards, applicable
     table[:, 2], table[:, 3] = rollout.completion_lengths, rollout.truncated
+    for i, field in enumerate(turn_columns):
+        table[:, 4 + i] = getattr(rollout, field)
     for i, name in enumerate(names):  # a reward that does not apply (None) travels as NaN
-        table[:, 4 + i] = [np.nan if v is None else float(v) for v in columns[name]]
+        table[:, first + i] = [np.nan if v is None else float(v) for v in columns[name]]
     capacity = distributed.local_batch_size(config.batch_size, distributed.world().size()) * G
     rows = distributed.gather_rows(table, capacity)
-    columns = {name: [None if np.isnan(v) else float(v) for v in rows[:, 4 + i]] for i, name in enumerate(names)}
+    columns = {name: [None if np.isnan(v) else float(v) for v in rows[:, first + i]] for i, name in enumerate(names)}
     metrics = reward_metrics(list(rows[:, 0]), list(rows[:, 1] > 0), columns, G)
     metrics.update(completion_metrics(rows[:, 2], rows[:, 3] > 0))
+    if turn_columns:
+        metrics.update(turn_metrics(*(rows[:, 4 + i] for i in range(len(turn_columns)))))
     if config.dynamic_sampling:
         metrics["num_groups"] = len(rows) // G
     return metrics
@@ -88,11 +109,16 @@ def prompt_text(example) -> str:
 
 
 def make_sample(step, rollout: Rollout, examples, rewards) -> dict:
+    """The first group: its prompt, answer, completions and rewards; for a multi-turn rollout also each
+    trajectory's messages after the prompt ("trajectories": [[{"role", "content"}, ...], ...]), turn by turn."""
     G = rollout.group_size
-    return {
+    sample = {
         "step": step,
         "prompt": prompt_text(examples[0]),
         "answer": examples[0].answer,
         "completions": rollout.texts[:G],
         "rewards": [float(r) for r in rewards[:G]],
     }
+    if rollout.messages is not None:
+        sample["trajectories"] = [[dict(m) for m in messages] for messages in rollout.messages[:G]]
+    return sample

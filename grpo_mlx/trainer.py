@@ -50,7 +50,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from . import distributed
-from .config import TrainConfig
+from .config import TrainConfig, multi_turn
 from .data import Example, load_examples_with_stats
 from .prompts import context_length, drop_long_prompts, prompt_length_limit, resolve_system_prompt
 from .errors import UserError
@@ -66,8 +66,10 @@ from .grpo import group_advantages, loss_normaliser
 from .logprobs import lm_head_split_matches, supports_shared_prompt
 from .policy import attach_adapters, load_model, reference_mode
 from .rewards import get_reward
+from .environments import Environment, environment_factory, load_environment
+from .multiturn import generate_multiturn_rollout
 from .rollout import Rollout, generate_rollout, pad_batch
-from .sampling import check_answers, sample_groups, try_rewards
+from .sampling import check_answers, sample_groups, trajectory_tokens, try_rewards
 from .step_metrics import batch_metrics, make_sample, reduce_update_metrics
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before the run stops
@@ -103,6 +105,9 @@ class Run:
     shared_prompt: bool = False
     # generate_rollout's signature; tests inject fixed completions through it
     rollout_fn: Callable[..., Rollout] = generate_rollout
+    # Multi-turn (--tools, --env): what makes each trajectory's environment, and the rollout that runs them.
+    make_env: Callable[[], Environment] | None = None
+    multiturn_fn: Callable[..., Rollout] = generate_multiturn_rollout
     grad_step: Callable | None = None  # make_grad_step's function, built on the first step
 
     @property
@@ -121,10 +126,14 @@ def setup(config: TrainConfig, log=lambda msg: None) -> Run:
     reward_fns = {name: get_reward(name) for name in config.reward}
     weights = config.reward_weights or [1.0] * len(config.reward)
     examples = load_data(config, reward_fns, log)
+    if config.env is not None:  # a broken plug-in fails before the model loads
+        load_environment(config.env)
     log(f"loading model {config.model or 'embedded demo'}" + (" and quantizing" if config.quantize else ""))
     model, tokenizer, model_config = load_model(config.model, config.quantize, config.q_bits, config.q_group_size)
     system_prompt = resolve_system_prompt(config.system_prompt)
-    prompt_limit = prompt_length_limit(config.max_prompt_length, context_length(model_config), config.max_tokens)
+    # A multi-turn prompt needs room for the whole trajectory after it.
+    after_prompt = trajectory_tokens(config) if multi_turn(config) else config.max_tokens
+    prompt_limit = prompt_length_limit(config.max_prompt_length, context_length(model_config), after_prompt)
     examples, too_long = drop_long_prompts(tokenizer, examples, system_prompt, prompt_limit, config.dataset)
     if too_long:
         log(f"skipped {too_long} prompts longer than {prompt_limit} tokens")
@@ -153,6 +162,7 @@ def setup(config: TrainConfig, log=lambda msg: None) -> Run:
         prompt_limit=prompt_limit,
         split_head=lm_head_split_matches(model),
         shared_prompt=supports_shared_prompt(model),
+        make_env=environment_factory(config.env, config.tools or [], tokenizer) if multi_turn(config) else None,
     )
     log(f"log-probs: {LOGPROB_PATHS[run.logprob_path]}")
     return run
@@ -210,12 +220,16 @@ def grpo_step(run: Run, step: int):
     metrics["time/rewards"] = timing["time/rewards"]
     metrics.update(timing["reward_timeouts"])
     metrics["tokens_per_sec/generation"] = timing["generated_tokens"] / max(timing["time/generation"], 1e-9)
+    if rollout.multi_turn:
+        metrics["time/tools"] = timing["time/tools"]
     if c.dynamic_sampling:
         metrics["sampling_rounds"] = timing["sampling_rounds"]
     sample = make_sample(step, rollout, examples, rewards) if examples else None
 
     mask_rows = rollout.truncated if c.mask_truncated_completions else None
-    tokens, completion_mask = pad_batch(rollout.prompt_tokens, rollout.completion_tokens, 0, LENGTH_BUCKET, mask_rows) if n else (None, None)
+    # Multi-turn rows: observation tokens are context, never targets (completion_masks).
+    tokens, completion_mask = pad_batch(rollout.prompt_tokens, rollout.completion_tokens, 0, LENGTH_BUCKET, mask_rows,
+                                        rollout.completion_masks) if n else (None, None)
     batch_tokens = float(completion_mask.sum().item()) if n else 0.0
     # The global batch's counts, summed over ranks: every rank normalises by them, so
     # the ranks' gradients add up to the one-process gradient.
@@ -231,7 +245,8 @@ def grpo_step(run: Run, step: int):
         return metrics, sample
 
     # bnpo across ranks: the mean over ranks of each rank's token-mean loss.
-    normaliser = loss_normaliser(c.loss_type, num_sequences, num_tokens, batch_tokens * ranks_with_rows, c.max_tokens)
+    max_length = trajectory_tokens(c) if run.make_env is not None else c.max_tokens  # Dr. GRPO's constant
+    normaliser = loss_normaliser(c.loss_type, num_sequences, num_tokens, batch_tokens * ranks_with_rows, max_length)
     metrics.update(update_policy(run, rollout, rewards, applicable, tokens, completion_mask, normaliser))
     trained_tokens = float(tokens.size) * c.num_iterations
     metrics["tokens_per_sec/train"] = trained_tokens / max(metrics["time/train"], 1e-9)
