@@ -211,8 +211,9 @@ def _section_table(title: str, rows, metrics: dict) -> Table | None:
 
 
 def trajectory_text(messages: list[dict]) -> str:
-    """A multi-turn trajectory turn by turn, each message on its own line(s) after its role."""
-    return "\n".join(f"{m.get('role', '?')}: {str(m.get('content', '')).strip()}" for m in messages)
+    """A multi-turn trajectory turn by turn: each message on one line after its role (its own line breaks
+    become spaces, so the panel's few lines show the turns rather than one tool call's code)."""
+    return "\n".join(f"{m.get('role', '?')}: {' '.join(str(m.get('content', '')).split())}" for m in messages)
 
 
 def _best_and_worst(sample: dict):

@@ -20,7 +20,7 @@ from grpo_mlx.logprobs import token_logprobs
 from grpo_mlx.multiturn import generate_multiturn_rollout
 from grpo_mlx.policy import attach_adapters, load_model
 from grpo_mlx.rewards import get_reward
-from grpo_mlx.rollout import make_sampler, pad_batch
+from grpo_mlx.rollout import Rollout, make_sampler, pad_batch
 from grpo_mlx.sampling import turn_reward_columns
 
 ENV = f"{Path(__file__).parent / 'plugin_envs.py'}:AlwaysAnswer"
@@ -198,6 +198,22 @@ def test_observation_tokens_contribute_exactly_zero_gradient(tiny_model_dir, pol
     assert any(not np.allclose(unmasked[k], unmasked_moved[k]) for k in unmasked)
 
 
+def test_truncated_rows_leave_the_loss_whole_and_the_other_rows_keep_their_token_masks():
+    tokens, mask = pad_batch([[1, 2], [1, 2]], [[3, 4, 5, 6], [3, 4, 5]], 0, 1, [False, True], [[1, 0, 0, 1], [1, 0, 1]])
+    assert np.array(mask).tolist() == [[0, 1, 0, 0, 1], [0, 0, 0, 0, 0]]
+    assert np.array(tokens).tolist() == [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 0]]
+
+
+def test_dynamic_sampling_keeps_each_rows_multi_turn_fields_with_it(policy):
+    rollout = always_answer_rollout(policy)
+    kept = Rollout.concatenate([rollout.select_groups([1]), rollout.select_groups([0])])
+    order = [2, 3, 0, 1]
+    for name in ("completion_tokens", "completion_masks", "messages", "final_turns", "turns", "tool_calls"):
+        assert getattr(kept, name) == [getattr(rollout, name)[i] for i in order], name
+    assert kept.tool_time == pytest.approx(2 * rollout.tool_time)
+    assert kept.truncated == [rollout.truncated[i] for i in order]
+
+
 def test_accuracy_reads_the_last_model_turn_not_a_tool_output():
     accuracy = get_reward("accuracy")
     transcript = "```calc\n12*34\n```<|im_end|>\n<|im_start|>user\n```output\n408\n```<|im_end|>\n<|im_start|>assistant\nDone."
@@ -288,3 +304,49 @@ def test_bad_multi_turn_options_are_one_line_errors(flags, message):
         with pytest.raises(UserError) as info:
             build_config({}, flags, kind) if kind else build_config({}, flags)
         assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_two_ranks_train_multi_turn_and_report_the_global_turn_metrics(tiny_model_dir, tmp_path):
+    from test_distributed import BIN, launch
+
+    run_dir = tmp_path / "run"
+    reward = f"{Path(__file__).parent / 'plugin_rewards.py'}:text_length"
+    launch([str(BIN / "grpo-mlx"), "train", "--model", str(tiny_model_dir), "--output", str(run_dir), "--steps", "2",
+            "--batch-size", "2", "--group-size", "2", "--max-tokens", "4", "--reward", reward, "--env", ENV,
+            "--max-turns", "2", "--seed", "1"], cwd=tmp_path)
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2]
+    assert all(m["turns/mean"] == 2.0 and m["tools/calls_per_trajectory"] == 2.0 and m["grad_norm"] > 0 for m in lines)
+
+
+TURN_METRICS = {"turns/mean": 1.75, "tools/calls_per_trajectory": 0.625, "tools/errors": 0.2, "time/tools": 0.0123}
+TRAJECTORY_SAMPLE = {
+    "step": 5, "prompt": "What is 347 times 2816?", "answer": "977152", "rewards": [1.0, 0.0],
+    "completions": ["```calc\n347*2816\n```<|im_end|>\n<|im_start|>user\n```output\n977152\n```...", "About 900000."],
+    "trajectories": [
+        [{"role": "assistant", "content": "```calc\n347*2816\n```"}, {"role": "user", "content": "```output\n977152\n```"},
+         {"role": "assistant", "content": "It is 977152."}],
+        [{"role": "assistant", "content": "About 900000."}],
+    ],
+}
+
+
+def test_dashboard_shows_turn_and_tool_metrics_and_the_trajectory_turn_by_turn():
+    from grpo_mlx.dashboard import Dashboard
+    from test_dashboard import recording_console, screen_text, scripted_metrics, table_value
+
+    plain = Dashboard(total_steps=10, console=recording_console(), plain=False)
+    plain.update(scripted_metrics(2)[-1])
+    assert "tools" not in screen_text(plain)  # single-turn runs: no tools section
+    dashboard = Dashboard(total_steps=500, console=recording_console(width=80), plain=False)
+    for m in scripted_metrics(300):
+        dashboard.update({**m, **TURN_METRICS})
+    dashboard.show_sample(TRAJECTORY_SAMPLE)
+    screen = screen_text(dashboard)
+    assert table_value(screen, "turns") == "1.75" and table_value(screen, "call errors") == "20%", screen
+    assert "calls/traj" in screen and "in tools" in screen
+    assert "assistant: ```calc 347*2816 ```" in screen and "user: ```output 977152 ```" in screen
+    assert "assistant: It is 977152." in screen
+    lines = screen.splitlines()
+    assert len(lines) <= 24 and max(len(line) for line in lines) <= 80, screen
