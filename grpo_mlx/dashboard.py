@@ -236,16 +236,22 @@ def sample_panel(sample: dict) -> Panel:
     body = Table.grid(padding=(0, 1))
     body.add_column(style="bold", no_wrap=True)
     body.add_column()
-    body.add_row("prompt", Text(_clip(sample.get("prompt", ""), 300, 4)))
-    if sample.get("answer") is not None:
+    # A multi-turn sample needs its lines for the trajectory: the answer shares the prompt's row, the
+    # best trajectory gets three lines (a call, its output, the answer), the worst one.
+    turns = bool(sample.get("trajectories"))
+    prompt = _clip(sample.get("prompt", ""), 300, 2 if turns else 4)
+    if turns and sample.get("answer") is not None:
+        prompt += f"  (answer {_clip(sample['answer'], 60, 1)})"
+    body.add_row("prompt", Text(prompt))
+    if sample.get("answer") is not None and not turns:
         body.add_row("answer", Text(_clip(sample["answer"], 100, 1)))
     rewards = sample.get("rewards") or []
     if rewards:
         body.add_row("rewards", Text(" ".join(format_value(r) for r in rewards[:32]) + (" …" if len(rewards) > 32 else "")))
     best, worst = _best_and_worst(sample)
     if best is not None:
-        body.add_row(Text(f"best {format_value(best[1])}", style="green"), Text(_clip(best[0], 400, 6)))
-        body.add_row(Text(f"worst {format_value(worst[1])}", style="red"), Text(_clip(worst[0], 400, 6)))
+        body.add_row(Text(f"best {format_value(best[1])}", style="green"), Text(_clip(best[0], 400, 3 if turns else 6)))
+        body.add_row(Text(f"worst {format_value(worst[1])}", style="red"), Text(_clip(worst[0], 400, 1 if turns else 6)))
     return Panel(body, title=f"sample · step {sample.get('step', '?')}", title_align="left")
 
 
