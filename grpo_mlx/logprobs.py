@@ -8,9 +8,9 @@ Three ways to compute them, each checked to give the same numbers:
 - `split_head=True`: the model's body, then its LM head only on the scored
   positions (`lm_head_split`, checked by `lm_head_split_matches`);
 - `group_token_logprobs`: rows sharing a prompt (GRPO's G completions) run the
-  prompt once. Two model calls per micro-batch whatever its number of groups: every
-  prompt, left-padded, in one; every completion, against its group's keys and values
-  (a shared-prompt cache), in the other (checked by `supports_shared_prompt`).
+  prompt once. Two model calls per micro-batch whatever its number of groups: the
+  prompts in one; every completion, against its group's keys and values (a
+  shared-prompt cache), in the other (checked by `supports_shared_prompt`).
   `checkpointed_block_call` keeps this exact under gradient checkpointing.
 
 Log-probs are float32 whatever the model's dtype.
@@ -127,25 +127,20 @@ def _score_targets(logits_of, targets, skipped: int, temperature, chunk_size, wi
 class _SharedPromptCache:
     """One layer's `cache` argument for the two calls of `group_token_logprobs`.
 
-    The prompt call records the left-padded prompts' keys and values [K, heads, P, d].
-    The completion call (after `to_completions`) hands each row its group's prompt keys
-    and values, gathered by group index, ahead of its own: a gather and a concatenation,
-    no in-place writes, so the gradient reaches the prompts' keys and values (adapters
-    act on them too). mlx-lm models take their attention mask from the first layer's
-    cache (`make_mask`) and start RoPE at `offset`.
+    The prompt call records the K prompts' keys and values [K, heads, S, d]. The
+    completion call (after `to_completions`) hands each row its group's keys and values,
+    gathered by group index, ahead of its own: a gather and a concatenation, no in-place
+    writes, so the gradient reaches the prompts' keys and values (adapters act on them
+    too). mlx-lm models start RoPE at `offset`, and with no `make_mask` here they mask
+    causally, which with the prompt's keys ahead is what the completion call needs.
     """
 
-    def __init__(self, mask):
-        self.mask, self.offset = mask, 0
+    def __init__(self):
         self.keys = self.values = self.row_group = None
+        self.offset = 0
 
-    def to_completions(self, mask, row_group, offset: int):
-        self.mask, self.row_group, self.offset = mask, row_group, offset
-
-    def make_mask(self, n, return_array=False, window_size=None):
-        if window_size is not None:  # a sliding window would need its own mask
-            raise NotImplementedError("sliding-window attention has no shared-prompt mask")
-        return self.mask
+    def to_completions(self, row_group, offset: int):
+        self.row_group, self.offset = row_group, offset
 
     def update_and_fetch(self, keys, values):
         if self.row_group is None:  # the prompt call
@@ -172,10 +167,10 @@ def checkpointed_block_call(call):
             block.update(params)
             if shared is None:
                 return call(block, *args, **kwargs)
-            inner = _SharedPromptCache(shared.mask)  # a fresh one per (re)computation: no side effects
+            inner = _SharedPromptCache()  # a fresh one per (re)computation: no side effects
             if prompt_kv:
                 inner.keys, inner.values = prompt_kv
-                inner.to_completions(shared.mask, shared.row_group, shared.offset)
+                inner.to_completions(shared.row_group, shared.offset)
             swap = lambda a: inner if isinstance(a, _SharedPromptCache) else a  # noqa: E731
             out = call(block, *map(swap, args), **{k: swap(v) for k, v in kwargs.items()})
             return out if prompt_kv else (out, inner.keys, inner.values)
@@ -199,60 +194,14 @@ def supports_shared_prompt(model) -> bool:
     """
     if hasattr(model, "make_cache") or not hasattr(model, "layers"):
         return False
-    tokens = mx.array([[1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 7, 6, 0], [8, 9, 5, 5, 3, 0, 0], [8, 9, 1, 2, 3, 4, 5]])
-    scored = mx.array([[0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]])
+    tokens = mx.array([[1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 7, 6, 0], [8, 9, 5, 5, 3, 0, 0], [8, 9, 5, 2, 3, 4, 5]])
+    scored = mx.array([[0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
     try:
         expected = token_logprobs(model, tokens) * scored
-        got = group_token_logprobs(model, tokens, ((0, 2, 4), (2, 4, 2))) * scored
+        got = group_token_logprobs(model, tokens, ((0, 2, 4), (2, 4, 3))) * scored
         return bool(mx.allclose(expected, got, atol=1e-4, rtol=1e-4).item())
     except Exception:  # an architecture whose layers want another cache
         return False
-
-
-def _shared_prompt_layout(groups, width: int) -> dict:
-    """Index arrays and masks of `group_token_logprobs`'s two calls, from the static groups.
-
-    Prompt call: group k's prompt minus its last token (p_k - 1 tokens) left-padded by
-    pad_k to P = max(p_k - 1): RoPE sees every row shifted by its pad, and attention
-    scores depend on position differences only. A query attends causally to keys at or
-    after its row's pad, and always to itself (a fully masked row would give NaN).
-    Completion call: row r of group k holds tokens p_k - 1 .. width - 2 right-padded to
-    C = width - min(p_k), attending to its group's prompt keys after the pad, then
-    causally to its own.
-    """
-    first_rows = np.array([first for first, _, _ in groups])
-    sizes = np.array([end - first for first, end, _ in groups])
-    if first_rows[0] != 0 or np.any(first_rows[1:] != first_rows[:-1] + sizes[:-1]):
-        raise ValueError(f"groups must cover the rows in order from row 0, got {groups}")
-    prefix = np.array([length - 1 for _, _, length in groups])  # tokens run in the prompt call
-    width_p, width_c = int(prefix.max()), width - 1 - int(prefix.min())
-    pads = width_p - prefix
-    row_group = np.repeat(np.arange(len(groups)), sizes)
-    row_start = prefix[row_group]  # the row's first completion-call position in `tokens`
-
-    keys_p = np.arange(width_p)
-    after_pad = keys_p[None, :] >= pads[:, None]  # [K, P]
-    causal_p = keys_p[None, :] <= keys_p[:, None]
-    prompt_mask = (causal_p[None] & after_pad[:, None, :]) | np.eye(width_p, dtype=bool)[None]
-
-    positions_c = row_start[:, None] + np.arange(width_c)[None, :]  # [N, C]
-    causal_c = np.broadcast_to(np.tril(np.ones((width_c, width_c), dtype=bool)), (len(row_group), width_c, width_c))
-    prompt_part = np.broadcast_to(after_pad[row_group][:, None, :], (len(row_group), width_c, width_p))
-    completion_mask = np.concatenate([prompt_part, causal_c], axis=2)
-
-    relative = np.arange(width - 1)[None, :] - row_start[:, None]  # output position -> completion-call position
-    return {
-        "width_p": width_p,
-        "prompt_rows": mx.array(first_rows),
-        "prompt_index": mx.array(np.maximum(keys_p[None, :] - pads[:, None], 0)),
-        "prompt_mask": mx.array(prompt_mask[:, None]),
-        "row_group": mx.array(row_group),
-        "input_index": mx.array(np.minimum(positions_c, width - 1)),
-        "target_index": mx.array(np.minimum(positions_c + 1, width - 1)),
-        "completion_mask": mx.array(completion_mask[:, None]),
-        "output_index": mx.array(np.clip(relative, 0, width_c - 1)),
-        "output_scored": mx.array(relative >= 0),
-    }
 
 
 def group_token_logprobs(model, tokens, groups, temperature: float = 1.0, chunk_size: int | None = None,
@@ -261,35 +210,37 @@ def group_token_logprobs(model, tokens, groups, temperature: float = 1.0, chunk_
 
     `groups`: (first_row, end_row, prompt_length) covering the rows in order; the
     rows of a group hold the same tokens[:, :prompt_length]. GRPO's G completions of
-    one prompt are such a group. One call runs every group's prompt once (left-padded,
-    see `_shared_prompt_layout`), recording each layer's keys and values; a second runs
-    every row's completion against its group's keys and values, so a prompt's forward
-    (and backward) costs one row instead of G. The LM head runs on completion
-    positions only where the split matches. Returns [N, T-1] like `token_logprobs`,
-    with 0 before each group's first completion position (prompt_length - 1).
+    one prompt are such a group. With S = min(prompt_length) - 1, the first call runs
+    positions 0..S-1 of each group's first row (K rows) and records each layer's keys
+    and values; the second runs positions S.. of every row against its group's keys and
+    values. A longer prompt's tokens past S run in each row of its group there, in
+    positions a layout that split each group at its own prompt would spend on padding
+    (W - min(prompt_length) wide either way); no attention mask is needed. The LM head
+    runs from position S only where the split matches. Returns [N, T-1] like
+    `token_logprobs`, with 0 before each group's first completion position
+    (prompt_length - 1).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
+    sizes = [end - first for first, end, _ in groups]
+    if [first for first, _, _ in groups] != [sum(sizes[:k]) for k in range(len(groups))] or sum(sizes) != tokens.shape[0]:
+        raise ValueError(f"groups must cover the {tokens.shape[0]} rows in order, got {groups}")
     split = lm_head_split(model)
     run = split[0] if split else model
-    layout = _shared_prompt_layout(groups, tokens.shape[1])
+    shared = min(length for _, _, length in groups) - 1  # positions every group runs once
     cache = None
-    if layout["width_p"] > 0:  # some prompt has more than its last token
-        cache = [_SharedPromptCache(layout["prompt_mask"]) for _ in model.layers]
-        prompts = mx.take_along_axis(tokens[layout["prompt_rows"]], layout["prompt_index"], axis=1)
-        run(prompts, cache=cache)
+    if shared > 0:
+        cache = [_SharedPromptCache() for _ in model.layers]
+        run(tokens[mx.array([first for first, _, _ in groups])][:, :shared], cache=cache)
+        row_group = mx.array(np.repeat(np.arange(len(groups)), sizes))
         for c in cache:
-            c.to_completions(layout["completion_mask"], layout["row_group"], layout["width_p"])
-    inputs = mx.take_along_axis(tokens, layout["input_index"], axis=1)
-    targets = mx.take_along_axis(tokens, layout["target_index"], axis=1)
-    if split:
-        hidden = run(inputs, cache=cache)
-        logits_of = lambda a, b: split[1](hidden[:, a:b])  # noqa: E731
-    else:
-        logits = run(inputs, cache=cache)
-        logits_of = lambda a, b: logits[:, a:b]  # noqa: E731
-    scored = _score_targets(logits_of, targets, 0, temperature, chunk_size, with_entropy)
-    place = lambda x: mx.where(layout["output_scored"], mx.take_along_axis(x, layout["output_index"], axis=1), 0.0)  # noqa: E731
+            c.to_completions(row_group, shared)
+    out = run(tokens[:, shared:-1], cache=cache)
+    logits_of = (lambda a, b: split[1](out[:, a:b])) if split else (lambda a, b: out[:, a:b])
+    scored = _score_targets(logits_of, tokens[:, shared + 1 :], shared, temperature, chunk_size, with_entropy)
+    # Zeros before each row's first completion position, as token_logprobs(start=...) would give.
+    first_scored = np.repeat([length - 1 for _, _, length in groups], sizes)
+    keep = mx.array(np.arange(tokens.shape[1] - 1)[None, :] >= first_scored[:, None])
     if not with_entropy:
-        return place(scored)
-    return place(scored[0]), place(scored[1])
+        return mx.where(keep, scored, 0.0)
+    return mx.where(keep, scored[0], 0.0), mx.where(keep, scored[1], 0.0)

@@ -127,9 +127,11 @@ def shared_prompt_batch(prompt_lengths=(6, 1, 9), rows=(3, 2, 2), width=16, seed
     return mx.array(tokens), groups, mx.array(mask)
 
 
-# Ragged prompts (incl. a one-token prompt), ragged right-padded completions, a group of one row.
+# Ragged prompts (incl. a one-token prompt: nothing to share), ragged right-padded completions,
+# a group of one row, the shortest prompt first or last.
 SHARED_BATCHES = {"6-1-9": dict(prompt_lengths=(6, 1, 9), rows=(3, 2, 2)),
-                  "5-9-2": dict(prompt_lengths=(5, 9, 2), rows=(3, 1, 4), width=18, seed=11)}
+                  "5-9-2": dict(prompt_lengths=(5, 9, 2), rows=(3, 1, 4), width=18, seed=11),
+                  "5-12-7": dict(prompt_lengths=(5, 12, 7), rows=(2, 3, 1), width=20, seed=12)}
 
 
 @pytest.mark.parametrize("batch", sorted(SHARED_BATCHES))
