@@ -104,12 +104,11 @@ def generate_multiturn_rollout(model, tokenizer, examples: list[Example], group_
             m.train(mode)
 
 
-def _prefill(model, prompt: list[int], prefill_step_size: int):
-    """A KV cache holding all of `prompt` but its last token (the generator's first input), through the
-    model's body only where that split is exact: the LM head's logits would be thrown away."""
+def _prefill(model, run, prompt: list[int], prefill_step_size: int):
+    """A KV cache holding all of `prompt` but its last token (the generator's first input), computed by
+    `run`: the model's body alone where that split is exact, since the LM head's logits would be thrown away."""
     from mlx_lm.models.cache import make_prompt_cache
 
-    run = lm_head_split(model)[0] if lm_head_split_matches(model) else model
     cache = make_prompt_cache(model)
     for start in range(0, len(prompt) - 1, prefill_step_size):
         run(mx.array(prompt[start : min(start + prefill_step_size, len(prompt) - 1)])[None], cache=cache)
@@ -135,8 +134,9 @@ def _generate(model, tokenizer, examples, group_size, max_tokens, sampler, make_
     generator = BatchGenerator(model, max_tokens=max_tokens, stop_tokens=[[t] for t in sorted(eos)], sampler=sampler,
                                completion_batch_size=n, prefill_batch_size=n, prefill_step_size=prefill_step_size)
     caches = []
+    body = lm_head_split(model)[0] if lm_head_split_matches(model) else model
     for prompt in prompts:  # each prompt prefilled once for its G rows: merging them into the batch copies it
-        caches += [_prefill(model, prompt, prefill_step_size)] * group_size
+        caches += [_prefill(model, body, prompt, prefill_step_size)] * group_size
     first_turn = min(max_tokens, budget)
     uids = generator.insert([[p[-1]] for p in prompts for _ in range(group_size)], [first_turn] * n, caches=caches)
     row_of = dict(zip(uids, range(n)))
