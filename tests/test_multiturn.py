@@ -115,6 +115,66 @@ def test_turns_that_stop_resume_after_the_end_marker_the_model_wrote(policy):
         assert text.count("<|im_end|>") == 4 and not text.endswith("<|im_end|>")  # the final stop token left out
 
 
+def scripted_sampler(tokens: list[int]):
+    """Samples `tokens` in order, the same token for every row: all rows run the same script in lockstep
+    (one sampler call per decode step of the whole batch)."""
+    calls = [0]
+
+    def sample(logprobs):
+        token = tokens[min(calls[0], len(tokens) - 1)]
+        calls[0] += 1
+        return mx.full((logprobs.shape[0],), token, dtype=mx.uint32)
+
+    return sample
+
+
+@pytest.fixture(scope="module")
+def qwen_like_policy(tiny_model_dir, tmp_path_factory):
+    """The tiny model with a chat template that renders tools Qwen2.5's way (the "json" tool format)."""
+    import shutil
+
+    from test_environments import QWEN_LIKE_TEMPLATE
+
+    path = tmp_path_factory.mktemp("qwen_like") / "model"
+    shutil.copytree(tiny_model_dir, path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": QWEN_LIKE_TEMPLATE}))
+    model, tokenizer, _ = load_model(str(path))
+    return model, tokenizer
+
+
+@pytest.mark.parametrize("fmt", ["fenced", "json"])
+def test_a_calculator_call_is_answered_and_the_last_turn_is_scored(policy, qwen_like_policy, fmt):
+    """A scripted policy calls the calculator, gets its result, then answers: the real ToolEnvironment end to end."""
+    model, tokenizer = policy if fmt == "fenced" else qwen_like_policy
+    make_env = environment_factory(None, ["calculator"], tokenizer)
+    assert make_env().tool_format == fmt
+    call = "```calc\n12*34\n```" if fmt == "fenced" else \
+        '<tool_call>\n{"name": "calculator", "arguments": {"expression": "12*34"}}\n</tool_call>'
+    eos = tokenizer.eos_token_id
+    # The generator samples one token past a stop token before it hands the sequence back: a filler (eos).
+    script = tokenizer.encode(call, add_special_tokens=False) + [eos, eos] + \
+        tokenizer.encode("It is 408.", add_special_tokens=False) + [eos]
+    rollout = generate_multiturn_rollout(model, tokenizer, EXAMPLES[:1], 2, 200, scripted_sampler(script),
+                                         make_env=make_env, max_turns=3)
+    observation = {"fenced": {"role": "user", "content": "```output\n408\n```"}, "json": {"role": "tool", "content": "408"}}
+    assert rollout.messages[0] == [{"role": "assistant", "content": call}, observation[fmt],
+                                   {"role": "assistant", "content": "It is 408."}]
+    assert rollout.turns == [2, 2] and rollout.tool_calls == [1, 1] and rollout.tool_errors == [0, 0]
+    assert rollout.finish_reasons == ["stop", "stop"] and rollout.final_turns == ["It is 408.", "It is 408."]
+    # The prompt carries the tools (schemas or instructions); the tokens after it are the conversation as rendered.
+    prompt_text = tokenizer.decode(rollout.prompt_tokens[0])
+    assert ("calculator" in prompt_text) and (("<tools>" in prompt_text) == (fmt == "json"))
+    messages = [{"role": "user", "content": EXAMPLES[0].prompt}, *rollout.messages[0]]
+    kwargs = {"tools": make_env().tool_schemas} if fmt == "json" else {}
+    if fmt == "fenced":
+        messages.insert(0, {"role": "system", "content": make_env().system_prompt})
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    assert prompt_text + tokenizer.decode(rollout.completion_tokens[0]) == rendered.rstrip("\n")
+    rewards = get_reward("accuracy")(rollout.texts, ["408", "408"], **turn_reward_columns(rollout.final_turns, rollout.messages))
+    assert rewards == [1.0, 1.0]
+
+
 def test_the_trajectory_bound_stops_a_trajectory(policy):
     rollout = always_answer_rollout(policy, max_turns=4, max_tokens=5, max_trajectory_tokens=12)
     assert all(len(tokens) <= 12 for tokens in rollout.completion_tokens)
