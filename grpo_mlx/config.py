@@ -274,9 +274,9 @@ def check_multi_turn(config) -> None:
             if getattr(config, name) is not None:
                 config.bad(name, "only applies to multi-turn rollouts: add --tools or --env, or drop it")
         return
-    max_tokens = config.max_tokens if config.max_tokens is not None else SHARED["max_tokens"]["default"]
-    if config.max_trajectory_tokens is not None and config.max_trajectory_tokens < max_tokens:
-        config.bad("max_trajectory_tokens", f"must be at least --max-tokens ({max_tokens}), the bound of one turn")
+    # (eval's unset --max-tokens depends on the model: checked where it is known, by the rollout's own bound)
+    if None not in (config.max_trajectory_tokens, config.max_tokens) and config.max_trajectory_tokens < config.max_tokens:
+        config.bad("max_trajectory_tokens", f"must be at least --max-tokens ({config.max_tokens}), the bound of one turn")
 
 
 @dataclass

@@ -198,6 +198,26 @@ def test_resumed_kv_caches_give_the_tokens_of_re_prefilling_the_transcript(polic
         assert 0 in mask  # observations were prefilled into the resumed cache
 
 
+def test_a_resumed_trajectory_prefills_only_its_new_tokens(policy, monkeypatch):
+    """The generator's prefill sees each observation (less its last token, the first decode input), never a
+    transcript again; the prompts were prefilled once per group before the decode."""
+    import importlib
+
+    gen = importlib.import_module("mlx_lm.generate")
+    prefilled = []
+    original = gen.PromptProcessingBatch.prompt
+
+    def spy(self, tokens):
+        prefilled.extend(len(t) for t in tokens)
+        return original(self, tokens)
+
+    monkeypatch.setattr(gen.PromptProcessingBatch, "prompt", spy)
+    rollout = always_answer_rollout(policy)
+    observations = [len(run) for tokens, mask in zip(rollout.completion_tokens, rollout.completion_masks)
+                    for m, run in segments(tokens, mask) if m == 0]
+    assert len(observations) == 8 and sum(prefilled) == sum(n - 1 for n in observations)
+
+
 def test_multi_turn_logprobs_equal_one_sequence_scoring(policy):
     """The trainer's batched shared-prompt pass over padded rows scores each row as one plain sequence."""
     model, _ = policy
@@ -334,11 +354,11 @@ def test_train_on_an_environment_plugin_trains_the_model_tokens_only(tiny_model_
 def test_eval_with_tools_runs_the_environment(tiny_model_dir, tmp_path):
     out = tmp_path / "eval.json"
     args = ["eval", "--model", str(tiny_model_dir), "--dataset", "multiplication", "--tools", "calculator",
-            "--max-turns", "2", "--limit", "3", "--max-tokens", "6", "--output", str(out)]
+            "--max-turns", "2", "--limit", "3", "--max-tokens", "6", "--samples", "2", "--output", str(out)]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     saved = json.loads(out.read_text())
-    assert "turns/mean" in saved and "tools/calls_per_trajectory" in saved
+    assert "turns/mean" in saved and "tools/calls_per_trajectory" in saved and "pass@2" in saved
     assert saved["settings"]["tools"] == ["calculator"] and saved["settings"]["max_turns"] == 2
     assert all(record["messages"][0]["role"] == "assistant" and record["turns"] >= 1 for record in saved["examples"])
 
