@@ -32,15 +32,23 @@ LOGITS_CHUNK = 128
 
 @dataclass(frozen=True)
 class Plan:
-    """One step's memory plan and its predicted peaks (`memory.estimate_step`'s bytes per phase)."""
+    """One step's memory plan: the chosen StepShape and its predicted peaks (`memory.estimate_step`)."""
 
-    micro_batch_size: int  # rows per forward/backward
-    grad_checkpoint: bool
-    logits_chunk: int | None  # LM-head positions per chunk; None: all at once
-    phases: dict  # estimate_step's result: weights, adapters, rollout, reference, policy, peak
+    step: StepShape  # the run's settings with the planner's micro_batch_size, grad_checkpoint, logits_chunk
+    phases: dict  # estimate_step's bytes: weights, adapters, rollout, reference, policy, peak
     budget: int  # bytes
-    rows: int  # this rank's rows per step (B x G)
-    group_size: int
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.step.micro_batch_size
+
+    @property
+    def grad_checkpoint(self) -> bool:
+        return self.step.grad_checkpoint
+
+    @property
+    def logits_chunk(self) -> int | None:
+        return self.step.logits_chunk
 
     @property
     def peak(self) -> int:
@@ -48,12 +56,13 @@ class Plan:
 
     def describe(self) -> str:
         """One line for the start-up log and config.yaml."""
-        if self.micro_batch_size % self.group_size == 0:
-            groups = f"{self.micro_batch_size // self.group_size} whole group(s)"
+        rows, group_size = self.step.batch_size * self.step.group_size, self.step.group_size
+        if self.micro_batch_size % group_size == 0:
+            groups = f"{self.micro_batch_size // group_size} whole group(s)"
         else:
             groups = "part of a group"
         chunk = f"logits in chunks of {self.logits_chunk} positions" if self.logits_chunk else "logits all at once"
-        return (f"micro-batch {self.micro_batch_size} of {self.rows} rows ({groups}), "
+        return (f"micro-batch {self.micro_batch_size} of {rows} rows ({groups}), "
                 f"gradient checkpointing {'on' if self.grad_checkpoint else 'off'}, {chunk}; "
                 f"predicted peak {self.peak / GB:.2f} GB of a {self.budget / GB:.2f} GB budget")
 
@@ -88,7 +97,7 @@ def mac_budget(memory_gb: int) -> int:
 #   costs about two forwards: 3; gradient checkpointing recomputes the forward in the backward:
 #   one more, +1/3 of the policy pass;
 # - whole-group micro-batches run each prompt once per pass; a micro-batch holding part of a group
-#   runs that group's prompt once more for each part;
+#   runs that group's prompt once more for each part (and is tried only when no whole group fits);
 # - each micro-batch is one more call per pass, which reads every weight once and waits for the
 #   result: priced as CALL_COST_TOKENS tokens of forward;
 # - chunking the logits adds a small fraction per chunk (smaller matmuls, more launches).
@@ -146,16 +155,19 @@ def choose_plan(model: ModelShape, step: StepShape, budget: int, micro_batch_siz
 
 
 def _best_plan(model, step, budget, micro_batch_size, grad_checkpoint, estimate) -> Plan | None:
+    """Whole groups first (their prompts run once per pass: `candidate_steps` cuts a group only when no
+    whole group fits, even checkpointed), then the lowest plan_cost, then the larger micro-batch."""
     fitting = []
     for candidate in candidate_steps(step, micro_batch_size, grad_checkpoint):
         phases = estimate(model, candidate)
         if phases["peak"] <= budget:
-            fitting.append((plan_cost(candidate), -candidate.micro_batch_size, candidate, phases))
+            cuts_groups = step.shared_prompt and candidate.micro_batch_size % step.group_size != 0 \
+                and candidate.micro_batch_size < step.batch_size * step.group_size
+            fitting.append((cuts_groups, plan_cost(candidate), -candidate.micro_batch_size, candidate, phases))
     if not fitting:
         return None
-    _, _, chosen, phases = min(fitting, key=lambda f: f[:2])
-    return Plan(chosen.micro_batch_size, chosen.grad_checkpoint, chosen.logits_chunk, phases, int(budget),
-                chosen.batch_size * chosen.group_size, chosen.group_size)
+    *_, chosen, phases = min(fitting, key=lambda f: f[:3])
+    return Plan(chosen, phases, int(budget))
 
 
 def smallest_plan(model: ModelShape, step: StepShape, micro_batch_size=None, grad_checkpoint=None,
@@ -207,38 +219,84 @@ def _largest(fits, high: int) -> int | None:
     return low
 
 
+# ---------------------------------------------------------------- a training run's plan
+
+
+def memory_budget(memory_limit: float | None) -> tuple[int, str]:
+    """(bytes, where the number comes from): --memory-limit GB, else `default_budget`."""
+    if memory_limit is not None:
+        return round(memory_limit * GB), "--memory-limit"
+    return default_budget()
+
+
+def train_step_shape(config, prompt_tokens: int, batch_size: int, shared_prompt: bool = True) -> StepShape:
+    """The StepShape of a TrainConfig with `batch_size` prompts on this rank; the planner fills in the rest."""
+    return StepShape(batch_size=batch_size, group_size=config.group_size, prompt_tokens=prompt_tokens,
+                     max_tokens=config.max_tokens, micro_batch_size=1, shared_prompt=shared_prompt,
+                     reference_pass=config.beta != 0, lora_rank=config.lora_rank, lora_layers=config.lora_layers)
+
+
+def plan_training(config, model_config: dict, prompt_tokens: int, batch_size: int, shared_prompt: bool = True,
+                  estimate=estimate_step) -> Plan:
+    """The plan of a `grpo-mlx train` run (a TrainConfig) from its model's config.json; refuses when nothing fits."""
+    model = model_shape(model_config, config.q_bits if config.quantize else None, config.q_group_size)
+    budget, _ = memory_budget(config.memory_limit)
+    step = train_step_shape(config, prompt_tokens, batch_size, shared_prompt)
+    return choose_plan(model, step, budget, config.micro_batch_size, config.grad_checkpoint, estimate)
+
+
+def apply_memory_limit(budget: int) -> None:
+    """Hold MLX to the budget; on a Mac also wire that much (at most the recommended working set), as
+    mlx-lm's generation wires the recommended size, so the weights are not paged out mid-step."""
+    import mlx.core as mx
+
+    mx.set_memory_limit(budget)
+    working_set = mx.device_info().get("max_recommended_working_set_size")
+    if working_set and mx.metal.is_available():
+        mx.set_wired_limit(min(budget, int(working_set)))
+
+
 # ---------------------------------------------------------------- what fits
 
 
 MEMORY_SIZES_GB = (8, 16, 24, 32, 64)
 # The table's grid: GRPO's usual group sizes and completion lengths from short answers to long reasoning.
 TABLE_GROUP_SIZES = (4, 8, 16)
-TABLE_MAX_TOKENS = (256, 512, 1024, 2048)
+TABLE_MAX_TOKENS = (256, 512, 1024, 2048, 4096)
 
 
 def fits_table(model: ModelShape, step: StepShape, batch_sizes=range(1, 9), memory_sizes=MEMORY_SIZES_GB,
                estimate=estimate_step) -> dict:
-    """{(memory_gb, B): (G, T) or None}: on a Mac of memory_gb (budget `mac_budget`), the largest
-    G x T of the grid whose step fits with some plan at B prompts per step, the rest of `step` kept."""
+    """{(memory_gb, B): (G, T, its plan checkpoints) or None}: on a Mac of memory_gb (budget `mac_budget`),
+    the largest G x T of the grid (the larger G on a tie) whose step fits with some plan at B prompts
+    per step, the rest of `step` kept."""
     table = {}
     for memory_gb in memory_sizes:
         budget = mac_budget(memory_gb)
         for b in batch_sizes:
-            fitting = [(g * t, g, t) for g in TABLE_GROUP_SIZES for t in TABLE_MAX_TOKENS
-                       if _best_plan(model, replace(step, batch_size=b, group_size=g, max_tokens=t), budget,
-                                     None, None, estimate) is not None]
+            fitting = []
+            for g in TABLE_GROUP_SIZES:
+                for t in TABLE_MAX_TOKENS:
+                    plan = _best_plan(model, replace(step, batch_size=b, group_size=g, max_tokens=t), budget,
+                                      None, None, estimate)
+                    if plan is not None:
+                        fitting.append((g * t, g, t, plan.grad_checkpoint))
             table[memory_gb, b] = max(fitting)[1:] if fitting else None
     return table
 
 
 def format_fits_table(table: dict) -> str:
-    """Rows B, columns memory sizes; a cell G x T, or '-' when nothing on the grid fits."""
+    """Rows B, columns memory sizes; a cell G x T (* when its plan needs gradient checkpointing), or '-'
+    when nothing on the grid fits."""
+    def cell(fit):
+        return "-" if fit is None else f"{fit[0]} x {fit[1]}" + ("*" if fit[2] else "")
+
     memory_sizes = sorted({m for m, _ in table})
     batch_sizes = sorted({b for _, b in table})
     header = ["B"] + [f"{m} GB Mac ({mac_budget(m) / GB:.1f})" for m in memory_sizes]
-    rows = [[str(b)] + [("%d x %d" % table[m, b]) if table[m, b] else "-" for m in memory_sizes] for b in batch_sizes]
+    rows = [[str(b)] + [cell(table[m, b]) for m in memory_sizes] for b in batch_sizes]
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in [header] + rows)
+    return "\n".join("  ".join(text.rjust(w) for text, w in zip(r, widths)) for r in [header] + rows)
 
 
 # ---------------------------------------------------------------- the model's shape
@@ -277,3 +335,63 @@ def format_phases(phases: dict) -> str:
     names = [("weights", "weights"), ("adapters", "adapters + optimizer"), ("rollout", "rollout peak"),
              ("reference", "reference pass peak"), ("policy", "policy pass peak"), ("peak", "step peak")]
     return "\n".join(f"  {label:<22}{phases[key] / GB:8.2f} GB" for key, label in names if key in phases)
+
+
+# ---------------------------------------------------------------- grpo-mlx plan
+
+# The fields of TrainConfig that `grpo-mlx plan` reads; the rest do not change a step's memory.
+PLAN_FIELDS = ("batch_size", "group_size", "max_tokens", "micro_batch_size", "grad_checkpoint", "beta", "lora_rank",
+               "lora_layers", "memory_limit")
+# --prompt-tokens' default: a GSM8K question (~55 tokens on average, ~230 at most) with the R1 system prompt
+# (~85) and a chat template (~20): the longest of 4 drawn is about 200.
+DEFAULT_PROMPT_TOKENS = 200
+
+
+def resolve_plan_model(model: str, bits: int | None) -> tuple[ModelShape, str]:
+    """(shape, description) of a known shape name (shapes.SHAPES), a local model directory or a cached hub id;
+    `bits` quantizes an unquantized model as `--quantize --q-bits` would."""
+    from .shapes import SHAPES, shape_config
+
+    if model in SHAPES:
+        config = {**shape_config(model), "torch_dtype": "bfloat16"}  # the published models' dtype
+    else:
+        try:
+            config = read_model_config(model)
+        except UserError as e:
+            raise UserError(f"{e}, or a known shape name ({', '.join(SHAPES)})")
+    shape = model_shape(config, bits)
+    if bits is not None and shape.bits != bits:
+        raise UserError(f"--bits {bits}: model {model!r} is already quantized to {shape.bits} bits; drop --bits")
+    precision = f"{shape.bits}-bit" if shape.bits else f"{8 * shape.dtype_bytes}-bit floats"
+    return shape, (f"{model}: {shape.num_layers} layers, hidden {shape.hidden_size}, vocabulary {shape.vocab_size}, "
+                   f"{precision}; weights {estimate_step(shape, _probe_step())['weights'] / GB:.2f} GB")
+
+
+def _probe_step() -> StepShape:
+    return StepShape(batch_size=1, group_size=2, prompt_tokens=1, max_tokens=1, micro_batch_size=1)
+
+
+def plan_report(model: str, bits: int | None, config, prompt_tokens: int, estimate=estimate_step) -> str:
+    """`grpo-mlx plan`'s text: the settings, the plan chosen (or why none fits), the predicted peak per
+    phase, and the fits table. `config`: a TrainConfig holding PLAN_FIELDS."""
+    shape, described = resolve_plan_model(model, bits)
+    budget, source = memory_budget(config.memory_limit)
+    step = train_step_shape(config, prompt_tokens, config.batch_size)
+    lines = [f"model {described}",
+             f"step: B={step.batch_size} prompts x G={step.group_size} completions, prompts of {prompt_tokens} tokens, "
+             f"{step.max_tokens} completion tokens, beta {config.beta}, LoRA rank {step.lora_rank} on "
+             f"{'all' if step.lora_layers < 0 else step.lora_layers} layers",
+             f"budget: {budget / GB:.2f} GB ({source})"]
+    try:
+        plan = choose_plan(shape, step, budget, config.micro_batch_size, config.grad_checkpoint, estimate, "--bits 4")
+        lines += [f"plan: {plan.describe()}", "predicted peak per phase:", format_phases(plan.phases)]
+    except UserError as e:
+        least_step, least = smallest_plan(shape, step, config.micro_batch_size, config.grad_checkpoint, estimate)
+        lines += [f"plan: none fits: {e}",
+                  f"predicted peak per phase at the smallest plan (micro-batch {least_step.micro_batch_size}, "
+                  f"checkpointing {'on' if least_step.grad_checkpoint else 'off'}):", format_phases(least)]
+    lines += ["", f"What fits on a Mac (largest G x completion tokens over G in {', '.join(map(str, TABLE_GROUP_SIZES))} "
+                  f"and T in {', '.join(map(str, TABLE_MAX_TOKENS))}; B prompts per step; the GPU's working set in GB "
+                  "in brackets; * with gradient checkpointing; the rest as above):",
+              format_fits_table(fits_table(shape, step, estimate=estimate))]
+    return "\n".join(lines)
