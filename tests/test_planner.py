@@ -16,13 +16,15 @@ from grpo_mlx import planner, trainer
 from grpo_mlx.cli import cli
 from grpo_mlx.config import build_config
 from grpo_mlx.errors import UserError
+from grpo_mlx.gradients import micro_batches
 from grpo_mlx.memory import StepShape, estimate_step
 from grpo_mlx.planner import GB, choose_plan, model_shape, plan_training, read_model_config
 from grpo_mlx.rollout import Rollout
 from grpo_mlx.shapes import shape_config
 from test_reliability import run_main
 
-TEXT_REWARD = f"{Path(__file__).parent / 'plugin_rewards.py'}:text_length"
+# Sum of character codes: differs between the fixed completions below, which are all as long.
+CHAR_CODES = f"{Path(__file__).parent / 'plugin_rewards.py'}:char_codes"
 
 
 @pytest.fixture(autouse=True)
@@ -118,7 +120,7 @@ def test_refusal_names_the_fixed_choices_that_keep_it_from_fitting():
 
 def train_config(model_dir, tmp_path, **overrides):
     values = dict(model=str(model_dir), dataset="arithmetic", steps=1, batch_size=1, group_size=4, max_tokens=8,
-                  lora_rank=4, lora_layers=1, beta=0.0, seed=3, reward=[TEXT_REWARD], output=str(tmp_path / "run"),
+                  lora_rank=4, lora_layers=1, beta=0.0, seed=3, reward=[CHAR_CODES], output=str(tmp_path / "run"),
                   learning_rate=0.5)
     values.update(overrides)
     return build_config({}, values)
@@ -145,7 +147,7 @@ def test_refuses_before_the_model_loads_and_names_a_fix_the_planner_accepts(qwen
     budget = planner.smallest_plan(model_shape(model_config), step)[1]["peak"]
     args = ["train", "--model", str(qwen_1_layer), "--batch-size", "2", "--group-size", "4", "--max-tokens", "1024",
             "--beta", "0", "--lora-rank", "4", "--lora-layers", "1", "--memory-limit", repr(budget / GB), "--output", str(tmp_path / "run"),
-            "--reward", TEXT_REWARD]
+            "--reward", CHAR_CODES]
     assert run_main(args) == 2 and not loads
     message = capsys.readouterr().err.strip()
     assert message.startswith("error: this step needs at least") and "\n" not in message, message
@@ -174,29 +176,35 @@ def fixed_rollout(length):
 
 
 def one_step(config, length):
-    """(run, adapters after one SGD step, the step's metrics) on fixed completions."""
+    """(plan, adapters after one SGD step, the step's metrics, log) on fixed completions. The run is
+    dropped before returning: mx.get_peak_memory counts every live array, a former run's weights too."""
     messages = []
     run = trainer.setup(config, log=messages.append)
     run.rollout_fn = fixed_rollout(length)
     run.optimizer = optim.SGD(learning_rate=config.learning_rate)  # see test_train_options.train_fixed
     (metrics, _), = list(trainer.train(run))
-    return run, {k: np.array(v) for k, v in tree_flatten(run.model.trainable_parameters())}, metrics, messages
+    return run.plan, {k: np.array(v) for k, v in tree_flatten(run.model.trainable_parameters())}, metrics, messages
 
 
 @pytest.mark.slow
-def test_a_forced_small_budget_splits_the_step_and_trains_the_same_adapters(qwen_1_layer, tmp_path):
+def test_a_forced_small_budget_splits_the_step_and_trains_the_same_adapters(qwen_1_layer, tmp_path, monkeypatch):
+    seen, accumulate = [], trainer.accumulate_gradients
+    monkeypatch.setattr(trainer, "accumulate_gradients",
+                        lambda step, tokens, *rest: seen.append(rest[4]) or accumulate(step, tokens, *rest))
     config = train_config(qwen_1_layer, tmp_path)
     free, free_adapters, _, _ = one_step(replace(config, output=str(tmp_path / "free")), 8)
-    assert free.plan.micro_batch_size == 4 and not free.plan.grad_checkpoint  # the default: one micro-batch
+    assert free.micro_batch_size == 4 and not free.grad_checkpoint  # the default: one micro-batch
     # A budget the default plan would exceed: halfway between it and the smallest plan.
     model = model_shape(read_model_config(str(qwen_1_layer)))
-    step = free.plan.step
+    step = free.step
     whole = estimate_step(model, replace(step, micro_batch_size=4))["peak"]
     least = planner.smallest_plan(model, step)[1]["peak"]
     budget = (whole + least) // 2
     tight, tight_adapters, metrics, messages = one_step(replace(config, memory_limit=budget / GB,
                                                                 output=str(tmp_path / "tight")), 8)
-    assert tight.plan.micro_batch_size < 4 or tight.plan.grad_checkpoint
+    assert tight.micro_batch_size < 4 or tight.grad_checkpoint
+    sizes = [[b.stop - b.start for b in batches] for batches in seen]  # the micro-batches the step ran
+    assert sizes == [[4], [b.stop - b.start for b in micro_batches(4, tight.micro_batch_size)]]
     assert any(m.startswith("memory plan (--memory-limit") for m in messages)
     assert metrics["peak_memory_gb"] * GB <= budget, (metrics["peak_memory_gb"], budget / GB)
     assert free_adapters.keys() == tight_adapters.keys()
@@ -212,8 +220,8 @@ def test_512_completion_tokens_train_within_the_budget(qwen_1_layer, tmp_path):
     step = planner.train_step_shape(config, longest_arithmetic_prompt(qwen_1_layer), 1)
     # Under the default plan's peak (both rows at once, all logits at once): the planner must cut it.
     budget = estimate_step(model, replace(step, micro_batch_size=2))["peak"] * 0.8
-    run, _, metrics, _ = one_step(replace(config, memory_limit=budget / GB), 512)
-    assert run.plan.micro_batch_size == 1 or run.plan.grad_checkpoint or run.plan.logits_chunk
+    plan, _, metrics, _ = one_step(replace(config, memory_limit=budget / GB), 512)
+    assert plan.micro_batch_size == 1 or plan.grad_checkpoint or plan.logits_chunk
     assert metrics["completions/mean_length"] == 512
     assert metrics["peak_memory_gb"] * GB <= budget, (metrics["peak_memory_gb"], budget / GB)
 
@@ -265,3 +273,13 @@ def test_plan_for_a_local_model_directory_and_its_one_line_errors(qwen_1_layer, 
             assert code == 0 and "plan: none fits: this step needs at least" in err.out
         else:
             assert code == 2 and err.err.startswith("error: ") and words in err.err and err.err.count("\n") == 1
+
+
+def test_the_plan_is_recorded_in_config_yaml_as_a_comment_only(trained_run_dir):
+    from grpo_mlx.config import load_config_file
+
+    text = (trained_run_dir / "config.yaml").read_text()
+    assert re.search(r"\n# memory_plan: micro-batch 8 of 8 rows .* predicted peak [\d.]+ GB of a [\d.]+ GB budget\n", text)
+    # Reused as --config it replays the settings, not the plan: unset choices stay the planner's.
+    config = build_config(load_config_file(trained_run_dir / "config.yaml"))
+    assert config.micro_batch_size is None and config.grad_checkpoint is None and config.memory_limit is None
