@@ -283,3 +283,19 @@ def test_the_plan_is_recorded_in_config_yaml_as_a_comment_only(trained_run_dir):
     # Reused as --config it replays the settings, not the plan: unset choices stay the planner's.
     config = build_config(load_config_file(trained_run_dir / "config.yaml"))
     assert config.micro_batch_size is None and config.grad_checkpoint is None and config.memory_limit is None
+
+
+def test_plan_reads_a_hub_id_from_the_cache_without_the_network(qwen_1_layer, tmp_path, monkeypatch):
+    import shutil
+
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "hub" / "models--someone--qwen-1layer" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    shutil.copy(qwen_1_layer / "config.json", snapshot / "config.json")  # the config alone: no weights needed
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    from_cache = plan_output("--model", "someone/qwen-1layer", "--max-tokens", "64")
+    local = plan_output("--model", str(qwen_1_layer), "--max-tokens", "64")
+    assert from_cache.split("\n", 1)[1] == local.split("\n", 1)[1]  # all but the model's name
