@@ -10,16 +10,18 @@ import click
 from . import __version__
 from .config import EvalConfig, GenerateConfig, TrainConfig, build_config, load_config_file, value_type
 from .errors import Interrupted, UserError
+from .planner import DEFAULT_PROMPT_TOKENS, PLAN_FIELDS  # planner imports MLX only inside its functions
 
 CLICK_TYPES = {int: int, float: float}  # anything else (str, comma-separated lists) reads as text; _coerce converts
 
 
-def _config_options(kind):
-    """One click option per field of a config dataclass, so flags and config keys never drift apart.
+def _config_options(kind, only=None):
+    """One click option per field of a config dataclass (or of the fields named in `only`), so flags and
+    config keys never drift apart.
 
     Every option defaults to None (not given; a --x/--no-x flag too), so a config file's value is kept under it."""
     def decorate(func):
-        for f in reversed(fields(kind)):
+        for f in reversed([f for f in fields(kind) if only is None or f.name in only]):
             flag = "--" + f.name.replace("_", "-")
             hint = value_type(kind, f.name)
             required = f.default is MISSING and f.default_factory is MISSING
@@ -155,6 +157,23 @@ def rewards():
         "fn(prompts=..., completions=..., trainer_state=..., **columns), or fn(completions, answers, **fields).\n"
         "Your fn returns one float (or None) per completion; a call past --reward-timeout seconds scores None."
     )
+
+
+@cli.command()
+@click.option("--model", required=True, help="A model directory, a hub id in the Hugging Face cache, or a known "
+              "shape name (grpo_mlx/shapes.py: qwen2.5-0.5b to qwen2.5-7b, llama-3.2-1b, llama-3.2-3b).")
+@click.option("--bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default=None,
+              help="Plan the model quantized to this many bits (as train's --quantize --q-bits).")
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=DEFAULT_PROMPT_TOKENS, show_default=True,
+              help="The longest prompt in tokens, chat template included (200: GSM8K with the R1 system prompt).")
+@_debug_option
+@_config_options(TrainConfig, only=PLAN_FIELDS)
+def plan(model, bits, prompt_tokens, **flags):
+    """Predict a training step's memory, choose its plan, and show what fits on 8-64 GB Macs (offline, no weights)."""
+    from .planner import plan_report
+
+    config = build_config({}, {**flags, "model": model}, TrainConfig)
+    click.echo(plan_report(model, None if bits is None else int(bits), config, prompt_tokens))
 
 
 @cli.command()

@@ -194,8 +194,9 @@ class TrainConfig(CommandConfig):
     max_grad_norm: float = _opt(1.0, "Clip the gradient's global norm to this; 0 disables it.", range="[0, inf)",
                                 why="0 disables clipping")
     num_iterations: int = _opt(1, "Updates per rollout (mu); mu > 1 stores old log-probs.", range="[1, inf)")
-    micro_batch_size: int | None = _opt(None, "Completions per forward/backward; gradients accumulate. Unset: as many as keep the float32 logits under 1 GiB.", range="[1, inf)")
-    grad_checkpoint: bool = _opt(False, "Recompute activations in the backward pass to save memory.")
+    micro_batch_size: int | None = _opt(None, "Completions per forward/backward; gradients accumulate to the same update. Unset: the memory planner's choice (whole groups where they fit).", range="[1, inf)")
+    grad_checkpoint: bool | None = _opt(None, "Recompute activations in the backward pass to save memory (about 1/3 more compute). Unset: the memory planner turns it on only when the step would not fit --memory-limit without it; --no-grad-checkpoint forbids it.")
+    memory_limit: float | None = _opt(None, "Memory budget in GB (10^9 bytes) that the planner fits the step into and MLX is held to. Unset: the GPU's recommended working set on a Mac, else 75% of physical memory.", range="(0, inf)")
     compile: bool = _opt(False, "Compile the loss and gradient step with mx.compile.")
     seed: int = shared("seed", help="Random seed for data order, sampling and adapters.")
     # run directory
@@ -260,6 +261,22 @@ def multi_turn(config) -> bool:
 def turn_limit(config) -> int:
     """--max-turns, or its default."""
     return config.max_turns if config.max_turns is not None else MAX_TURNS_DEFAULT
+
+
+OBSERVATION_ALLOWANCE = 256  # tokens per observation between turns, in the default trajectory bound
+
+
+def default_trajectory_tokens(max_tokens: int, max_turns: int) -> int:
+    """The default bound on a trajectory's tokens after the prompt: every turn at its longest,
+    and OBSERVATION_ALLOWANCE tokens for each observation between turns."""
+    return max_turns * max_tokens + (max_turns - 1) * OBSERVATION_ALLOWANCE
+
+
+def trajectory_tokens(config) -> int:
+    """The bound on a multi-turn trajectory's tokens after the prompt: --max-trajectory-tokens or its default."""
+    if config.max_trajectory_tokens is not None:
+        return config.max_trajectory_tokens
+    return default_trajectory_tokens(config.max_tokens, turn_limit(config))
 
 
 def check_multi_turn(config) -> None:

@@ -215,10 +215,9 @@ def evaluate(config: EvalConfig, on_progress=None, on_start=None) -> dict:
     Prompts longer than the model's context less `max_tokens` are skipped and counted
     (`skipped_long_prompts`); when none is short enough, evaluation is refused.
     """
-    from .config import multi_turn, turn_limit
+    from .config import default_trajectory_tokens, multi_turn, turn_limit
     from .data import load_examples
     from .environments import environment_factory, load_environment
-    from .multiturn import default_trajectory_tokens
     from .prompts import context_length, drop_long_prompts, prompt_length_limit, resolve_system_prompt
     from .fuse import load_with_adapters, trained_base_model
 

@@ -1,9 +1,10 @@
-"""Gradient plumbing: the loss closure, the (compiled) gradient step, micro-batches
-and their sizing, gradient accumulation, and the log-prob passes without gradient.
+"""Gradient plumbing: the loss closure, the (compiled) gradient step, micro-batches,
+gradient accumulation, and the log-prob passes without gradient.
 
 Which log-prob path runs (one prompt pass per group, logits on completion positions
 only, or the plain forward over every position) is chosen once in `trainer.setup`
-and passed in as `split_head` and `batch_groups`.
+and passed in as `split_head` and `batch_groups`; the micro-batch size and the
+logits chunk (`chunk_size`) come from the memory plan (planner.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from .grpo import policy_loss
 from .logprobs import checkpointed_block_call, group_token_logprobs, token_logprobs
 
 LENGTH_BUCKET = 32  # pad batches to multiples of this: few distinct shapes
-LOGITS_BUDGET_BYTES = 2**30  # float32 logits of one micro-batch, when --micro-batch-size is unset
 
 
 def enable_grad_checkpoint(model: nn.Module) -> None:
@@ -33,7 +33,7 @@ def enable_grad_checkpoint(model: nn.Module) -> None:
         block._grpo_mlx_checkpointed = True
 
 
-def make_loss_fn(config: TrainConfig, split_head: bool = False):
+def make_loss_fn(config: TrainConfig, split_head: bool = False, chunk_size: int | None = None):
     """The loss of one micro-batch: (loss, (metrics, logprobs)), traceable by mx.compile.
 
     `normaliser` (0-d) is `grpo.loss_normaliser` of the whole batch's counts.
@@ -41,10 +41,12 @@ def make_loss_fn(config: TrainConfig, split_head: bool = False):
     token count reuses the compiled graph. `old_logprobs`
     None means the sampling policy is the current one (mu = 1, or the first of
     mu updates): its log-probs are the stop-gradient of this forward's, which
-    the function also returns so later updates can reuse them.
+    the function also returns so later updates can reuse them. `chunk_size`: LM-head
+    positions per chunk (see `token_logprobs`); None: all at once.
     """
     def loss_fn(model, tokens, completion_mask, advantages, old_logprobs, ref_logprobs, normaliser, start=0, groups=None):
-        logprobs, entropy = policy_logprobs(model, tokens, config.temperature, start, split_head, groups, with_entropy=True)
+        logprobs, entropy = policy_logprobs(model, tokens, config.temperature, start, split_head, groups, with_entropy=True,
+                                            chunk_size=chunk_size)
         current = mx.stop_gradient(logprobs)
         loss, metrics = policy_loss(
             logprobs,
@@ -67,12 +69,14 @@ def make_loss_fn(config: TrainConfig, split_head: bool = False):
     return loss_fn
 
 
-def policy_logprobs(model, tokens, temperature, start=0, split_head=False, groups=None, with_entropy=False):
+def policy_logprobs(model, tokens, temperature, start=0, split_head=False, groups=None, with_entropy=False,
+                    chunk_size=None):
     """Token log-probs of a padded batch: per prompt group when `groups` is given
     (`group_token_logprobs`: each prompt runs once), else row by row from `start`."""
     if groups is not None:
-        return group_token_logprobs(model, tokens, groups, temperature, with_entropy=with_entropy)
-    return token_logprobs(model, tokens, temperature, with_entropy=with_entropy, start=start, split_head=split_head)
+        return group_token_logprobs(model, tokens, groups, temperature, chunk_size=chunk_size, with_entropy=with_entropy)
+    return token_logprobs(model, tokens, temperature, chunk_size=chunk_size, with_entropy=with_entropy, start=start,
+                          split_head=split_head)
 
 
 def prompt_groups(prompt_tokens, rows: slice) -> tuple:
@@ -86,7 +90,7 @@ def prompt_groups(prompt_tokens, rows: slice) -> tuple:
     return tuple(groups)
 
 
-def make_grad_step(model: nn.Module, config: TrainConfig, split_head: bool = False):
+def make_grad_step(model: nn.Module, config: TrainConfig, split_head: bool = False, chunk_size: int | None = None):
     """`grad_step(tokens, mask, advantages, old, ref, normaliser, start, groups) -> ((loss, (metrics, logprobs)), grads)`.
 
     `start` is the first scored position (see `token_logprobs`); `groups` the rows
@@ -99,7 +103,7 @@ def make_grad_step(model: nn.Module, config: TrainConfig, split_head: bool = Fal
     would capture its weights as constants, and later steps would differentiate
     stale weights (mlx-lm's tuner does the same).
     """
-    loss_and_grad = nn.value_and_grad(model, make_loss_fn(config, split_head))
+    loss_and_grad = nn.value_and_grad(model, make_loss_fn(config, split_head, chunk_size))
 
     def grad_step(tokens, completion_mask, advantages, old_logprobs, ref_logprobs, normaliser, start=0, groups=None):
         return loss_and_grad(model, tokens, completion_mask, advantages, old_logprobs, ref_logprobs, normaliser, start, groups)
@@ -147,31 +151,17 @@ def first_scored_position(prompt_tokens) -> int:
     return first // LENGTH_BUCKET * LENGTH_BUCKET
 
 
-def auto_micro_batch_size(scored_width: int, vocab_size: int | None, budget: int = LOGITS_BUDGET_BYTES) -> int | None:
-    """Rows whose float32 logits over `scored_width` positions fit `budget`; None: no limit known.
-
-    The logits are the largest activation of a real model's pass: 32 completions of 512
-    tokens over Qwen2.5's 151,936-token vocabulary are 10 GB, more than many Macs have.
-    Micro-batches accumulate to the same gradient (policy_loss is normalised by the
-    whole batch), so this bounds memory without changing the update.
-    """
-    if not vocab_size or scored_width <= 0:
-        return None
-    return max(1, budget // (scored_width * vocab_size * 4))
-
-
-def plan_micro_batches(model, prompt_tokens, width: int, micro_batch_size: int | None, shared_prompt: bool):
-    """(start, batches, batch_groups) for a padded batch of `width` tokens per row.
+def plan_micro_batches(prompt_tokens, micro_batch_size: int | None, shared_prompt: bool):
+    """(start, batches, batch_groups) for a padded batch of these prompts' rows.
 
     `start`: the first scored position (`first_scored_position`); `batches`: the
-    micro-batches' row slices, --micro-batch-size rows or as many as LOGITS_BUDGET_BYTES
-    allows; `batch_groups`: each micro-batch's `prompt_groups` when a group's prompt
-    runs once for its rows, else None.
+    micro-batches' row slices of `micro_batch_size` rows (the memory plan's; None: one);
+    micro-batches accumulate to the same gradient (policy_loss is normalised by the whole
+    batch), so their size bounds memory without changing the update. `batch_groups`: each
+    micro-batch's `prompt_groups` when a group's prompt runs once for its rows, else None.
     """
     start = first_scored_position(prompt_tokens)
-    vocab = getattr(getattr(model, "args", None), "vocab_size", None)
-    size = micro_batch_size or auto_micro_batch_size(width - 1 - start, vocab, LOGITS_BUDGET_BYTES)
-    batches = micro_batches(len(prompt_tokens), size)
+    batches = micro_batches(len(prompt_tokens), micro_batch_size)
     batch_groups = [prompt_groups(prompt_tokens, b) for b in batches] if shared_prompt else None
     return start, batches, batch_groups
 
@@ -181,11 +171,13 @@ def micro_batches(n: int, size: int | None) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def forward_logprobs(model, tokens, temperature, batches, start=0, split_head=False, batch_groups=None) -> mx.array:
+def forward_logprobs(model, tokens, temperature, batches, start=0, split_head=False, batch_groups=None,
+                     chunk_size=None) -> mx.array:
     """Log-probs without gradient, one micro-batch at a time (old or reference policy)."""
     micro_batch_logprobs = []
     for b, groups in zip(batches, batch_groups or [None] * len(batches)):
-        lp = mx.stop_gradient(policy_logprobs(model, tokens[b], temperature, start, split_head, groups))
+        lp = mx.stop_gradient(policy_logprobs(model, tokens[b], temperature, start, split_head, groups,
+                                              chunk_size=chunk_size))
         mx.eval(lp)
         micro_batch_logprobs.append(lp)
     return mx.concatenate(micro_batch_logprobs, axis=0)

@@ -39,21 +39,13 @@ from typing import Callable
 import mlx.core as mx
 
 from .data import Example
+from .config import default_trajectory_tokens
 from .environments import Environment, initial_messages, step_all, text_between_turns
 from .logprobs import lm_head_split, lm_head_split_matches
 from .prompts import _apply_chat_template, _plain_prompt
 from .rollout import Rollout
 
 # Tokens allowed per observation (and the template text around it) in the default trajectory bound.
-OBSERVATION_ALLOWANCE = 256
-
-
-def default_trajectory_tokens(max_tokens: int, max_turns: int) -> int:
-    """The default bound on a trajectory's tokens after the prompt: every turn at its longest,
-    and OBSERVATION_ALLOWANCE tokens for each observation between turns."""
-    return max_turns * max_tokens + (max_turns - 1) * OBSERVATION_ALLOWANCE
-
-
 def render_messages(tokenizer, messages: list[dict], tool_schemas: list[dict] | None = None) -> list[int]:
     """The prompt's token ids, rendered as `text_between_turns` renders the conversation (tools included)."""
     if getattr(tokenizer, "chat_template", None):

@@ -20,6 +20,8 @@ from .errors import UserError
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+# A hub model's files other than its weights: config.json and the tokenizer's (as mlx-lm's load_tokenizer fetches).
+CONFIG_FILES = ["*.json", "*.py", "tokenizer.model", "*.tiktoken", "tiktoken.model", "*.txt", "*.jsonl", "*.jinja"]
 
 
 def resolve_model_path(model: str | None) -> str:
@@ -31,25 +33,52 @@ def resolve_model_path(model: str | None) -> str:
     return model
 
 
-def load_model(model: str | None, quantize: bool = False, q_bits: int = 4, q_group_size: int = 64):
-    """Load (model, tokenizer, config) through mlx-lm, optionally quantizing on load (QLoRA)."""
-    from mlx_lm.utils import load
-
+def _model_source(model: str | None) -> tuple[str, str]:
+    """(what to load: a local directory or a hub id, the name as given); refuses a local path without config.json."""
     path = resolve_model_path(model)
     local = Path(path).expanduser()
     looks_local = local.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1
     if looks_local and not (local / "config.json").is_file():
         raise UserError(f"model {path!r} not found: give a model directory holding config.json, or a hub id like org/name")
+    return (str(local) if looks_local else path), path
+
+
+def _could_not_load(path: str, e: Exception) -> UserError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return UserError(
+        f"could not load model {path!r} ({first}); check the id or path, and note that a hub id "
+        "needs network access the first time (a local directory does not)"
+    )
+
+
+def load_config_and_tokenizer(model: str | None):
+    """(config.json as a dict, tokenizer) without the weights: what the memory plan and the prompt
+    lengths need before the model loads. A hub id fetches only its config and tokenizer files."""
+    from huggingface_hub import snapshot_download
+    from mlx_lm.utils import load_tokenizer
+
+    source, path = _model_source(model)
     try:
-        model_obj, tokenizer, config = load(str(local) if looks_local else path, return_config=True)
+        directory = Path(source) if Path(source).is_dir() else Path(snapshot_download(source, allow_patterns=CONFIG_FILES))
+        config = json.loads((directory / "config.json").read_text())
+        return config, load_tokenizer(directory, eos_token_ids=config.get("eos_token_id"))
     except UserError:
         raise
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(
-            f"could not load model {path!r} ({first}); check the id or path, and note that a hub id "
-            "needs network access the first time (a local directory does not)"
-        )
+        raise _could_not_load(path, e)
+
+
+def load_model(model: str | None, quantize: bool = False, q_bits: int = 4, q_group_size: int = 64):
+    """Load (model, tokenizer, config) through mlx-lm, optionally quantizing on load (QLoRA)."""
+    from mlx_lm.utils import load
+
+    source, path = _model_source(model)
+    try:
+        model_obj, tokenizer, config = load(source, return_config=True)
+    except UserError:
+        raise
+    except Exception as e:
+        raise _could_not_load(path, e)
     if quantize and "quantization" not in config:
         from mlx_lm.utils import quantize_model
 

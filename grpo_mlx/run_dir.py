@@ -120,12 +120,15 @@ def check_same_adapters(config: TrainConfig, run_dir: Path) -> None:
         )
 
 
-def write_config(config: TrainConfig, run_dir: Path, logprob_path: str | None = None) -> None:
+def write_config(config: TrainConfig, run_dir: Path, logprob_path: str | None = None, memory_plan: str | None = None) -> None:
     """config.yaml: the run's settings, reusable as --config; `logprob_path` (how the log-probs
-    were computed, trainer.LOGPROB_PATHS) goes in a comment, recorded but never read back."""
+    were computed, trainer.LOGPROB_PATHS) and `memory_plan` (planner.Plan.describe) go in comments,
+    recorded but never read back: a reused config plans again for its own machine."""
     # --resume and --overwrite act once: a config.yaml reused as --config must not replay them.
     values = {k: v for k, v in config_to_dict(config).items() if k not in ONE_SHOT_ACTIONS}
     text = yaml.safe_dump(values, sort_keys=False)
-    if logprob_path is not None:
-        text = f"# recorded by grpo-mlx train, not read back:\n# logprob_path: {logprob_path}\n" + text
+    recorded = [f"# {name}: {value}" for name, value in (("logprob_path", logprob_path), ("memory_plan", memory_plan))
+                if value is not None]
+    if recorded:
+        text = "# recorded by grpo-mlx train, not read back:\n" + "\n".join(recorded) + "\n" + text
     atomic_write(run_dir / "config.yaml", lambda p: Path(p).write_text(text))

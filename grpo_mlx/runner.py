@@ -57,7 +57,7 @@ def _train_in(config: TrainConfig, run_dir: Path, console) -> Path:
             if main:
                 keep_metrics_until(run_dir, run.step)
         if main:
-            write_config(config, run_dir, run.logprob_path)
+            write_config(config, run_dir, run.logprob_path, run.plan.describe() if run.plan else None)
         logger = MetricsLogger(run_dir) if main else _NoLogger()
         stop = install_signal_handlers(dashboard.message, several_ranks=distributed.world().size() > 1)
         try:

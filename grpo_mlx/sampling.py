@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import distributed
-from .config import TrainConfig, multi_turn, turn_limit
+from .config import TrainConfig, multi_turn, trajectory_tokens, turn_limit
 from .data import take_examples
 from .prompts import check_prompt_lengths, render_prompt
 from .errors import UserError
 from .grpo import informative_groups
 from .rewards import RewardError, RewardTimeoutError, TrainerState, first_failing_rows, score_completions
-from .multiturn import default_trajectory_tokens, trajectory_prompts
+from .multiturn import trajectory_prompts
 from .rollout import Rollout, make_sampler
 from .step_metrics import prompt_text
 
@@ -177,13 +177,6 @@ def sample_round(run: Run, step: int, examples: list, sampler):
     # A reward failing on one rank stops every rank here, none left waiting in a collective.
     distributed.agree_on_failure(failure, RewardError)
     return rollout, rewards, applicable, columns, timeouts, (gen_time, reward_time)
-
-
-def trajectory_tokens(config) -> int:
-    """The bound on a multi-turn trajectory's tokens after the prompt: --max-trajectory-tokens or its default."""
-    if config.max_trajectory_tokens is not None:
-        return config.max_trajectory_tokens
-    return default_trajectory_tokens(config.max_tokens, turn_limit(config))
 
 
 def turn_reward_columns(final_turns: list[str], messages: list[list[dict]]) -> dict:

@@ -50,9 +50,10 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from . import distributed
-from .config import TrainConfig, multi_turn
+from .config import TrainConfig, multi_turn, trajectory_tokens
 from .data import Example, load_examples_with_stats
-from .prompts import context_length, drop_long_prompts, prompt_length_limit, resolve_system_prompt
+from .planner import Plan, apply_memory_limit, memory_budget, plan_training
+from .prompts import context_length, drop_long_prompts, longest_prompt_tokens, prompt_length_limit, resolve_system_prompt
 from .errors import UserError
 from .gradients import (
     LENGTH_BUCKET,
@@ -64,12 +65,12 @@ from .gradients import (
 )
 from .grpo import group_advantages, loss_normaliser
 from .logprobs import lm_head_split_matches, supports_shared_prompt
-from .policy import attach_adapters, load_model, reference_mode
+from .policy import attach_adapters, load_config_and_tokenizer, load_model, reference_mode
 from .rewards import get_reward
 from .environments import Environment, environment_factory, load_environment
 from .multiturn import generate_multiturn_rollout
 from .rollout import Rollout, generate_rollout, pad_batch
-from .sampling import check_answers, sample_groups, trajectory_tokens, try_rewards
+from .sampling import check_answers, sample_groups, try_rewards
 from .step_metrics import batch_metrics, make_sample, reduce_update_metrics
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before the run stops
@@ -95,6 +96,8 @@ class Run:
     optimizer: optim.Optimizer
     system_prompt: str | None
     prompt_limit: int | None = None  # longest prompt in tokens (prompts.prompt_length_limit)
+    # The memory plan (planner.plan_training): micro-batch size, checkpointing, logits chunk, predicted peak.
+    plan: Plan | None = None
     step: int = 0
     data_position: int = 0
     bad_steps: int = 0
@@ -122,14 +125,14 @@ class Run:
 
 
 def setup(config: TrainConfig, log=lambda msg: None) -> Run:
-    distributed.local_batch_size(config.batch_size, distributed.world().size())  # fail before loading anything
+    local_batch = distributed.local_batch_size(config.batch_size, distributed.world().size())  # fail before loading anything
     reward_fns = {name: get_reward(name) for name in config.reward}
     weights = config.reward_weights or [1.0] * len(config.reward)
     examples = load_data(config, reward_fns, log)
     if config.env is not None:  # a broken plug-in fails before the model loads
         load_environment(config.env)
-    log(f"loading model {config.model or 'embedded demo'}" + (" and quantizing" if config.quantize else ""))
-    model, tokenizer, model_config = load_model(config.model, config.quantize, config.q_bits, config.q_group_size)
+    # The config and tokenizer alone (no weights): prompt lengths and the memory plan come before the model loads.
+    model_config, tokenizer = load_config_and_tokenizer(config.model)
     system_prompt = resolve_system_prompt(config.system_prompt)
     # A multi-turn prompt needs room for the whole trajectory after it.
     after_prompt = trajectory_tokens(config) if multi_turn(config) else config.max_tokens
@@ -137,6 +140,13 @@ def setup(config: TrainConfig, log=lambda msg: None) -> Run:
     examples, too_long = drop_long_prompts(tokenizer, examples, system_prompt, prompt_limit, config.dataset)
     if too_long:
         log(f"skipped {too_long} prompts longer than {prompt_limit} tokens")
+    prompt_tokens = longest_prompt_tokens(tokenizer, examples, system_prompt)
+    plan = plan_training(config, model_config, prompt_tokens, local_batch)  # refuses here when nothing fits
+    budget_source = memory_budget(config.memory_limit)[1]
+    log(f"memory plan ({budget_source}, prompts up to {prompt_tokens} tokens): {plan.describe()}")
+    apply_memory_limit(plan.budget)
+    log(f"loading model {config.model or 'embedded demo'}" + (" and quantizing" if config.quantize else ""))
+    model, tokenizer, _ = load_model(config.model, config.quantize, config.q_bits, config.q_group_size)
     mx.random.seed(config.seed)  # LoRA A matrices start from this seed
     adapter_config = attach_adapters(
         model, config.lora_rank, config.lora_layers, config.lora_scale, config.lora_dropout, config.dora
@@ -144,11 +154,15 @@ def setup(config: TrainConfig, log=lambda msg: None) -> Run:
     adapter_config["model"] = config.model or "embedded-demo"
     if config.quantize:  # fuse and generate must rebuild the same quantized base
         adapter_config["quantized_on_load"] = {"bits": config.q_bits, "group_size": config.q_group_size}
-    if config.grad_checkpoint:
-        enable_grad_checkpoint(model)
     # The same seed gives every rank the same LoRA init; taking rank 0's makes sure of it.
     model.update(distributed.broadcast_from_main(model.trainable_parameters()))
     mx.eval(model.parameters())
+    shared_prompt = supports_shared_prompt(model)
+    if not shared_prompt:  # the plan assumed each group's prompt runs once; this model runs it per row
+        plan = plan_training(config, model_config, prompt_tokens, local_batch, shared_prompt=False)
+        log(f"memory plan (no shared-prompt pass for this model): {plan.describe()}")
+    if plan.grad_checkpoint:
+        enable_grad_checkpoint(model)
     run = Run(
         config=config,
         model=model,
@@ -160,8 +174,9 @@ def setup(config: TrainConfig, log=lambda msg: None) -> Run:
         optimizer=make_optimizer(config),
         system_prompt=system_prompt,
         prompt_limit=prompt_limit,
+        plan=plan,
         split_head=lm_head_split_matches(model),
-        shared_prompt=supports_shared_prompt(model),
+        shared_prompt=shared_prompt,
         make_env=environment_factory(config.env, config.tools or [], tokenizer) if multi_turn(config) else None,
     )
     log(f"log-probs: {LOGPROB_PATHS[run.logprob_path]}")
@@ -263,20 +278,20 @@ def update_policy(run: Run, rollout: Rollout, rewards, applicable, tokens, compl
     c = run.config
     advantages = group_advantages(mx.array(rewards), c.group_size, scale=c.scale_rewards, applicable=mx.array(applicable))
     # Each group's prompt runs once in the log-prob passes when run.shared_prompt, not G times.
-    start, batches, batch_groups = plan_micro_batches(
-        run.model, rollout.prompt_tokens, tokens.shape[1], c.micro_batch_size, run.shared_prompt
-    )
+    start, batches, batch_groups = plan_micro_batches(rollout.prompt_tokens, run.plan.micro_batch_size, run.shared_prompt)
+    chunk = run.plan.logits_chunk
     metrics = {}
     tic = time.perf_counter()
     ref_logprobs = None
     if c.beta != 0.0:
         with reference_mode(run.model):
-            ref_logprobs = forward_logprobs(run.model, tokens, c.temperature, batches, start, run.split_head, batch_groups)
+            ref_logprobs = forward_logprobs(run.model, tokens, c.temperature, batches, start, run.split_head, batch_groups,
+                                            chunk)
     metrics["time/logprobs"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
     if run.grad_step is None:
-        run.grad_step = make_grad_step(run.model, c, run.split_head)
+        run.grad_step = make_grad_step(run.model, c, run.split_head, chunk)
     update_metrics = []
     old_logprobs = None  # the first update's policy is the sampling one: its forward gives the old log-probs
     for _ in range(c.num_iterations):

@@ -1,7 +1,6 @@
 """The speed and memory optimisations change no numbers: compile, length buckets,
 gradient checkpointing, micro-batching, rollouts without sampler log-probs."""
 
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -258,39 +257,3 @@ def test_running_each_prompt_once_per_group_gives_the_same_loss_and_gradients(ti
     reference = forward_logprobs(model, tokens, 0.8, batches, batch_groups=groups)
     np.testing.assert_allclose(np.array(reference) * m, np.array(forward_logprobs(model, tokens, 0.8, batches)) * m,
                                rtol=1e-5, atol=1e-5)
-
-
-def test_unset_micro_batch_size_keeps_a_real_models_logits_under_the_budget():
-    from grpo_mlx.gradients import LOGITS_BUDGET_BYTES, auto_micro_batch_size
-
-    # Qwen2.5's vocabulary, 512 scored positions: one row's float32 logits are ~311 MB.
-    rows = auto_micro_batch_size(512, 151_936)
-    assert rows == 3 and rows * 512 * 151_936 * 4 <= LOGITS_BUDGET_BYTES < (rows + 1) * 512 * 151_936 * 4
-    assert auto_micro_batch_size(10**6, 151_936) == 1  # never zero rows
-    assert auto_micro_batch_size(8, 289) > 10_000  # the demo: the whole batch at once
-    assert auto_micro_batch_size(64, None) is None
-
-
-def test_training_step_splits_into_micro_batches_when_logits_exceed_the_budget(tiny_model_dir, tmp_path, monkeypatch):
-    import grpo_mlx.gradients as gradients
-    import grpo_mlx.trainer as trainer
-    from grpo_mlx.config import build_config
-
-    seen = []
-    original = trainer.accumulate_gradients
-
-    def spy(grad_step, tokens, mask, adv, old, ref, batches, *rest):
-        seen.append([b.stop - b.start for b in batches])
-        return original(grad_step, tokens, mask, adv, old, ref, batches, *rest)
-
-    monkeypatch.setattr(trainer, "accumulate_gradients", spy)
-    text_length = f"{Path(__file__).parent / 'plugin_rewards.py'}:text_length"
-    config = build_config({}, dict(model=str(tiny_model_dir), output=str(tmp_path / "r"), steps=1, batch_size=2,
-                                   group_size=4, max_tokens=6, reward=[text_length]))
-    run = trainer.setup(config)
-    list(trainer.train(run))
-    assert seen[-1] == [8]  # tiny vocabulary: one micro-batch
-    monkeypatch.setattr(gradients, "LOGITS_BUDGET_BYTES", 1)  # every row over budget
-    config.steps = 2
-    list(trainer.train(run))
-    assert seen[-1] == [1] * 8
