@@ -8,12 +8,28 @@ Choices, and why:
 2. Numbers compare by value (integers exactly, others within a relative
    tolerance of 1e-6), after removing what does
    not change the value: thousands commas, `$`, `%`, units, a trailing period.
+3. With the optional `math-verify` package (`pip install "grpo-mlx[math]"`, the
+   checker open-r1 uses) installed, answers this checker does not find equal are
+   also compared symbolically through math-verify's `parse` and `verify`
+   (`\\frac{1}{2}` = 0.5, `\\sqrt{2}/2` = `\\frac{\\sqrt2}{2}`, intervals, sets):
+   the "math-verify" backend. Two plain numbers are left to this checker, which
+   handles GSM8K's surface forms ("18 dollars", "1,000") and is fast, and so is a gold
+   answer with no digit and no LaTeX ("Paris"), which math-verify would read as a
+   product of symbols. GRPO_MLX_ANSWER_BACKEND=builtin (or the `backend` argument)
+   keeps this checker alone. math-verify bounds each parse and comparison with its own
+   SIGALRM timeout, which works only in a main thread (the reward worker process runs
+   calls in its main thread); elsewhere the reward's --reward-timeout is the bound.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 import re
+import threading
+
+from .errors import UserError
 
 REL_TOL = 1e-6  # numeric answers equal within this relative tolerance
 
@@ -208,7 +224,27 @@ def numbers_equal(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=REL_TOL)
 
 
-def answers_equal(predicted: str | None, gold: str | None) -> bool:
+BACKENDS = ("builtin", "math-verify")
+BACKEND_ENV = "GRPO_MLX_ANSWER_BACKEND"
+MATH_VERIFY_TIMEOUT = 2  # seconds per parse and per comparison (math-verify's own default is 5)
+
+
+def math_verify_installed() -> bool:
+    return importlib.util.find_spec("math_verify") is not None
+
+
+def answer_backend(backend: str | None = None) -> str:
+    """The equivalence backend to use: `backend`, else $GRPO_MLX_ANSWER_BACKEND, else
+    "math-verify" where it is installed and "builtin" where not."""
+    backend = backend or os.environ.get(BACKEND_ENV) or ("math-verify" if math_verify_installed() else "builtin")
+    if backend not in BACKENDS:
+        raise UserError(f"{BACKEND_ENV}={backend!r} is not a backend: use {' or '.join(BACKENDS)}")
+    if backend == "math-verify" and not math_verify_installed():
+        raise UserError(f'{BACKEND_ENV}=math-verify needs the math-verify package: pip install "grpo-mlx[math]"')
+    return backend
+
+
+def answers_equal(predicted: str | None, gold: str | None, backend: str | None = None) -> bool:
     """Whether a completion (or an answer) gives the gold answer.
 
     Both sides are reduced to their final answer first (`extract_answer` for the
@@ -217,6 +253,9 @@ def answers_equal(predicted: str | None, gold: str | None) -> bool:
     $18 = 18.00, 50% = 50. A non-numeric gold compares with `normalize_text`,
     against the extracted answer or the raw marked answer (so `<answer>(1, 2)</answer>`
     matches gold "(1, 2)"). None and an empty gold equal nothing.
+
+    `backend` (see `answer_backend`): "math-verify" also accepts what math-verify
+    finds equal, where this checker does not (module docstring, point 3).
     """
     if predicted is None or gold is None:
         return False
@@ -225,12 +264,50 @@ def answers_equal(predicted: str | None, gold: str | None) -> bool:
         return False
     answer = extract_answer(predicted)
     gold_value = to_number(gold_answer)
-    if gold_value is not None:
-        value = to_number(answer) if answer is not None else None
-        return value is not None and numbers_equal(value, gold_value)
+    value = to_number(answer) if answer is not None else None
+    if gold_value is not None and value is not None:
+        return numbers_equal(value, gold_value)  # two numbers: final under either backend
     target = normalize_text(gold_answer)
     candidates = [answer, marked_answer(predicted), predicted]
-    return any(c is not None and normalize_text(c) == target for c in candidates)
+    if gold_value is None and any(c is not None and normalize_text(c) == target for c in candidates):
+        return True
+    if answer_backend(backend) != "math-verify" or not re.search(r"[\d\\^]", gold_answer):
+        return False
+    return math_verify_equal(predicted, gold_answer, answer)
+
+
+def math_verify_equal(predicted: str, gold_answer: str, answer: str | None) -> bool:
+    """math-verify's verdict: the gold answer against the extracted answer, the marked answer
+    read as math, and the marked answer (or, when nothing is marked, the whole completion) as
+    text that math-verify searches itself."""
+    gold_parsed = _math_verify_parse(gold_answer, wrap=True)
+    if not gold_parsed:
+        return False
+    marked = marked_answer(predicted)
+    candidates = [(answer, True), (marked, True), (marked if marked is not None else predicted, False)]
+    for text, wrap in dict.fromkeys((t, w) for t, w in candidates if t):
+        parsed = _math_verify_parse(text, wrap)
+        if parsed and _math_verify().verify(gold_parsed, parsed, timeout_seconds=_math_verify_timeout()):
+            return True
+    return False
+
+
+def _math_verify():
+    import math_verify  # imported on first use: it loads sympy (about a second)
+
+    return math_verify
+
+
+def _math_verify_timeout() -> int | None:
+    # math-verify's timeout is a SIGALRM, which Python allows in the main thread only.
+    return MATH_VERIFY_TIMEOUT if threading.current_thread() is threading.main_thread() else None
+
+
+def _math_verify_parse(text: str, wrap: bool) -> list:
+    """math-verify's parse of `text`; `wrap`: an answer alone, read as LaTeX math ($...$) unless marked already."""
+    if wrap and "$" not in text and "\\boxed" not in text:
+        text = f"${text}$"
+    return _math_verify().parse(text, parsing_timeout=_math_verify_timeout())
 
 
 def same_answer(a: str, b: str) -> bool:

@@ -2,10 +2,13 @@
 
 import json
 import math
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from grpo_mlx import answers
 from grpo_mlx.answers import answers_equal, extract_answer, parse_gold
 from grpo_mlx.errors import UserError
 from grpo_mlx.rewards import (
@@ -14,6 +17,7 @@ from grpo_mlx.rewards import (
     get_reward,
     list_rewards,
     register_reward,
+    score_column,
     score_completions,
 )
 
@@ -92,8 +96,11 @@ def test_extract_answer_follows_priority(text, expected):
     assert extract_answer(text) == expected
 
 
+# The equivalence tables run under each backend installed: "builtin" always, "math-verify" with grpo-mlx[math].
+BACKENDS = ["builtin"] + (["math-verify"] if answers.math_verify_installed() else [])
+
 EQUAL_CASES = [
-    # (predicted, gold, equal)
+    # (predicted, gold, equal), or (predicted, gold, equal under builtin, equal under math-verify)
     ("72", "72", True),
     ("#### 72", "Some work.\n#### 72", True),
     ("so the answer is 72.", "72", True),
@@ -126,7 +133,7 @@ EQUAL_CASES = [
     ("0.3333333", "1/3", True),  # within relative 1e-6
     ("<answer>Paris</answer>", "paris", True),
     ("<answer>(1, 2)</answer>", "(1, 2)", True),
-    (r"\boxed{x^{2}}", "$x^2$", False),  # braces differ after normalisation
+    (r"\boxed{x^{2}}", "$x^2$", False, True),  # builtin: braces differ after normalisation
     (r"\boxed{x^2}", "$x^2$", True),
     ("72", "73", False),
     ("#### 19", "Janet sells 9 eggs.\n#### 18", False),
@@ -147,14 +154,120 @@ EQUAL_CASES = [
 ]
 
 
-@pytest.mark.parametrize("predicted, gold, equal", EQUAL_CASES)
-def test_answers_equal_table(predicted, gold, equal):
-    assert answers_equal(predicted, gold) is equal
+# MATH-style answers (LaTeX, intervals, sets, expressions): what each backend says. The builtin checker
+# compares numbers and text only; math-verify also compares symbolically. Where the two differ, math-verify
+# is right on every row but one (e^{i pi} = -1: it does not simplify that).
+MATH_CASES = [
+    # (predicted, gold, equal under builtin, equal under math-verify)
+    (r"\boxed{\frac{1}{2}}", "0.5", True, True),
+    (r"\boxed{0.5}", r"\frac{1}{2}", True, True),
+    (r"\boxed{\frac{\sqrt{2}}{2}}", r"\sqrt{2}/2", False, True),
+    (r"\boxed{\frac{\sqrt2}{2}}", r"\frac{1}{\sqrt{2}}", False, True),
+    (r"\boxed{\frac{\sqrt{3}}{2}}", r"\frac{\sqrt{2}}{2}", False, False),
+    (r"\boxed{2\sqrt{3}}", r"\sqrt{12}", False, True),
+    (r"\boxed{3\sqrt{2}}", r"\sqrt{12}", False, False),
+    (r"\boxed{[1, 2)}", "[1,2)", True, True),
+    (r"\boxed{(1, 2]}", "[1,2)", False, False),
+    (r"\boxed{(-\infty, 3]}", r"(-\infty,3]", True, True),
+    (r"\boxed{(-\infty, 3)}", r"(-\infty,3]", False, False),
+    (r"\boxed{\{2, 1\}}", r"\{1,2\}", False, True),  # a set in another order
+    (r"\boxed{\{1, 3\}}", r"\{1,2\}", False, False),
+    (r"\boxed{x^{2}+2x+1}", r"(x+1)^2", False, True),
+    (r"\boxed{x^2+1}", r"(x+1)^2", False, False),
+    (r"\boxed{\dfrac{\pi}{4}}", r"\frac{\pi}{4}", False, True),
+    (r"\boxed{\frac{\pi}{3}}", r"\frac{\pi}{4}", False, False),
+    (r"\boxed{6 \cdot 3}", "18", False, True),
+    (r"\boxed{2^{10}}", "1024", False, True),
+    (r"\boxed{2^{10}}", "1000", False, False),
+    (r"\boxed{\frac{7}{3}}", r"2\frac{1}{3}", False, True),  # a mixed number
+    (r"\boxed{x = 5}", "5", True, True),
+    (r"\boxed{y = 2x + 3}", "2x+3", False, True),
+    (r"The answer is $\frac{\sqrt{2}}{2}$.", r"\frac{\sqrt2}{2}", False, True),  # nothing marked
+    (r"<answer>\frac{3}{4}\pi</answer>", r"\frac{3\pi}{4}", False, True),
+    (r"\boxed{-\frac{1}{2}}", "-0.5", True, True),
+    (r"\boxed{\frac{1}{2}}", "-0.5", False, False),
+    (r"\boxed{90^\circ}", "90", True, True),
+    (r"\boxed{e^{i\pi}}", "-1", False, False),  # equal, but neither backend simplifies it
+    (r"\boxed{1 + i}", "1-i", False, False),
+    (r"\boxed{\begin{pmatrix} 1 \\ 2 \end{pmatrix}}", r"\begin{pmatrix}1\\2\end{pmatrix}", True, True),
+    (r"\boxed{\log_2 8}", "3", False, True),
+    ("<answer>Pairs</answer>", "Paris", False, False),  # math-verify would read both as a product of letters
+]
+
+
+def expected_under(backend: str, case: tuple) -> bool:
+    """A table row's expected verdict under `backend`: its one column, or the column of that backend."""
+    if len(case) == 3:
+        return case[2]
+    return case[2] if backend == "builtin" else case[3]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", EQUAL_CASES, ids=[f"{c[0]!r}|{c[1]!r}" for c in EQUAL_CASES])
+def test_answers_equal_table(case, backend):
+    assert answers_equal(case[0], case[1], backend=backend) is expected_under(backend, case)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", MATH_CASES, ids=[f"{c[0]!r}|{c[1]!r}" for c in MATH_CASES])
+def test_math_answers_table(case, backend):
+    assert answers_equal(case[0], case[1], backend=backend) is expected_under(backend, case)
 
 
 def test_answers_equal_table_is_large_and_balanced():
-    assert len(EQUAL_CASES) >= 40
-    assert sum(e for *_, e in EQUAL_CASES) >= 15 and sum(not e for *_, e in EQUAL_CASES) >= 15
+    assert len(EQUAL_CASES) >= 40 and len(MATH_CASES) >= 30
+    for backend in answers.BACKENDS:
+        verdicts = [expected_under(backend, c) for c in EQUAL_CASES + MATH_CASES]
+        assert sum(verdicts) >= 15 and verdicts.count(False) >= 15
+
+
+def test_answer_backend_is_math_verify_where_installed_and_the_env_var_picks_it(monkeypatch):
+    monkeypatch.delenv(answers.BACKEND_ENV, raising=False)
+    assert answers.answer_backend() == ("math-verify" if answers.math_verify_installed() else "builtin")
+    monkeypatch.setenv(answers.BACKEND_ENV, "builtin")
+    assert answers.answer_backend() == "builtin"
+    assert get_reward("accuracy")([r"\boxed{2\sqrt{3}}"], [r"\sqrt{12}"]) == [0.0]  # the builtin checker's verdict
+    monkeypatch.setenv(answers.BACKEND_ENV, "sympy")
+    with pytest.raises(UserError, match="GRPO_MLX_ANSWER_BACKEND='sympy' is not a backend: use builtin or math-verify"):
+        answers.answer_backend()
+
+
+def test_math_verify_backend_without_the_package_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(answers, "math_verify_installed", lambda: False)
+    with pytest.raises(UserError, match=r'pip install "grpo-mlx\[math\]"'):
+        answers_equal(r"\boxed{2\sqrt{3}}", r"\sqrt{12}", backend="math-verify")
+    monkeypatch.delenv(answers.BACKEND_ENV, raising=False)
+    assert answers.answer_backend() == "builtin"
+
+
+needs_math_verify = pytest.mark.skipif(not answers.math_verify_installed(), reason='needs pip install "grpo-mlx[math]"')
+
+
+@needs_math_verify
+def test_accuracy_checks_latex_through_math_verify_in_the_reward_worker(monkeypatch):
+    # With --reward-timeout the call runs in the worker process, where math-verify's SIGALRM timeout is allowed.
+    monkeypatch.delenv(answers.BACKEND_ENV, raising=False)
+    texts = [r"\boxed{\frac{\sqrt2}{2}}", r"so $\boxed{[1, 2)}$", r"\boxed{\{2, 1\}}", r"\boxed{\frac{\sqrt3}{2}}"]
+    golds = [r"\sqrt{2}/2", "[1,2)", r"\{1,2\}", r"\sqrt{2}/2"]
+    column, timeouts = score_column("accuracy", get_reward("accuracy"), texts, golds, {}, timeout=60)
+    assert column == [1.0, 1.0, 1.0, 0.0] and timeouts == 0
+
+
+@needs_math_verify
+def test_math_verify_runs_outside_the_main_thread():
+    # SIGALRM cannot be set there: math-verify runs without its own timeout instead of raising.
+    results = []
+    thread = threading.Thread(target=lambda: results.append(answers_equal(r"\boxed{2\sqrt{3}}", r"\sqrt{12}", backend="math-verify")))
+    thread.start()
+    thread.join(60)
+    assert results == [True]
+
+
+@needs_math_verify
+def test_a_pathological_answer_is_cut_off_by_math_verify_own_timeout():
+    start = time.monotonic()
+    assert answers_equal(r"\boxed{10^{10^{10^{10}}}}", "1", backend="math-verify") is False
+    assert time.monotonic() - start < 4 * answers.MATH_VERIFY_TIMEOUT + 5
 
 
 # ---------------------------------------------------------------- built-in rewards
