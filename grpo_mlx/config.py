@@ -58,6 +58,7 @@ DEMO_PRESET = {
 }
 
 
+LR_SCHEDULES = ("constant", "cosine", "linear")  # trainer.learning_rate_schedule
 MAX_TURNS_DEFAULT = 4  # model turns per trajectory when --tools or --env is on and --max-turns is unset
 TOOL_NAMES = ("calculator", "python")  # tools.BUILTIN_TOOLS, named here so validation needs no import of it
 
@@ -191,6 +192,8 @@ class TrainConfig(CommandConfig):
     weight_decay: float = _opt(0.0, "AdamW weight decay.", range="[0, inf)")
     warmup_steps: int = _opt(0, "Linear learning-rate warm-up: step k <= N trains at learning_rate * k / N.", range="[0, inf)",
                              why="0 disables warm-up")
+    lr_schedule: str = _opt("constant", "Learning rate after the warm-up: constant, or cosine / linear decay to 0 at the end of --steps.",
+                            choices=LR_SCHEDULES)
     max_grad_norm: float = _opt(1.0, "Clip the gradient's global norm to this; 0 disables it.", range="[0, inf)",
                                 why="0 disables clipping")
     num_iterations: int = _opt(1, "Updates per rollout (mu); mu > 1 stores old log-probs.", range="[1, inf)")

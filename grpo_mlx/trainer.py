@@ -202,19 +202,36 @@ def load_data(config: TrainConfig, reward_fns: dict, log) -> list[Example]:
 
 
 def make_optimizer(config: TrainConfig) -> optim.Optimizer:
-    """AdamW; with N warm-up steps, training step k <= N updates at learning_rate * k / N.
+    """AdamW on the --lr-schedule (`learning_rate_schedule`), which sees training steps: the optimizer
+    counts updates, mu = num_iterations per step, so update u belongs to step u // mu (0-based).
 
-    The schedule sees the optimizer's update count (mu = num_iterations per step);
-    it starts at 1/N, not 0, so the first step already trains.
+    The update count is part of the optimizer state a checkpoint saves, so --resume continues the
+    schedule where it stopped.
     """
-    lr = config.learning_rate
-    if config.warmup_steps > 0:
-        warmup, mu = config.warmup_steps, config.num_iterations
+    schedule, mu = learning_rate_schedule(config), config.num_iterations
+    if callable(schedule):
+        return optim.AdamW(learning_rate=lambda update: schedule((update // mu).astype(mx.int32)), weight_decay=config.weight_decay)
+    return optim.AdamW(learning_rate=schedule, weight_decay=config.weight_decay)
 
-        def lr(update):  # update: updates made before this one
-            return config.learning_rate * mx.minimum(update // mu + 1, warmup).astype(mx.float32) / warmup
 
-    return optim.AdamW(learning_rate=lr, weight_decay=config.weight_decay)
+def learning_rate_schedule(config: TrainConfig):
+    """The learning rate as a function of the 0-based training step t, built from MLX's schedules
+    (a plain number for a constant rate without warm-up).
+
+    Warm-up: with N warm-up steps, step t < N trains at learning_rate * (t + 1) / N, so the first
+    step already trains (1/N, not 0) and step N reaches the full rate. Then `constant` stays there;
+    `cosine` and `linear` decay from it to 0 one step after the last (--steps), so the last step
+    still trains.
+    """
+    lr, warmup = config.learning_rate, config.warmup_steps
+    ramp = max(warmup - 1, 0)  # steps before the first at the full rate
+    ramp_schedule = optim.linear_schedule(lr / warmup, lr, ramp) if ramp else None
+    decay_steps = max(config.steps - ramp, 1)
+    decay = {"constant": None, "cosine": optim.cosine_decay(lr, decay_steps),
+             "linear": optim.linear_schedule(lr, 0.0, decay_steps)}[config.lr_schedule]
+    if ramp_schedule is not None and decay is not None:
+        return optim.join_schedules([ramp_schedule, decay], [ramp])
+    return ramp_schedule or decay or lr
 
 
 # ---------------------------------------------------------------- one step
