@@ -146,6 +146,8 @@ class TrainConfig(CommandConfig):
     lora_scale: float = _opt(20.0, "LoRA scale (mlx-lm's convention: output += scale * x A B).")
     lora_dropout: float = _opt(0.0, "Dropout on the LoRA input.", range="[0, 1)", why="a dropout of 1 drops every input")
     dora: bool = _opt(False, "Use DoRA instead of LoRA.")
+    lora_keys: list[str] | None = _opt(None, "Modules of each block that get adapters: all-linear, attention (q, k, v, o), or module names "
+                                             "like self_attn.q_proj,mlp.down_proj, comma-separated. Unset: mlx-lm's default, every linear layer.")
     # data
     dataset: str = shared("dataset")
     dataset_config: str | None = shared("dataset_config")

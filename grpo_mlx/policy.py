@@ -86,11 +86,14 @@ def load_model(model: str | None, quantize: bool = False, q_bits: int = 4, q_gro
     return model_obj, tokenizer, config
 
 
-def attach_adapters(model: nn.Module, rank: int, num_layers: int, scale: float, dropout: float = 0.0, dora: bool = False) -> dict:
+def attach_adapters(model: nn.Module, rank: int, num_layers: int, scale: float, dropout: float = 0.0, dora: bool = False,
+                    keys: list[str] | None = None) -> dict:
     """Freeze the base and add LoRA (or DoRA) layers through mlx-lm's tuner.
 
-    Returns the adapter config that mlx-lm's `load_adapters` expects, so the
-    saved adapters load unchanged in `mlx_lm.generate --adapter-path` and
+    `keys` (--lora-keys): which modules of each block get adapters, as `lora_module_keys` reads
+    them; None: mlx-lm's default (every linear layer of the block). Returns the adapter config
+    that mlx-lm's `load_adapters` expects (the keys in its lora_parameters), so the saved adapters
+    load unchanged in `mlx_lm.load(..., adapter_path=...)`, `mlx_lm.generate --adapter-path` and
     `mlx_lm.fuse`.
     """
     from mlx_lm.tuner.utils import linear_to_lora_layers
@@ -98,11 +101,47 @@ def attach_adapters(model: nn.Module, rank: int, num_layers: int, scale: float, 
     total = len(model.layers)
     num_layers = total if num_layers < 0 or num_layers > total else num_layers
     params = {"rank": rank, "scale": scale, "dropout": dropout}
+    if keys:
+        params["keys"] = lora_module_keys(model, num_layers, keys)
     model.freeze()
     linear_to_lora_layers(model, num_layers, params, use_dora=dora)
     if not tree_flatten(model.trainable_parameters()):
         raise UserError("the model has no layers mlx-lm can put adapters on; try a different model")
     return {"fine_tune_type": "dora" if dora else "lora", "num_layers": num_layers, "lora_parameters": params}
+
+
+LORA_KEY_PRESETS = ("all-linear", "attention")
+
+
+def lora_module_keys(model: nn.Module, num_layers: int, requested: list[str]) -> list[str]:
+    """The module names, relative to a block (`self_attn.q_proj`), that --lora-keys asks for.
+
+    Each entry is `all-linear` (every linear layer of the block, as PEFT's all-linear), `attention`
+    (the linear layers inside the block's attention: q, k, v, o in Llama and Qwen), or a module
+    name; names come from the blocks that get adapters. A name no block has is a one-line error
+    listing the names there are.
+    """
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    linear_types = (nn.Linear, nn.QuantizedLinear, SwitchLinear, QuantizedSwitchLinear)
+    available = sorted({name for block in model.layers[len(model.layers) - num_layers:]
+                        for name, module in block.named_modules() if isinstance(module, linear_types) or hasattr(module, "to_lora")})
+    keys = set()
+    for entry in requested:
+        if entry == "all-linear":
+            keys.update(available)
+        elif entry == "attention":
+            inside = [n for n in available if any("attn" in part or "attention" in part for part in n.split(".")[:-1])]
+            if not inside:
+                raise UserError(f"--lora-keys attention: this model's blocks have no attention module with linear layers; "
+                                f"name the modules instead, from: {', '.join(available)}")
+            keys.update(inside)
+        elif entry in available:
+            keys.add(entry)
+        else:
+            raise UserError(f"--lora-keys: no module {entry!r} in the model's blocks; use {' or '.join(LORA_KEY_PRESETS)}, "
+                            f"or names from: {', '.join(available)}")
+    return sorted(keys)
 
 
 def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

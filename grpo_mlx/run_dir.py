@@ -97,7 +97,7 @@ def clear_old_run(run_dir: Path, log=lambda msg: None) -> None:
 
 
 # Fields that shape the model and its adapters: a run resumed with others would load mismatched weights.
-RESUME_MUST_MATCH = ("model", "quantize", "q_bits", "q_group_size", "lora_rank", "lora_layers", "lora_scale", "dora")
+RESUME_MUST_MATCH = ("model", "quantize", "q_bits", "q_group_size", "lora_rank", "lora_layers", "lora_scale", "dora", "lora_keys")
 
 
 def check_same_adapters(config: TrainConfig, run_dir: Path) -> None:

@@ -149,7 +149,7 @@ def setup(config: TrainConfig, log=lambda msg: None) -> Run:
     model, tokenizer, _ = load_model(config.model, config.quantize, config.q_bits, config.q_group_size)
     mx.random.seed(config.seed)  # LoRA A matrices start from this seed
     adapter_config = attach_adapters(
-        model, config.lora_rank, config.lora_layers, config.lora_scale, config.lora_dropout, config.dora
+        model, config.lora_rank, config.lora_layers, config.lora_scale, config.lora_dropout, config.dora, config.lora_keys
     )
     adapter_config["model"] = config.model or "embedded-demo"
     if config.quantize:  # fuse and generate must rebuild the same quantized base
