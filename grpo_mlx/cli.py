@@ -52,8 +52,18 @@ def _debug_option(func):
 
 
 def _config_file_option(func):
-    return click.option("--config", "config_path", type=click.Path(dir_okay=False),
+    func = click.option("--config", "config_path", type=click.Path(dir_okay=False),
                         help="YAML or JSON file of options; flags override it.")(func)
+    return click.option("--recipe", "recipe", default=None, metavar="NAME",
+                        help="A shipped recipe (`grpo-mlx recipes`); a --config file and flags override it.")(func)
+
+
+def _file_values(recipe: str | None, config_path: str | None, command: str) -> dict:
+    """The values under the flags: a recipe's, then a --config file's over them."""
+    from .recipes import recipe_values
+
+    values = recipe_values(recipe, command) if recipe else {}
+    return {**values, **(load_config_file(config_path) if config_path else {})}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -71,9 +81,9 @@ def cli():
 @_config_file_option
 @_debug_option
 @_config_options(TrainConfig)
-def train(config_path, **flags):
+def train(config_path, recipe, **flags):
     """Train LoRA adapters with GRPO."""
-    config = build_config(load_config_file(config_path) if config_path else {}, flags, TrainConfig)
+    config = build_config(_file_values(recipe, config_path, "train"), flags, TrainConfig)
     from .runner import run_training  # MLX loads only once the config is known to be good
 
     run_training(config)
@@ -122,13 +132,13 @@ def generate(**flags):
 @_config_file_option
 @_debug_option
 @_config_options(EvalConfig)
-def eval_command(config_path, **flags):
+def eval_command(config_path, recipe, **flags):
     """Greedy accuracy, and pass@k / maj@K with --samples K, on a data set with gold answers."""
     from rich.console import Console
 
     from .evaluate import EvalProgress, check_result_path, evaluate, summary_table, write_result
 
-    config = build_config(load_config_file(config_path) if config_path else {}, flags, EvalConfig)
+    config = build_config(_file_values(recipe, config_path, "eval"), flags, EvalConfig)
     if config.output is not None:
         check_result_path(config.output)  # before the evaluation, which an unwritable path would lose
     progress = EvalProgress()
@@ -157,6 +167,20 @@ def rewards():
         "fn(prompts=..., completions=..., trainer_state=..., **columns), or fn(completions, answers, **fields).\n"
         "Your fn returns one float (or None) per completion; a call past --reward-timeout seconds scores None."
     )
+
+
+@cli.command()
+@_debug_option
+def recipes():
+    """List the shipped recipes: known-good setups, each with its source."""
+    from .recipes import list_recipes
+
+    entries = list_recipes()
+    width = max(len(name) for name, _, _ in entries)
+    for name, description, source in entries:
+        click.echo(f"{name:<{width}}  {description}\n{'':<{width}}  source: {source}")
+    click.echo("\nUse one with: grpo-mlx train --recipe NAME (and grpo-mlx eval --recipe NAME); "
+               "a --config file and flags override its values.")
 
 
 @cli.command()
