@@ -112,7 +112,6 @@ def fuse(model, adapter_path, output, overwrite, dequantize, export_gguf):
 def generate(**flags):
     """Generate one completion, optionally with trained adapters."""
     import mlx.core as mx
-    from mlx_lm.generate import generate as mlx_generate
 
     from .data import Example
     from .prompts import render_prompt, resolve_system_prompt
@@ -125,7 +124,21 @@ def generate(**flags):
     tokens = render_prompt(tokenizer, Example(prompt=c.prompt, answer=None), resolve_system_prompt(c.system_prompt))
     mx.random.seed(c.seed)
     sampler = make_sampler(c.temperature, c.top_p, c.top_k, c.min_p)
-    click.echo(mlx_generate(model_obj, tokenizer, tokens, max_tokens=c.max_tokens, sampler=sampler))
+    stream_completion(model_obj, tokenizer, tokens, c.max_tokens, sampler, lambda text: click.echo(text, nl=False))
+    click.echo()
+
+
+def stream_completion(model, tokenizer, prompt_tokens: list[int], max_tokens: int, sampler, write) -> str:
+    """Decode through mlx-lm's stream_generate, handing each new piece of text to `write` as it comes
+    (as `mlx_lm.generate` prints it); returns the whole completion."""
+    from mlx_lm import stream_generate
+
+    pieces = []
+    for response in stream_generate(model, tokenizer, prompt_tokens, max_tokens=max_tokens, sampler=sampler):
+        if response.text:
+            write(response.text)
+            pieces.append(response.text)
+    return "".join(pieces)
 
 
 @cli.command(name="eval")

@@ -257,6 +257,11 @@ def sample_panel(sample: dict) -> Panel:
 
 # ---------------------------------------------------------------- the dashboard
 
+# Why the loss sits near 0 with one update per rollout, which users read as "not learning": with mu = 1
+# the ratio is exactly 1, so the loss is minus the mean advantage (0 within each group) plus beta * KL,
+# while its gradient, the policy gradient, is not 0. Shown under the metrics (once, in plain lines).
+LOSS_HINT = "μ=1: ratio 1, loss = −mean advantage + β·KL ≈ 0 by design; gradient ≠ 0"
+
 
 def _progress_row(console: Console) -> Progress:
     """`step 4/40`, a bar taking the spare width, then `10% · 2.00s/step · elapsed · ETA`.
@@ -285,12 +290,16 @@ class Dashboard:
     plain: True forces plain lines, False forces the live screen; None picks by
         whether the console is a (non-dumb) terminal.
     log_every: print a plain line every N steps (and at the last step).
+    num_iterations: the run's updates per rollout (mu); 1 shows LOSS_HINT.
     """
 
     SPARK_WIDTH = 60
 
-    def __init__(self, total_steps: int, console: Console | None = None, refresh_every: float = 1, plain: bool | None = None, log_every: int = 1):
+    def __init__(self, total_steps: int, console: Console | None = None, refresh_every: float = 1, plain: bool | None = None, log_every: int = 1,
+                 num_iterations: int | None = None):
         self.total_steps = int(total_steps)
+        self.loss_hint = LOSS_HINT if num_iterations == 1 else None
+        self._hint_printed = False
         self.console = console if console is not None else Console()
         self.refresh_every = refresh_every
         self.plain = wants_plain_lines(self.console) if plain is None else plain
@@ -341,6 +350,9 @@ class Dashboard:
         if self._live is not None:
             self._live.refresh()
         elif self.plain and (step % self.log_every == 0 or step == self.total_steps):
+            if self.loss_hint and not self._hint_printed and "loss" in metrics:
+                self._print(f"note: {self.loss_hint}")
+                self._hint_printed = True
             self._print(plain_line(self.latest_metrics, self.total_steps, self.sec_per_step))
 
     def show_sample(self, sample: dict) -> None:
@@ -381,7 +393,10 @@ class Dashboard:
             self._progress.update(self._progress_task, completed=steps_done, timing=self._timing_text(steps_done))
             screen_rows = [self._progress, Text()]
             if self.latest_metrics:
-                screen_rows += [metrics_table(self.latest_metrics), Text(), self._sparklines()]
+                screen_rows.append(metrics_table(self.latest_metrics))
+                if self.loss_hint and "loss" in self.latest_metrics:
+                    screen_rows.append(Text(self.loss_hint, style="dim", no_wrap=True, overflow="ellipsis"))
+                screen_rows += [Text(), self._sparklines()]
             if self.latest_sample is not None:
                 screen_rows.append(sample_panel(self.latest_sample))
             return Group(*screen_rows)

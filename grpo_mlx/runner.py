@@ -42,7 +42,7 @@ def _train_in(config: TrainConfig, run_dir: Path, console) -> Path:
     """run_training's body, with the run directory prepared and locked."""
     main = distributed.is_main()
     if main:
-        dashboard = Dashboard(config.steps, console=console, log_every=config.log_every)
+        dashboard = Dashboard(config.steps, console=console, log_every=config.log_every, num_iterations=config.num_iterations)
     else:
         dashboard = Dashboard(config.steps, console=Console(quiet=True), plain=True)
     with dashboard:

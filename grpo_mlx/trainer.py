@@ -338,6 +338,8 @@ def apply_update(run: Run, grads, loss: float, micro_batch_stats) -> dict:
         grads = tree_map(mx.zeros_like, run.model.trainable_parameters())
     grads = distributed.sum_gradients(grads)
     loss, metrics = reduce_update_metrics(loss, micro_batch_stats)
+    if c.beta == 0:
+        del metrics["kl"]  # no reference pass: a KL of 0 would only say it was not measured
     if c.max_grad_norm > 0:
         grads, grad_norm = optim.clip_grad_norm(grads, c.max_grad_norm)
     else:

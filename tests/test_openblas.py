@@ -27,10 +27,19 @@ def test_process_without_openblas_reexecutes_with_it_and_one_thread():
     assert out.stdout.split() == ["True", "1"]
 
 
-def test_opting_out_keeps_the_process_as_it_is():
-    out = subprocess.run([sys.executable, "-c", PROBE], env=clean_env(GRPO_MLX_NO_OPENBLAS="1"),
+@pytest.mark.parametrize("value", ["1", "true", "YES"])
+def test_opting_out_keeps_the_process_as_it_is(value):
+    out = subprocess.run([sys.executable, "-c", PROBE], env=clean_env(GRPO_MLX_NO_OPENBLAS=value),
                          capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["False", "None"]
+
+
+@pytest.mark.parametrize("value", ["0", "false", "no", ""])
+def test_a_value_that_says_no_keeps_the_preload(value):
+    out = subprocess.run([sys.executable, "-c", PROBE], env=clean_env(GRPO_MLX_NO_OPENBLAS=value),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "1"]
 
 
 def test_console_script_runs_after_the_reexec():
