@@ -191,3 +191,17 @@ def test_the_dashboard_keeps_the_last_held_out_accuracy_between_evaluations():
     screen.print(dashboard.render())
     shown = screen.export_text()
     assert "held-out acc  25%" in shown  # step 2 did not evaluate: step 1's accuracy stays on the screen
+
+
+def test_a_multi_turn_run_evaluates_with_its_environment(tiny_model_dir, tmp_path):
+    """--env: the held-out trajectories run the environment's turns, as `grpo-mlx eval --env` runs them."""
+    env = f"{Path(__file__).parent / 'plugin_envs.py'}:AlwaysAnswer"  # answers every turn: each trajectory runs --max-turns
+    run_dir, result = tmp_path / "run", tmp_path / "eval.json"
+    common = ["--model", str(tiny_model_dir), "--env", env, "--max-turns", "2", "--max-tokens", "3"]
+    assert run_main(["train", *common, "--output", str(run_dir), "--steps", "1", "--batch-size", "2", "--group-size", "2",
+                     "--eval-every", "1", "--eval-limit", "3", "--reward", "format"]) == 0
+    (line,) = read_metrics(run_dir)
+    assert line["eval/turns/mean"] == 2.0 and line["eval/tools/calls_per_trajectory"] == 2.0
+    assert run_main(["eval", *common, "--adapter-path", str(run_dir), "--dataset", "arithmetic", "--limit", "3",
+                     "--batch-size", "4", "--output", str(result)]) == 0
+    assert json.loads(result.read_text())["accuracy"] == line["eval/accuracy"]
