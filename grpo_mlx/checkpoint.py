@@ -33,7 +33,12 @@ TRAINER_STATE = "state.json"
 RUN_MARKER = ".grpo-mlx-run"
 RUN_LOCK = ".grpo-mlx-lock"
 # Everything `train` writes at the top of a run directory (dashboard.py writes the two .jsonl files).
-RUN_FILES = (RUN_MARKER, RUN_LOCK, "config.yaml", "metrics.jsonl", "completions.jsonl", ADAPTER_WEIGHTS, ADAPTER_CONFIG, CHECKPOINTS)
+BEST = "best"  # the best evaluated step's adapters (--eval-every), written by save_best
+BEST_RECORD = "eval.json"  # in BEST: its step and eval metrics
+# Folders the experiment trackers write into (trackers.py, --report-to).
+TRACKER_DIRS = ("wandb", "swanlog", "tensorboard")
+RUN_FILES = (RUN_MARKER, RUN_LOCK, "config.yaml", "metrics.jsonl", "completions.jsonl", ADAPTER_WEIGHTS, ADAPTER_CONFIG, CHECKPOINTS,
+             BEST, *TRACKER_DIRS)
 SYSTEM_FILES = (".DS_Store",)  # Finder writes it into any folder it shows: neither the user's nor the run's
 
 
@@ -149,12 +154,64 @@ def load_latest_checkpoint(run_dir: Path, warn=None):
     return None
 
 
+# ---------------------------------------------------------------- the best evaluated adapters
+
+
+def _best_paths(run_dir: Path) -> tuple[Path, Path, Path]:
+    """(best/, its temporary name, the name the previous best/ has while the new one moves in)."""
+    return run_dir / BEST, run_dir / f".tmp-{BEST}", run_dir / f".old-{BEST}"
+
+
+def save_best(run_dir: Path, model, adapter_config: dict, record: dict) -> Path:
+    """Write RUN_DIR/best/ (adapters, adapter_config.json, eval.json = `record`) whole, replacing the old one.
+
+    Written under a temporary name, then swapped in by two renames; a crash between them
+    leaves the previous best as .old-best, which `read_best` still finds.
+    """
+    run_dir = Path(run_dir)
+    best, tmp, old = _best_paths(run_dir)
+    try:
+        if old.exists() and not best.exists():  # a swap cut short: the old one is still the best
+            os.replace(old, best)
+        for leftover in (tmp, old):
+            if leftover.exists():
+                shutil.rmtree(leftover)
+        tmp.mkdir()
+        _save_arrays(tmp / ADAPTER_WEIGHTS, adapter_weights(model))
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2))
+        (tmp / BEST_RECORD).write_text(json.dumps(record, indent=2))
+        for f in tmp.iterdir():
+            _fsync(f)
+        if best.exists():
+            os.replace(best, old)
+        os.replace(tmp, best)
+        _fsync(run_dir)
+        if old.exists():
+            shutil.rmtree(old)
+    except OSError as e:
+        raise UserError(f"could not save the best adapters in {best} ({e.strerror or e}): free disk space, then continue with --resume") from e
+    return best
+
+
+def read_best(run_dir: Path) -> dict | None:
+    """The record (eval.json) of the run's best adapters, or None when there are none (or it is unreadable)."""
+    best, _, old = _best_paths(Path(run_dir))
+    for path in (best, old):
+        try:
+            record = json.loads((path / BEST_RECORD).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict):
+            return record
+    return None
+
+
 # ---------------------------------------------------------------- the run directory
 
 
 CHECKPOINT_FILES = {ADAPTER_WEIGHTS, ADAPTER_CONFIG, OPTIMIZER_STATE, TRAINER_STATE}
 # The names a run writes at the top of its directory, with atomic_write's leftovers of them.
-_RUN_NAMES = set(RUN_FILES) | {_tmp_name(name) for name in RUN_FILES}
+_RUN_NAMES = set(RUN_FILES) | {_tmp_name(name) for name in RUN_FILES} | {f".tmp-{BEST}", f".old-{BEST}"}
 _CHECKPOINT_NAME = re.compile(r"(\.tmp-)?step-\d{6,}")
 
 

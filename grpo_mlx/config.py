@@ -61,6 +61,7 @@ DEMO_PRESET = {
 LR_SCHEDULES = ("constant", "cosine", "linear")  # trainer.learning_rate_schedule
 MAX_TURNS_DEFAULT = 4  # model turns per trajectory when --tools or --env is on and --max-turns is unset
 TOOL_NAMES = ("calculator", "python")  # tools.BUILTIN_TOOLS, named here so validation needs no import of it
+TRACKER_NAMES = ("wandb", "tensorboard", "trackio", "swanlab")  # trackers.TRACKER_CLASSES, named here likewise
 
 
 # Fields that train, eval and generate share: one help text and one set of rules each. A command's
@@ -213,6 +214,12 @@ class TrainConfig(CommandConfig):
     overwrite: bool = _opt(False, "Replace the run in --output, once the new one has loaded (command line only).")
     log_every: int = _opt(1, "Print a metrics line every N steps when not on a terminal.", range="[1, inf)")
     sample_every: int = _opt(5, "Show and save a sampled prompt and completions every N steps.", range="[1, inf)")
+    # experiment trackers and evaluation during training (trackers.py, heldout.py)
+    report_to: list[str] | None = _opt(None, f"Experiment trackers to report metrics, config and sampled completions to, comma-separated: {', '.join(TRACKER_NAMES)} (each an extra: pip install \"grpo-mlx[wandb]\"). Unset: none.")
+    eval_every: int = _opt(0, "Greedy accuracy on a held-out set every N steps (eval/accuracy); the best step's adapters are kept in best/. 0: off.",
+                           range="[0, inf)", why="0 turns evaluation off")
+    eval_dataset: str | None = _opt(None, "Held-out data set for --eval-every (its test split, else validation; a file: all of it). Unset: the training data set's test or validation split.")
+    eval_limit: int = _opt(200, "Problems evaluated each time: the first N of the held-out set, the same every time.", range="[1, inf)")
 
     def check_combinations(self) -> None:
         if not self.reward:
@@ -222,6 +229,9 @@ class TrainConfig(CommandConfig):
         if self.resume and self.overwrite:
             self.bad("overwrite", "--resume and --overwrite exclude each other")
         check_multi_turn(self)
+        unknown = [name for name in self.report_to or [] if name not in TRACKER_NAMES]
+        if unknown:
+            self.bad("report_to", f"unknown tracker {unknown[0]!r}: use {', '.join(TRACKER_NAMES)}, comma-separated")
 
 
 @dataclass

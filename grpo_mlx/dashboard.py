@@ -77,7 +77,8 @@ def _clip(text, max_chars: int, max_lines: int) -> str:
 # ---------------------------------------------------------------- plain lines
 
 # (label in the line, metric name); per-reward-function means go after reward_std.
-PLAIN_FIELDS = [("reward", "reward"), ("reward_std", "reward_std"), ("kl", "kl"), ("loss", "loss"), ("len", "completions/mean_length")]
+PLAIN_FIELDS = [("reward", "reward"), ("reward_std", "reward_std"), ("kl", "kl"), ("loss", "loss"), ("len", "completions/mean_length"),
+                ("eval", "eval/accuracy")]  # eval: on the steps that evaluated (--eval-every)
 
 
 def plain_line(metrics: dict, total_steps: int, sec_per_step=None) -> str:
@@ -129,6 +130,7 @@ SECTIONS = [
         ("reward", "reward", "num"),
         ("reward_std", "reward std", "num"),
         ("frac_reward_zero_std", "zero-std groups", "pct"),
+        ("eval/accuracy", "held-out acc", "pct"),  # the latest evaluation's, kept between evaluations
     ]),
     ("policy", [
         ("kl", "KL", "num"),
@@ -163,7 +165,8 @@ SECTIONS = [
     ]),
 ]
 # Logged to metrics.jsonl but left off the screen, which must fit a 80x24 terminal.
-OFF_SCREEN = {"step", "skipped_update", "completions/min_length", "time/rewards", "time/logprobs"}
+OFF_SCREEN = {"step", "skipped_update", "completions/min_length", "time/rewards", "time/logprobs", "eval/truncated", "eval/time",
+              "eval/turns/mean", "eval/tools/calls_per_trajectory"}
 # Metrics with a row in SECTIONS or deliberately hidden; any other goes under "other".
 PLACED_METRICS = {key for _, rows in SECTIONS for key, _, _ in rows} | OFF_SCREEN
 # Sections stacked in each screen column: reward over tools | policy | completions over speed over other.
@@ -306,6 +309,7 @@ class Dashboard:
         self.log_every = max(1, int(log_every))
         self.latest_metrics: dict = {}
         self.latest_sample: dict | None = None
+        self.latest_eval: dict = {}  # the eval/ metrics of the last step that evaluated
         self.reward_history: list[float] = []
         self.kl_history: list[float] = []
         self._recent_step_seconds = deque(maxlen=10)  # for the ETA
@@ -338,6 +342,7 @@ class Dashboard:
         with self._lock:
             step = int(metrics.get("step", self.step + 1))
             self.latest_metrics = {**metrics, "step": step}
+            self.latest_eval.update({k: v for k, v in metrics.items() if k.startswith("eval/")})
             for history, key in ((self.reward_history, "reward"), (self.kl_history, "kl")):
                 if is_number(metrics.get(key)):
                     history.append(float(metrics[key]))
@@ -393,7 +398,7 @@ class Dashboard:
             self._progress.update(self._progress_task, completed=steps_done, timing=self._timing_text(steps_done))
             screen_rows = [self._progress, Text()]
             if self.latest_metrics:
-                screen_rows.append(metrics_table(self.latest_metrics))
+                screen_rows.append(metrics_table({**self.latest_eval, **self.latest_metrics}))
                 if self.loss_hint and "loss" in self.latest_metrics:
                     screen_rows.append(Text(self.loss_hint, style="dim", no_wrap=True, overflow="ellipsis"))
                 screen_rows += [Text(), self._sparklines()]

@@ -16,18 +16,21 @@ from mlx.utils import tree_flatten
 from rich.console import Console
 
 from . import distributed
-from .checkpoint import load_latest_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .checkpoint import load_latest_checkpoint, read_best, save_best, save_checkpoint
+from .config import ONE_SHOT_ACTIONS, TrainConfig, config_to_dict
 from .dashboard import Dashboard
 from .errors import Interrupted, UserError
+from .heldout import evaluate_run, fitting_prompts, load_heldout
 from .rewards import RewardError
 from .run_dir import clear_old_run, prepare_run_dir, write_config
 from .run_log import MetricsLogger, keep_metrics_until
+from .trackers import Trackers, check_trackers
 from .trainer import NonFiniteError, Run, setup, train
 
 
 def run_training(config: TrainConfig, console=None) -> Path:
     """The `grpo-mlx train` command: set up, train with a dashboard, checkpoint, save."""
+    check_trackers(config.report_to)  # a missing tracker package stops the run before anything is made or loaded
     # With several ranks, rank 0 alone writes the run directory and draws the dashboard.
     main = distributed.is_main()
     run_dir, lock = prepare_run_dir(config) if main else (Path(config.output), None)
@@ -46,6 +49,7 @@ def _train_in(config: TrainConfig, run_dir: Path, console) -> Path:
     else:
         dashboard = Dashboard(config.steps, console=Console(quiet=True), plain=True)
     with dashboard:
+        heldout = load_heldout(config, log=dashboard.message)  # a bad --eval-dataset fails before the model loads
         run = setup(config, log=dashboard.message)
         if config.overwrite and main:  # data, rewards and model loaded: only now does the old run go
             clear_old_run(run_dir, log=dashboard.message)
@@ -59,21 +63,38 @@ def _train_in(config: TrainConfig, run_dir: Path, console) -> Path:
         if main:
             write_config(config, run_dir, run.logprob_path, run.plan.describe() if run.plan else None)
         logger = MetricsLogger(run_dir) if main else _NoLogger()
+        # Rank 0 alone evaluates and reports; the others wait for it in the next step's collectives.
+        heldout = fitting_prompts(run, heldout) if main and heldout else None
+        best_score = (read_best(run_dir) or {}).get("eval/accuracy") if heldout and config.resume else None
+        trackers = Trackers(config.report_to if main else None, run_dir,
+                            {k: v for k, v in config_to_dict(config).items() if k not in ONE_SHOT_ACTIONS})
         stop = install_signal_handlers(dashboard.message, several_ranks=distributed.world().size() > 1)
+        outcome = "crashed"  # how the trackers' run ends: crashed, aborted (interrupted, resumable) or success
         try:
             # A signal may reach one rank only: all stop after the same step.
             for metrics, sample in train(run, stop_requested=lambda: distributed.any_rank(stop.is_set())):
+                if heldout and (run.step % config.eval_every == 0 or run.step == config.steps):
+                    metrics.update(evaluate_run(run, heldout))
                 logger.log(metrics)
+                trackers.log(metrics)
                 dashboard.update(metrics)
                 if sample is not None and (run.step % config.sample_every == 0 or run.step == 1):
                     logger.log_sample(sample)
+                    trackers.log_sample(sample)
                     dashboard.show_sample(sample)
                 if run.step % config.save_every == 0 or run.step == config.steps:
                     save(run, run_dir)
+                if "eval/accuracy" in metrics and (best_score is None or metrics["eval/accuracy"] > best_score):
+                    best_score = metrics["eval/accuracy"]
+                    record = {"step": run.step, **{k: v for k, v in metrics.items() if k.startswith("eval/")}}
+                    save_best(run_dir, run.model, run.adapter_config, record)
+                    dashboard.message(f"step {run.step}: best eval/accuracy so far, {best_score:.2%}; adapters saved to {run_dir / 'best'}")
             if run.step < config.steps:  # the loop ended early: some rank was asked to stop
                 save(run, run_dir)
                 distributed.barrier()  # no rank exits before rank 0 saved (mlx.launch then stops the rest)
+                outcome = "aborted"
                 raise Interrupted(f"interrupted: saved step {run.step} to {run_dir}; continue with --resume", stop.signum or signal.SIGINT)
+            outcome = "success"
         except (RewardError, NonFiniteError) as e:
             # Every rank is here: these errors are agreed on across ranks. The failing step
             # made no update: the weights are the last good ones.
@@ -86,6 +107,7 @@ def _train_in(config: TrainConfig, run_dir: Path, console) -> Path:
         finally:
             stop.restore()
             logger.close()
+            trackers.close(outcome)
         dashboard.message(f"adapters saved to {run_dir}")
     return run_dir
 
