@@ -57,6 +57,29 @@ DEMO_PRESET = {
     "output": "runs/demo",
 }
 
+# The tool demo: `grpo-mlx train --dataset multiplication --tools calculator` with no --model
+# trains the embedded grpo_mlx/demo_tools_model (`tiny_model.demo_model_path(tools=True)`), a
+# 0.8M-parameter model warm-started to call the calculator on ~1 problem in 4 (fenced format)
+# and to copy its output. Applied like DEMO_PRESET: only to fields the user left unset, only
+# without --model, and instead of DEMO_PRESET when --tools is given. A call turn is ~14
+# tokens and an answer ~8, so 24 tokens a turn and 3 turns (call, answer, one spare) suffice.
+# Untuned starting values: the multi-turn trainer did not exist when this model was built.
+DEMO_TOOLS_PRESET = {
+    "dataset": "multiplication",
+    "tools": ["calculator"],
+    "max_turns": 3,
+    "steps": 200,
+    "batch_size": 8,
+    "group_size": 8,
+    "max_tokens": 24,
+    "learning_rate": 1e-4,
+    "lora_rank": 8,
+    "lora_layers": -1,
+    "beta": 0.0,
+    "save_every": 50,
+    "output": "runs/demo-tools",
+}
+
 
 LR_SCHEDULES = ("constant", "cosine", "linear")  # trainer.learning_rate_schedule
 MAX_TURNS_DEFAULT = 4  # model turns per trajectory when --tools or --env is on and --max-turns is unset

@@ -1,8 +1,10 @@
 """Small Qwen2-shaped models the project builds itself, loadable offline by `mlx_lm.load`.
 
 Two uses: random-weight fixtures for tests (`make_tiny_model`, well under a second) and the
-embedded demo model in `grpo_mlx/demo_model/` (built by `scripts/build_demo_model.py`), which
-lets `grpo-mlx train` (no options) show GRPO learning without downloading anything.
+embedded demo models (built by `scripts/build_demo_model.py`), which let `grpo-mlx train` show
+GRPO learning without downloading anything: `grpo_mlx/demo_model/` (2-digit addition, no
+options) and `grpo_mlx/demo_tools_model/` (`--dataset multiplication --tools calculator`).
+`tool_episode_accuracy` measures a model on the tool task turn by turn, without the trainer.
 
 The directory layout is what a Hugging Face Qwen2 checkpoint has, cut down to what
 `mlx_lm.load` and `transformers.AutoTokenizer` read: `config.json`, `model.safetensors`,
@@ -19,10 +21,12 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import qwen2
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from .data import arithmetic_examples
+from .answers import answers_equal
+from .data import Example, arithmetic_examples
 from .errors import UserError
 
 DEMO_MODEL_DIR = Path(__file__).parent / "demo_model"
+DEMO_TOOLS_MODEL_DIR = Path(__file__).parent / "demo_tools_model"
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 
@@ -129,14 +133,24 @@ def make_tiny_model(path, texts: list[str] | None = None, hidden_size: int = 64,
     return save_model_dir(path, model, args, tokenizer)
 
 
-def demo_model_path() -> Path:
-    """The embedded demo model's directory; raises `UserError` if it was never built."""
+def demo_model_path(tools: bool = False) -> Path:
+    """The embedded demo model's directory; raises `UserError` if it was never built.
+
+    `tools=True`: the tool demo's model (multiplication with the calculator, fenced format).
+    """
+    directory = DEMO_TOOLS_MODEL_DIR if tools else DEMO_MODEL_DIR
+    build = "python scripts/build_demo_model.py" + (" --tools" if tools else "")
     needed = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
-    missing = [name for name in needed if not (DEMO_MODEL_DIR / name).exists()]
+    missing = [name for name in needed if not (directory / name).exists()]
     if missing:
-        raise UserError(f"the demo model in {DEMO_MODEL_DIR} lacks {', '.join(missing)}; "
-                        "build it with `python scripts/build_demo_model.py`")
-    return DEMO_MODEL_DIR
+        raise UserError(f"the demo model in {directory} lacks {', '.join(missing)}; build it with `{build}`")
+    return directory
+
+
+def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """What CHAT_TEMPLATE renders, without jinja: for building training text from a bare `Tokenizer`."""
+    text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
+    return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
 
 
 def greedy_answers(model, tokenizer, prompts: list[str], max_tokens: int = 6) -> list[str]:
@@ -166,3 +180,109 @@ def greedy_accuracy(model, tokenizer, examples) -> float:
     """Fraction of `examples` whose greedy completion is exactly the gold answer."""
     answers = greedy_answers(model, tokenizer, [ex.prompt for ex in examples])
     return sum(a.strip() == ex.answer for a, ex in zip(answers, examples)) / len(examples)
+
+
+# ---------------------------------------------------------------- measuring the tool demo
+
+def decode_turns(model, tokenizer, prompts: list[list[int]], max_tokens: int, temperature: float = 0.0,
+                 seed: int = 0) -> list[str]:
+    """One model turn per token-id prompt: greedy (temperature 0) or sampled, stopping at an EOS token.
+
+    Prompts of equal length decode together with a KV cache (the tool demo's prompts
+    mostly share a length: one token per digit), so no padding or mask is needed.
+    """
+    from mlx_lm.models.cache import make_prompt_cache
+
+    eos = sorted(tokenizer.eos_token_ids)
+    key = mx.random.key(seed)
+    by_length: dict[int, list[int]] = {}
+    for i, ids in enumerate(prompts):
+        by_length.setdefault(len(ids), []).append(i)
+    turns = [""] * len(prompts)
+    for rows in by_length.values():
+        cache = make_prompt_cache(model)
+        logits = model(mx.array([prompts[i] for i in rows]), cache=cache)[:, -1].astype(mx.float32)
+        generated, finished = [], mx.zeros(len(rows), dtype=mx.bool_)
+        for _ in range(max_tokens):
+            if temperature > 0:
+                key, step_key = mx.random.split(key)
+                token = mx.random.categorical(logits / temperature, key=step_key)
+            else:
+                token = mx.argmax(logits, axis=-1)
+            generated.append(token)
+            finished = finished | mx.any(token[:, None] == mx.array(eos)[None], axis=1)
+            if finished.all().item():
+                break
+            logits = model(token[:, None], cache=cache)[:, -1].astype(mx.float32)
+        columns = mx.stack(generated, axis=1).tolist()
+        for i, ids in zip(rows, columns):
+            stop = next((j for j, t in enumerate(ids) if t in eos), len(ids))
+            turns[i] = tokenizer.decode(ids[:stop])
+    return turns
+
+
+def tool_episodes(model, tokenizer, examples: list[Example], max_turns: int = 3, max_tokens: int = 32,
+                  temperature: float = 0.0, seed: int = 0, tools: tuple[str, ...] = ("calculator",)):
+    """Play each example as a fenced-format ToolEnvironment trajectory, all turn by turn together.
+
+    The same conversation `environments.run_episode` builds, with the model writing the
+    turns (each prompt re-rendered and prefilled: a measuring tool, not the training rollout).
+    """
+    from .environments import FENCED_FORMAT, Episode, ToolEnvironment, checked_step, initial_messages
+    from .tools import get_tools
+
+    tool_list = get_tools(list(tools))
+    envs = [ToolEnvironment(tool_list, FENCED_FORMAT) for _ in examples]
+    episodes = []
+    for env, example in zip(envs, examples):
+        env.reset(example)
+        episodes.append(Episode(messages=initial_messages(example, env)))
+    active = list(range(len(examples)))
+    for turn in range(max_turns):
+        if not active:
+            break
+        prompts = [tokenizer.apply_chat_template(episodes[i].messages, add_generation_prompt=True) for i in active]
+        texts = decode_turns(model, tokenizer, prompts, max_tokens, temperature, seed=seed * 1000 + turn)
+        still_going = []
+        for i, text in zip(active, texts):
+            episode = episodes[i]
+            observation = checked_step(envs[i], episode.messages, text)
+            episode.messages.append({"role": "assistant", "content": text})
+            episode.turns += 1
+            if observation is None:
+                episode.done = True
+                continue
+            episode.observations.append(observation)
+            episode.tool_calls += observation.tool_calls
+            episode.tool_errors += observation.tool_errors
+            episode.tool_seconds += observation.tool_seconds
+            if episode.turns < max_turns:
+                episode.messages.extend(observation.messages)
+                still_going.append(i)
+        active = still_going
+    return episodes
+
+
+def tool_episode_accuracy(model, tokenizer, examples: list[Example], **episode_options) -> dict:
+    """Accuracy and tool use of `tool_episodes` on `examples`.
+
+    An episode is right when it ended by itself (a turn without a tool call) and that
+    last turn gives the gold answer. Keys: accuracy, tool_rate (episodes with at least
+    one call), accuracy_with_tool / accuracy_without_tool (None where no episode),
+    episodes, episodes_with_tool.
+    """
+    episodes = tool_episodes(model, tokenizer, examples, **episode_options)
+    right = [ep.done and answers_equal(ep.messages[-1]["content"], ex.answer) for ep, ex in zip(episodes, examples)]
+    used = [ep.tool_calls > 0 for ep in episodes]
+
+    def mean(flags):
+        return sum(flags) / len(flags) if flags else None
+
+    return {
+        "accuracy": mean(right),
+        "tool_rate": mean(used),
+        "accuracy_with_tool": mean([r for r, u in zip(right, used) if u]),
+        "accuracy_without_tool": mean([r for r, u in zip(right, used) if not u]),
+        "episodes": len(episodes),
+        "episodes_with_tool": sum(used),
+    }
