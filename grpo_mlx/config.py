@@ -59,16 +59,20 @@ DEMO_PRESET = {
 
 # The tool demo: `grpo-mlx train --dataset multiplication --tools calculator` with no --model
 # trains the embedded grpo_mlx/demo_tools_model (`tiny_model.demo_model_path(tools=True)`), a
-# 0.8M-parameter model warm-started to call the calculator on ~1 problem in 4 (fenced format)
+# 0.8M-parameter model warm-started to call the calculator on ~1 problem in 3 (fenced format)
 # and to copy its output. Applied like DEMO_PRESET: only to fields the user left unset, only
 # without --model, and instead of DEMO_PRESET when --tools is given. A call turn is ~14
 # tokens and an answer ~8, so 24 tokens a turn and 3 turns (call, answer, one spare) suffice.
-# Untuned starting values: the multi-turn trainer did not exist when this model was built.
+# Measured on 2 busy CPU cores (seed 0): the tool-call rate goes from ~0.4 to 1.0 per trajectory
+# and the sampled reward from ~0.4 to ~0.85 within 10 steps; held-out greedy accuracy with the
+# tool from 30% to ~95%. 3e-4 collapses it within 10 steps (the model garbles the factors it
+# copies into the call); 1e-4 does not.
 DEMO_TOOLS_PRESET = {
     "dataset": "multiplication",
     "tools": ["calculator"],
     "max_turns": 3,
-    "steps": 200,
+    "max_trajectory_tokens": 128,  # call + output + answer is ~45 tokens; the default bound (584) overflows the 512-token context
+    "steps": 50,
     "batch_size": 8,
     "group_size": 8,
     "max_tokens": 24,
@@ -76,7 +80,7 @@ DEMO_TOOLS_PRESET = {
     "lora_rank": 8,
     "lora_layers": -1,
     "beta": 0.0,
-    "save_every": 50,
+    "save_every": 25,
     "output": "runs/demo-tools",
 }
 
@@ -263,7 +267,7 @@ class EvalConfig(CommandConfig):
 
     model: str | None = shared("model", help="Base model directory or hub id; unset: the base model the adapters were trained on, else the embedded demo model.")
     adapter_path: str | None = shared("adapter_path")
-    dataset: str = shared("dataset")
+    dataset: str = shared("dataset", help=SHARED["dataset"]["help"] + " With --tools and no --model: multiplication, the tool demo's task.")
     dataset_config: str | None = shared("dataset_config")
     split: str = shared("split", default="test", help="Data set split to evaluate on.")
     prompt_field: str | None = shared("prompt_field")
@@ -272,7 +276,7 @@ class EvalConfig(CommandConfig):
     samples: int = _opt(1, "K: completions sampled per problem for pass@k and maj@K; 1 runs greedy accuracy only.",
                         range="[1, inf)", why="1 runs greedy accuracy only")
     system_prompt: str | None = shared("system_prompt")
-    max_tokens: int | None = shared("max_tokens", default=None, help=f"Maximum completion length in tokens; unset: {SHARED['max_tokens']['default']}, or {DEMO_PRESET['max_tokens']} for the embedded demo model.")
+    max_tokens: int | None = shared("max_tokens", default=None, help=f"Maximum completion length in tokens; unset: {SHARED['max_tokens']['default']}, or {DEMO_PRESET['max_tokens']} for the embedded demo model ({DEMO_TOOLS_PRESET['max_tokens']} a turn for the tool demo's).")
     temperature: float = shared("temperature", help="Sampling temperature of the K samples (greedy accuracy uses 0).")
     top_p: float = shared("top_p")
     top_k: int = shared("top_k")
@@ -469,9 +473,11 @@ def build_config(file_values: dict | None = None, flag_values: dict | None = Non
     for key in PATH_FIELDS & values.keys():  # "~/runs/x" is the home folder, as in a shell
         if isinstance(values[key], str) and values[key].startswith("~"):
             values[key] = os.path.expanduser(values[key])
-    if kind is TrainConfig and values.get("model") is None:
-        for key, value in DEMO_PRESET.items():
+    if kind is TrainConfig and values.get("model") is None:  # --tools picks the tool demo
+        for key, value in (DEMO_TOOLS_PRESET if values.get("tools") else DEMO_PRESET).items():
             values.setdefault(key, value)
+    if kind is EvalConfig and values.get("model") is None and values.get("tools"):  # the tool demo's task
+        values.setdefault("dataset", DEMO_TOOLS_PRESET["dataset"])
     for f in fields(kind):
         if f.default is MISSING and f.default_factory is MISSING and f.name not in values:
             raise UserError(f"{f.name} is not set: pass --{f.name.replace('_', '-')}")

@@ -32,7 +32,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .answers import extract_answer, parse_gold, same_answer
-from .config import DEMO_PRESET, EvalConfig, TrainConfig
+from .config import DEMO_PRESET, DEMO_TOOLS_PRESET, EvalConfig, TrainConfig
 from .display import wants_plain_lines
 from .errors import UserError
 from .rewards import accuracy_reward
@@ -208,8 +208,8 @@ def evaluate(config: EvalConfig, on_progress=None, on_start=None) -> dict:
     """Load the data set and the model (+ adapters), evaluate, and return the result dict.
 
     The config is validated here too, for callers from Python. No --model means the base
-    model recorded in the adapters' config, else the embedded demo model, whose max_tokens
-    default is the demo preset's. `seed`
+    model recorded in the adapters' config, else the embedded demo model (the tool demo's with
+    --tools), whose max_tokens (and max_turns) defaults are its preset's. `seed`
     also draws a built-in task's problems, as in training.
     `on_start(total_prompts)` is called once before decoding, for a progress bar.
     Prompts longer than the model's context less `max_tokens` are skipped and counted
@@ -219,24 +219,30 @@ def evaluate(config: EvalConfig, on_progress=None, on_start=None) -> dict:
     from .data import load_examples
     from .environments import environment_factory, load_environment
     from .prompts import context_length, drop_long_prompts, prompt_length_limit, resolve_system_prompt
-    from .fuse import load_with_adapters, trained_base_model
+    from .fuse import load_with_adapters, trained_base_model, trained_on_tool_demo
+    from .policy import demo_name
 
     c = config.validate()
     model = trained_base_model(c.adapter_path) if c.model is None and c.adapter_path is not None else c.model
+    # The embedded tool demo: adapters trained on it, or --tools with no model and no adapters.
+    tool_demo = model is None and (trained_on_tool_demo(c.adapter_path) if c.adapter_path is not None else bool(c.tools))
     max_tokens = c.max_tokens
-    if max_tokens is None:  # what training used: the demo preset's length for the demo model
-        max_tokens = DEMO_PRESET["max_tokens"] if model is None else TrainConfig.max_tokens
+    if max_tokens is None:  # what training used: the demo presets' lengths for the demo models
+        demo_tokens = (DEMO_TOOLS_PRESET if tool_demo else DEMO_PRESET)["max_tokens"]
+        max_tokens = demo_tokens if model is None else TrainConfig.max_tokens
+    max_turns = c.max_turns or (DEMO_TOOLS_PRESET["max_turns"] if tool_demo else turn_limit(c))
     examples = load_examples(c.dataset, split=c.split, dataset_config=c.dataset_config, prompt_field=c.prompt_field,
                              answer_field=c.answer_field, limit=c.limit, seed=c.seed)
     if any(ex.answer is None for ex in examples):
         raise UserError(f"{c.dataset} has no gold answers to score against: name the answer field with --answer-field")
     if c.env is not None:  # a broken plug-in fails before the model loads
         load_environment(c.env)
-    model_obj, tokenizer, model_config = load_with_adapters(model, c.adapter_path)
+    model_obj, tokenizer, model_config = load_with_adapters(model, c.adapter_path, tools=tool_demo)
     turns = None
     if multi_turn(c):
-        trajectory = c.max_trajectory_tokens or default_trajectory_tokens(max_tokens, turn_limit(c))
-        turns = {"make_env": environment_factory(c.env, c.tools or [], tokenizer), "max_turns": turn_limit(c),
+        trajectory = c.max_trajectory_tokens or (DEMO_TOOLS_PRESET["max_trajectory_tokens"] if tool_demo
+                                                 else default_trajectory_tokens(max_tokens, max_turns))
+        turns = {"make_env": environment_factory(c.env, c.tools or [], tokenizer), "max_turns": max_turns,
                  "max_trajectory_tokens": trajectory}
     prompt_limit = prompt_length_limit(None, context_length(model_config), turns["max_trajectory_tokens"] if turns else max_tokens)
     examples, too_long = drop_long_prompts(tokenizer, examples, resolve_system_prompt(c.system_prompt), prompt_limit,
@@ -249,9 +255,11 @@ def evaluate(config: EvalConfig, on_progress=None, on_start=None) -> dict:
                                max_tokens=max_tokens, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
                                min_p=c.min_p, seed=c.seed, batch_size=c.batch_size, on_progress=on_progress, turns=turns)
     settings = {key: value for key, value in asdict(c).items() if key != "output"}
-    settings.update(model=model or "embedded-demo", adapter_path=None if c.adapter_path is None else str(c.adapter_path),
+    settings.update(model=model or demo_name(tool_demo), adapter_path=None if c.adapter_path is None else str(c.adapter_path),
                     max_tokens=max_tokens, temperature=c.temperature if c.samples > 1 else None,
                     seconds=round(time.perf_counter() - tic, 3), max_prompt_length=prompt_limit)
+    if turns is not None:  # the bounds the trajectories ran under, defaults resolved
+        settings.update(max_turns=max_turns, max_trajectory_tokens=turns["max_trajectory_tokens"])
     result["skipped_long_prompts"] = too_long
     examples_out = result.pop("examples")
     return {**result, "settings": settings, "examples": examples_out}

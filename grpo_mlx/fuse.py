@@ -23,7 +23,7 @@ from pathlib import Path
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import UserError
-from .policy import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_model, resolve_model_path
+from .policy import ADAPTER_CONFIG, ADAPTER_WEIGHTS, demo_name, load_model, resolve_model_path
 
 GGUF_MODEL_TYPES = ("llama", "mixtral", "mistral")  # what mlx-lm's GGUF writer supports
 FUSE_MARKER = "grpo_mlx_fuse.json"  # written last into each export: what --overwrite may replace
@@ -35,16 +35,24 @@ def trained_base_model(adapter_path: str | Path) -> str | None:
     if not config_file.is_file():
         return None  # load_with_adapters explains what is missing
     model = json.loads(config_file.read_text()).get("model")
-    return None if model in (None, "embedded-demo") else model
+    return None if model in (None, demo_name(), demo_name(tools=True)) else model
 
 
-def load_with_adapters(model: str | None, adapter_path: str | Path | None):
+def trained_on_tool_demo(adapter_path: str | Path) -> bool:
+    """Whether a run's adapters were trained on the embedded tool demo model (`--tools` with no --model)."""
+    config_file = Path(adapter_path) / ADAPTER_CONFIG
+    return config_file.is_file() and json.loads(config_file.read_text()).get("model") == demo_name(tools=True)
+
+
+def load_with_adapters(model: str | None, adapter_path: str | Path | None, tools: bool = False):
     """Base model (quantized as it was in training) with the run's adapters applied.
 
-    No `model` means the base the adapters were trained on (else the embedded demo).
+    No `model` means the base the adapters were trained on (else the embedded demo; with
+    `tools` and no adapters, the tool demo's model).
     """
     if model is None and adapter_path is not None:
         model = trained_base_model(adapter_path)
+        tools = trained_on_tool_demo(adapter_path)
     quantize = {}
     if adapter_path is not None:
         adapter_path = Path(adapter_path)
@@ -52,7 +60,8 @@ def load_with_adapters(model: str | None, adapter_path: str | Path | None):
             raise UserError(f"{adapter_path} holds no adapters ({ADAPTER_WEIGHTS} + {ADAPTER_CONFIG}): point --adapter-path at a run directory")
         quantize = json.loads((adapter_path / ADAPTER_CONFIG).read_text()).get("quantized_on_load") or {}
     model_obj, tokenizer, config = load_model(
-        model, quantize=bool(quantize), q_bits=quantize.get("bits", 4), q_group_size=quantize.get("group_size", 64)
+        model, quantize=bool(quantize), q_bits=quantize.get("bits", 4), q_group_size=quantize.get("group_size", 64),
+        tools=tools,
     )
     if adapter_path is not None:
         apply_adapters(model_obj, adapter_path, model)
@@ -96,7 +105,7 @@ def check_fuse_output(output: Path, adapter_path: Path, model: str | None, overw
     run_dir = adapter_path.resolve()
     if target == run_dir or run_dir in target.parents:
         raise UserError(f"--output {output} is inside the run directory {adapter_path}: choose a directory of its own")
-    base = Path(resolve_model_path(model)).expanduser()
+    base = Path(resolve_model_path(model, tools=model is None and trained_on_tool_demo(adapter_path))).expanduser()
     if base.is_dir() and (target == base.resolve() or target in base.resolve().parents or base.resolve() in target.parents):
         # Even with --overwrite: the run's adapters (and any other run on this base) need the base as it was.
         raise UserError(f"--output {output} is, holds or lies inside the base model's folder {base}: choose another folder")
@@ -152,7 +161,7 @@ def fuse_model(model: str | None, adapter_path: str | Path, output: str | Path, 
     except OSError as e:
         raise UserError(f"cannot write --output {output} ({e.strerror or e}): choose a writable folder")
     try:
-        save(staging, resolve_model_path(model), model_obj, tokenizer, config, donate_model=False)
+        save(staging, resolve_model_path(model, tools=model is None and trained_on_tool_demo(adapter_path)), model_obj, tokenizer, config, donate_model=False)
         if export_gguf:
             from mlx_lm.gguf import convert_to_gguf
 

@@ -24,18 +24,23 @@ ADAPTER_CONFIG = "adapter_config.json"
 CONFIG_FILES = ["*.json", "*.py", "tokenizer.model", "*.tiktoken", "tiktoken.model", "*.txt", "*.jsonl", "*.jinja"]
 
 
-def resolve_model_path(model: str | None) -> str:
-    """The embedded demo when no model is named, else the path or hub id as given."""
+def resolve_model_path(model: str | None, tools: bool = False) -> str:
+    """The embedded demo when no model is named (the tool demo's with `tools`), else the path or hub id as given."""
     if model is None:
         from .tiny_model import demo_model_path
 
-        return str(demo_model_path())
+        return str(demo_model_path(tools=bool(tools)))
     return model
 
 
-def _model_source(model: str | None) -> tuple[str, str]:
+def demo_name(tools: bool = False) -> str:
+    """What a run on an embedded demo model records as its base model in the adapter config."""
+    return "embedded-demo-tools" if tools else "embedded-demo"
+
+
+def _model_source(model: str | None, tools: bool = False) -> tuple[str, str]:
     """(what to load: a local directory or a hub id, the name as given); refuses a local path without config.json."""
-    path = resolve_model_path(model)
+    path = resolve_model_path(model, tools)
     local = Path(path).expanduser()
     looks_local = local.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1
     if looks_local and not (local / "config.json").is_file():
@@ -51,13 +56,14 @@ def _could_not_load(path: str, e: Exception) -> UserError:
     )
 
 
-def load_config_and_tokenizer(model: str | None):
+def load_config_and_tokenizer(model: str | None, tools: bool = False):
     """(config.json as a dict, tokenizer) without the weights: what the memory plan and the prompt
-    lengths need before the model loads. A hub id fetches only its config and tokenizer files."""
+    lengths need before the model loads. A hub id fetches only its config and tokenizer files.
+    `tools`: no `model` means the tool demo's model."""
     from huggingface_hub import snapshot_download
     from mlx_lm.utils import load_tokenizer
 
-    source, path = _model_source(model)
+    source, path = _model_source(model, tools)
     try:
         directory = Path(source) if Path(source).is_dir() else Path(snapshot_download(source, allow_patterns=CONFIG_FILES))
         config = json.loads((directory / "config.json").read_text())
@@ -68,11 +74,12 @@ def load_config_and_tokenizer(model: str | None):
         raise _could_not_load(path, e)
 
 
-def load_model(model: str | None, quantize: bool = False, q_bits: int = 4, q_group_size: int = 64):
-    """Load (model, tokenizer, config) through mlx-lm, optionally quantizing on load (QLoRA)."""
+def load_model(model: str | None, quantize: bool = False, q_bits: int = 4, q_group_size: int = 64, tools: bool = False):
+    """Load (model, tokenizer, config) through mlx-lm, optionally quantizing on load (QLoRA).
+    `tools`: no `model` means the tool demo's model."""
     from mlx_lm.utils import load
 
-    source, path = _model_source(model)
+    source, path = _model_source(model, tools)
     try:
         model_obj, tokenizer, config = load(source, return_config=True)
     except UserError:

@@ -65,7 +65,7 @@ from .gradients import (
 )
 from .grpo import group_advantages, loss_normaliser
 from .logprobs import lm_head_split_matches, supports_shared_prompt
-from .policy import attach_adapters, load_config_and_tokenizer, load_model, reference_mode
+from .policy import attach_adapters, demo_name, load_config_and_tokenizer, load_model, reference_mode
 from .rewards import get_reward
 from .environments import Environment, environment_factory, load_environment
 from .multiturn import generate_multiturn_rollout
@@ -132,7 +132,7 @@ def setup(config: TrainConfig, log=lambda msg: None) -> Run:
     if config.env is not None:  # a broken plug-in fails before the model loads
         load_environment(config.env)
     # The config and tokenizer alone (no weights): prompt lengths and the memory plan come before the model loads.
-    model_config, tokenizer = load_config_and_tokenizer(config.model)
+    model_config, tokenizer = load_config_and_tokenizer(config.model, tools=bool(config.tools))
     system_prompt = resolve_system_prompt(config.system_prompt)
     # A multi-turn prompt needs room for the whole trajectory after it.
     after_prompt = trajectory_tokens(config) if multi_turn(config) else config.max_tokens
@@ -145,13 +145,14 @@ def setup(config: TrainConfig, log=lambda msg: None) -> Run:
     budget_source = memory_budget(config.memory_limit)[1]
     log(f"memory plan ({budget_source}, prompts up to {prompt_tokens} tokens): {plan.describe()}")
     apply_memory_limit(plan.budget)
-    log(f"loading model {config.model or 'embedded demo'}" + (" and quantizing" if config.quantize else ""))
-    model, tokenizer, _ = load_model(config.model, config.quantize, config.q_bits, config.q_group_size)
+    log(f"loading model {config.model or ('embedded tool demo' if config.tools else 'embedded demo')}"
+        + (" and quantizing" if config.quantize else ""))
+    model, tokenizer, _ = load_model(config.model, config.quantize, config.q_bits, config.q_group_size, tools=bool(config.tools))
     mx.random.seed(config.seed)  # LoRA A matrices start from this seed
     adapter_config = attach_adapters(
         model, config.lora_rank, config.lora_layers, config.lora_scale, config.lora_dropout, config.dora, config.lora_keys
     )
-    adapter_config["model"] = config.model or "embedded-demo"
+    adapter_config["model"] = config.model or demo_name(tools=bool(config.tools))  # eval, fuse and generate load this base
     if config.quantize:  # fuse and generate must rebuild the same quantized base
         adapter_config["quantized_on_load"] = {"bits": config.q_bits, "group_size": config.q_group_size}
     # The same seed gives every rank the same LoRA init; taking rank 0's makes sure of it.
