@@ -94,7 +94,7 @@ TRACKER_NAMES = ("wandb", "tensorboard", "trackio", "swanlab")  # trackers.TRACK
 # Fields that train, eval and generate share: one help text and one set of rules each. A command's
 # dataclass declares each with `shared(name)`, passing only what differs for it (its default, say).
 SHARED = {
-    "model": dict(default=None, help="Model directory or Hugging Face id; unset: the embedded demo model."),
+    "model": dict(default=None, help="Model directory or Hugging Face id; unset: the embedded demo model (the tool demo's with --tools)."),
     "adapter_path": dict(default=None, help="Run directory with adapters to apply; unset: the base model alone."),
     # data
     "dataset": dict(default="arithmetic", not_empty=True,
