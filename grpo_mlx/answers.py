@@ -273,7 +273,17 @@ def answers_equal(predicted: str | None, gold: str | None, backend: str | None =
         return True
     if answer_backend(backend) != "math-verify" or not re.search(r"[\d\\^]", gold_answer):
         return False
+    if gold_value is not None and _unevaluated_arithmetic(answer, marked_answer(predicted)):
+        return False  # gold 977152, answer \boxed{347 \cdot 2816}: the model must do the arithmetic itself
     return math_verify_equal(predicted, gold_answer, answer)
+
+
+# An operator between two operands: what a numeric gold answer's candidate must not leave unevaluated.
+_ARITHMETIC = re.compile(r"[\d)}]\s*(?:[+*/^×÷-]|\\cdot|\\times|\\div)\s*[\d({\\]")
+
+
+def _unevaluated_arithmetic(*answers: str | None) -> bool:
+    return any(a is not None and _ARITHMETIC.search(a) for a in answers)
 
 
 def math_verify_equal(predicted: str, gold_answer: str, answer: str | None) -> bool:

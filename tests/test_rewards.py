@@ -156,7 +156,7 @@ EQUAL_CASES = [
 
 # MATH-style answers (LaTeX, intervals, sets, expressions): what each backend says. The builtin checker
 # compares numbers and text only; math-verify also compares symbolically. Where the two differ, math-verify
-# is right on every row but one (e^{i pi} = -1: it does not simplify that).
+# is right on every row. Unevaluated arithmetic (6 \cdot 3 for gold 18) is refused under both: a reward would pay for it.
 MATH_CASES = [
     # (predicted, gold, equal under builtin, equal under math-verify)
     (r"\boxed{\frac{1}{2}}", "0.5", True, True),
@@ -176,8 +176,8 @@ MATH_CASES = [
     (r"\boxed{x^2+1}", r"(x+1)^2", False, False),
     (r"\boxed{\dfrac{\pi}{4}}", r"\frac{\pi}{4}", False, True),
     (r"\boxed{\frac{\pi}{3}}", r"\frac{\pi}{4}", False, False),
-    (r"\boxed{6 \cdot 3}", "18", False, True),
-    (r"\boxed{2^{10}}", "1024", False, True),
+    (r"\boxed{6 \cdot 3}", "18", False, False),  # unevaluated arithmetic never equals a numeric gold (see below)
+    (r"\boxed{2^{10}}", "1024", False, False),
     (r"\boxed{2^{10}}", "1000", False, False),
     (r"\boxed{\frac{7}{3}}", r"2\frac{1}{3}", False, True),  # a mixed number
     (r"\boxed{x = 5}", "5", True, True),
@@ -192,6 +192,9 @@ MATH_CASES = [
     (r"\boxed{\begin{pmatrix} 1 \\ 2 \end{pmatrix}}", r"\begin{pmatrix}1\\2\end{pmatrix}", True, True),
     (r"\boxed{\log_2 8}", "3", False, True),
     ("<answer>Pairs</answer>", "Paris", False, False),  # math-verify would read both as a product of letters
+    # A numeric gold needs the arithmetic done: math-verify alone would score these correct (reward hacking).
+    (r"\boxed{347 \cdot 2816}", "977152", False, False),
+    (r"The answer is \boxed{2 + 3}", "5", False, False),
 ]
 
 
