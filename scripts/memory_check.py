@@ -1,0 +1,195 @@
+#!/usr/bin/env python
+"""Check grpo_mlx.memory's predictions against measured peaks of real training steps.
+
+Builds random-weight models of real shapes (grpo_mlx.shapes, layers cut), runs one
+`trainer.grpo_step` per setting in a fresh process (mlx-lm's gradient checkpointing
+patches the block class process-wide, and each process starts from an empty
+allocator), and prints a markdown table: predicted peak vs. `mx.get_peak_memory()`,
+plus each phase (rollout, reference pass, policy forward+backward) measured apart.
+The extrapolation rows run the same setting at 1, 2 and 4 layers.
+
+    python scripts/memory_check.py                # the full table (minutes on 2 cores)
+    python scripts/memory_check.py --only 0,3     # some rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+SYSTEM_PROMPT = "Solve the problem. Show your reasoning, then give the final number."
+MODEL_CACHE = Path(tempfile.gettempdir()) / "grpo-mlx-memory-shapes"
+
+# (shape, layers, bits, B, G, completion tokens, micro-batch, grad checkpoint)
+SETTINGS = [
+    ("qwen2.5-0.5b", 2, None, 2, 4, 64, 8, False),
+    ("qwen2.5-0.5b", 2, None, 2, 8, 128, 8, False),
+    ("qwen2.5-0.5b", 2, None, 2, 8, 128, 4, False),
+    ("qwen2.5-0.5b", 2, None, 2, 8, 128, 8, True),
+    ("qwen2.5-0.5b", 2, 4, 4, 4, 128, 8, False),
+    ("qwen2.5-1.5b", 2, None, 2, 4, 128, 8, False),
+    ("qwen2.5-1.5b", 2, 4, 2, 8, 64, 16, False),
+    ("qwen2.5-1.5b", 2, 4, 2, 4, 256, 4, True),
+    ("llama-3.2-1b", 2, None, 2, 4, 128, 8, False),
+    ("llama-3.2-1b", 2, 4, 2, 8, 128, 8, True),
+]
+# The same setting at 1, 2 and 4 layers: the layer term extrapolates.
+EXTRAPOLATION = [("qwen2.5-0.5b", layers, None, 2, 4, 128, 8, False) for layers in (1, 2, 4)]
+
+
+def shape_model_dir(name: str, layers: int, bits: int | None, cache: Path = MODEL_CACHE) -> Path:
+    """A random-weight model of shape `name`, built once and kept under `cache`."""
+    from grpo_mlx.shapes import make_shape_model
+
+    path = cache / f"{name}-l{layers}-{'q' + str(bits) if bits else 'f32'}"
+    if not (path / "config.json").exists():
+        texts = None
+        if GSM8K.exists():
+            rows = [json.loads(line) for line in GSM8K.read_text().splitlines()[:2000]]
+            texts = [f"{r['question']}\n{r['answer']}" for r in rows]
+        make_shape_model(path, name, num_layers=layers, bits=bits, texts=texts)
+    return path
+
+
+def measure(model_dir: Path, work: Path, B: int, G: int, T: int, micro_batch: int, checkpoint: bool,
+            beta: float = 0.04, lora_layers: int = 16, data_file: Path | None = None) -> dict:
+    """One training step's peak memory, in bytes, whole and per phase, and the shapes it ran at.
+
+    Each phase is wrapped: the peak is reset before it and read after it, and once more
+    at the end of the step, so the step's peak is the largest of the segments.
+    """
+    import mlx.core as mx
+
+    from grpo_mlx import trainer
+    from grpo_mlx.config import TrainConfig
+
+    work.mkdir(parents=True, exist_ok=True)
+    if data_file is None:
+        data_file = work / "prompts.jsonl"
+        source = GSM8K.read_text().splitlines()[:64] if GSM8K.exists() else []
+        data_file.write_text("\n".join(source) + "\n")
+    config = TrainConfig(
+        model=str(model_dir), dataset=str(data_file), batch_size=B, group_size=G, max_tokens=T,
+        micro_batch_size=micro_batch, grad_checkpoint=checkpoint, temperature=1.0, beta=beta,
+        learning_rate=1e-5, lora_rank=8, lora_layers=lora_layers, system_prompt=SYSTEM_PROMPT,
+        reward=[f"{REPO / 'tests' / 'plugin_rewards.py'}:text_length"], output=str(work / "run"), steps=1, seed=0,
+    ).validate()
+    run = trainer.setup(config)
+    mx.eval(run.model.parameters())
+    peaks, seen = {}, {}
+
+    def phase(name, fn):
+        def wrapped(*args, **kwargs):
+            peaks["other"] = max(peaks.get("other", 0), mx.get_peak_memory())
+            mx.reset_peak_memory()
+            result = fn(*args, **kwargs)
+            peaks[name] = max(peaks.get(name, 0), mx.get_peak_memory())
+            mx.reset_peak_memory()
+            return result
+        return wrapped
+
+    def rollout_fn(model, tokenizer, prompts, *args, **kwargs):
+        rollout = run_rollout(model, tokenizer, prompts, *args, **kwargs)
+        seen["prompt_lengths"] = [len(p) for p in prompts]
+        seen["completion_lengths"] = rollout.completion_lengths
+        return rollout
+
+    run_rollout = run.rollout_fn
+    run.rollout_fn = phase("rollout", rollout_fn)
+    originals = {name: getattr(trainer, name) for name in ("forward_logprobs", "accumulate_gradients", "apply_update")}
+    trainer.forward_logprobs = phase("reference", originals["forward_logprobs"])
+    trainer.accumulate_gradients = phase("policy", originals["accumulate_gradients"])
+    trainer.apply_update = phase("update", originals["apply_update"])
+    resident = mx.get_active_memory()
+    tic = time.perf_counter()
+    try:
+        trainer.grpo_step(run, 1)
+    finally:
+        for name, fn in originals.items():
+            setattr(trainer, name, fn)
+    peaks["other"] = max(peaks.get("other", 0), mx.get_peak_memory())
+    return dict(peak=max(peaks.values()), phases=peaks, resident=resident, seconds=time.perf_counter() - tic,
+                shared_prompt=run.shared_prompt, **seen)
+
+
+def predict(model_dir: Path, B: int, G: int, T: int, micro_batch: int, checkpoint: bool, prompt_tokens: int,
+            shared_prompt: bool, beta: float = 0.04, lora_layers: int = 16) -> dict:
+    from grpo_mlx.memory import ModelShape, StepShape, estimate_step
+
+    model = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
+    step = StepShape(batch_size=B, group_size=G, prompt_tokens=prompt_tokens, max_tokens=T,
+                     micro_batch_size=micro_batch, grad_checkpoint=checkpoint, shared_prompt=shared_prompt,
+                     reference_pass=beta != 0, lora_layers=lora_layers)
+    return estimate_step(model, step)
+
+
+def run_one(setting) -> dict:
+    """Build (or reuse) the model, measure one step, predict it."""
+    name, layers, bits, B, G, T, micro_batch, checkpoint = setting
+    model_dir = shape_model_dir(name, layers, bits)
+    with tempfile.TemporaryDirectory() as work:
+        measured = measure(model_dir, Path(work), B, G, T, micro_batch, checkpoint)
+    predicted = predict(model_dir, B, G, T, micro_batch, checkpoint, max(measured["prompt_lengths"]),
+                        measured["shared_prompt"])
+    return dict(setting=list(setting), measured=measured, predicted=predicted)
+
+
+def run_in_subprocess(setting) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--one", json.dumps(setting)], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    if out.returncode != 0:
+        raise SystemExit(f"setting {setting} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def gb(x: float) -> str:
+    return f"{x / 1e9:.3f}"
+
+
+def table_row(result: dict) -> str:
+    name, layers, bits, B, G, T, micro_batch, checkpoint = result["setting"]
+    m, p = result["measured"], result["predicted"]
+    err = (p["peak"] - m["peak"]) / m["peak"] * 100
+    phases = " / ".join(f"{gb(p[k])}:{gb(m['phases'].get(k, 0))}" for k in ("rollout", "reference", "policy"))
+    setting = (f"{'4-bit' if bits else 'f32'} B={B} G={G} T={T} P={max(m['prompt_lengths'])} mb={micro_batch}"
+               f"{' ckpt' if checkpoint else ''}")
+    return f"| {name} | {layers} | {setting} | {gb(p['peak'])} | {gb(m['peak'])} | {err:+.1f}% | {phases} | {m['seconds']:.0f} |"
+
+
+HEADER = ("| shape | layers | setting | predicted GB | measured GB | error | rollout / reference / policy, pred:meas GB | s |\n"
+          "|---|---|---|---|---|---|---|---|")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # a JSON setting: measure it here, print JSON
+    parser.add_argument("--only", help="comma-separated row numbers of SETTINGS + EXTRAPOLATION")
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(json.loads(args.one))))
+        return
+    rows = SETTINGS + EXTRAPOLATION
+    picked = [int(i) for i in args.only.split(",")] if args.only else range(len(rows))
+    print("Settings (beta=0.04, LoRA rank 8 on 16 blocks, GSM8K prompts with a system prompt):\n")
+    print(HEADER, flush=True)
+    for i in picked:
+        if i == len(SETTINGS):
+            print("\nExtrapolation (the same setting at 1, 2, 4 layers):\n")
+            print(HEADER, flush=True)
+        result = run_in_subprocess(rows[i])
+        print(table_row(result), flush=True)
+        lengths = result["measured"]["completion_lengths"]
+        if min(lengths) < rows[i][5]:
+            print(f"<!-- row {i}: some completions stopped early: {min(lengths)} tokens -->", flush=True)
+
+
+if __name__ == "__main__":
+    main()
