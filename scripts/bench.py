@@ -41,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -588,10 +589,12 @@ def shape_memory_rows(r: dict) -> list[str]:
 
 
 def bench_mlx_lm_lora(python: str, model_dir, data_dir, reward_file, work, args) -> dict:
-    """Its seconds per step from its per-iteration 'Speed: X it/s' lines, the first (warm-up) dropped.
+    """Its seconds per step: the time between consecutive per-iteration reports ('Speed: ...' lines).
 
-    With --steps-per-report 1 each line times one iteration; its validation passes
-    (first and last iteration) run before the timer restarts, so they are not in it.
+    With --steps-per-report 1 it reports every iteration. Its validation passes run at the
+    start of the first and the last iteration, so the intervals before the 2nd .. next-to-last
+    reports time training steps alone (the first iteration is its warm-up). Its own 'X it/s'
+    has three decimals, too coarse for steps of minutes; it is kept in the JSON.
     """
     iters = 1 + args.rounds + 1
     command = [
@@ -603,23 +606,44 @@ def bench_mlx_lm_lora(python: str, model_dir, data_dir, reward_file, work, args)
         "--adapter-path", str(work / "mlx_lm_lora_adapters"),
         "--reward-functions-file", str(reward_file), "--reward-functions", "digit_fraction",
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     log = work / "mlx_lm_lora.log"
-    tic = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.mlx_lm_lora_timeout)
-    wall = time.perf_counter() - tic
-    log.write_text(done.stdout + "\n" + done.stderr)
-    speeds = [float(x) for x in re.findall(r"Speed: ([\d.]+) it/s", done.stdout + done.stderr)]
-    memory = [float(x) for x in re.findall(r"Memory: ([\d.]+)GB", done.stdout + done.stderr)]
-    if done.returncode != 0 or len(speeds) < 2:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        return {"error": f"exit {done.returncode}, {len(speeds)} timed iterations; see {log}: {' | '.join(tail)}"}
+    reports, text, status = run_timestamped(command, log, args.mlx_lm_lora_timeout)
+    steps = [b - a for a, b in zip(reports, reports[1:])][: iters - 2]
+    if not steps:
+        tail = " | ".join(text.strip().splitlines()[-3:])
+        return {"error": f"{status}, {len(reports)} iteration reports; see {log}: {tail}"}
+    memory = [float(x) for x in re.findall(r"Memory: ([\d.]+)GB", text)]
     return {
-        "seconds_per_step": statistics.median(1.0 / s for s in speeds[1:]),
+        "seconds_per_step": statistics.median(steps),
+        "its_reported_it_per_sec": [float(x) for x in re.findall(r"Speed: ([\d.]+) it/s", text)],
         "peak_memory_bytes": max(memory) * 1e9 if memory else None,
-        "wall_seconds": wall,
         "iterations": iters,
+        "timed_steps": len(steps),
+        "status": status,
     }
+
+
+def run_timestamped(command: list[str], log: Path, timeout: float) -> tuple[list[float], str, str]:
+    """Run `command`, its output going to `log` as it comes; the times of its 'Speed:' lines, the
+    output, and how it ended. A timeout keeps what was reported before it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONUNBUFFERED": "1"}  # each line as it is written, so its time is when it happened
+    deadline = time.monotonic() + timeout
+    reports, lines = [], []
+    with open(log, "w") as out, subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                 text=True) as child:
+        timer = threading.Timer(timeout, child.kill)  # a silent hang still ends
+        timer.start()
+        for line in child.stdout:
+            if line.startswith("Speed: "):
+                reports.append(time.monotonic())
+            lines.append(line)
+            out.write(line)
+            out.flush()  # progress visible while it runs
+        timer.cancel()
+        code = child.wait()
+    status = f"timed out after {timeout} s" if time.monotonic() >= deadline else f"exit {code}"
+    return reports, "".join(lines), status
 
 
 def mlx_lm_lora_or_note(args, model_dir, data_dir, work) -> dict:
@@ -630,10 +654,7 @@ def mlx_lm_lora_or_note(args, model_dir, data_dir, work) -> dict:
     if not Path(python).exists():
         return {"error": f"not run: --mlx-lm-lora-python {python} does not exist"}
     print("timing mlx-lm-lora's GRPO trainer ...", flush=True)
-    try:
-        return bench_mlx_lm_lora(python, model_dir, data_dir, work / "mlx_lm_lora_rewards.py", work, args)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {args.mlx_lm_lora_timeout} s (--mlx-lm-lora-timeout)"}
+    return bench_mlx_lm_lora(python, model_dir, data_dir, work / "mlx_lm_lora_rewards.py", work, args)
 
 
 def mlx_lm_lora_rows(lora: dict, over_ours: float | None) -> list[str]:
@@ -641,7 +662,7 @@ def mlx_lm_lora_rows(lora: dict, over_ours: float | None) -> list[str]:
         return [f"| mlx_lm_lora_over_ours | n/a | {lora['error']} |"]
     memory = f"; its peak {gb(lora['peak_memory_bytes'])}" if lora["peak_memory_bytes"] else ""
     return [
-        f"| step, mlx-lm-lora GRPO | {lora['seconds_per_step']:.2f} s | median of {lora['iterations'] - 1} timed iterations{memory} |",
+        f"| step, mlx-lm-lora GRPO | {lora['seconds_per_step']:.2f} s | median of {lora['timed_steps']} timed iterations{memory} |",
         f"| **mlx_lm_lora_over_ours** | **{over_ours:.2f}x** | its s/step over ours |",
     ]
 
