@@ -486,27 +486,10 @@ def shape_step_summary(samples: list[dict], rollout_peaks: list[int], run, promp
 
 
 def predict_memory(model_config: dict, run, prompts) -> dict | None:
-    """grpo_mlx.memory.estimate_step's bytes for this step; None where this checkout has no memory model."""
-    try:
-        from grpo_mlx.memory import ModelShape, StepShape, estimate_step
-    except ModuleNotFoundError as e:
-        if e.name != "grpo_mlx.memory":
-            raise
-        return None
-    from grpo_mlx.gradients import LENGTH_BUCKET, plan_micro_batches
-    from grpo_mlx.rollout import pad_batch
-
-    c = run.config
-    rows = [p for p in prompts for _ in range(c.group_size)]
-    tokens, _ = pad_batch(rows, [[1] * c.max_tokens] * len(rows), 0, LENGTH_BUCKET)
-    _, batches, _ = plan_micro_batches(run.model, rows, tokens.shape[1], c.micro_batch_size, run.shared_prompt)
-    step = StepShape(
-        batch_size=c.batch_size, group_size=c.group_size, prompt_tokens=max(map(len, prompts)),
-        max_tokens=c.max_tokens, micro_batch_size=batches[0].stop - batches[0].start,
-        grad_checkpoint=c.grad_checkpoint, shared_prompt=run.shared_prompt, reference_pass=c.beta != 0.0,
-        lora_rank=c.lora_rank, lora_layers=c.lora_layers,
-    )
-    return estimate_step(ModelShape.from_config(model_config), step)
+    """The memory plan's predicted bytes for this step (grpo_mlx.memory.estimate_step at the plan the
+    trainer chose, which sizes its micro-batches); None where this checkout has no memory planner."""
+    plan = getattr(run, "plan", None)
+    return None if plan is None else dict(plan.phases)
 
 
 def run_shape(args, work: Path, env: dict) -> tuple[dict, list[str]]:
