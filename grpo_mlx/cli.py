@@ -263,3 +263,7 @@ def main(argv=None):
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":  # `python -m grpo_mlx.cli ...` runs the CLI too, not nothing
+    main()

@@ -89,3 +89,16 @@ def test_plain_lines_give_the_hint_once(tiny_model_dir, tmp_path):
     assert output.index("note: ") < output.index("step 1/2")
     output, _ = train_cli(tiny_model_dir, tmp_path / "mu2", "--num-iterations", "2")
     assert "note: " not in output
+
+
+# ---------------------------------------------------------------- python -m grpo_mlx.cli
+
+
+def test_python_dash_m_cli_runs_the_cli_not_nothing():
+    """`python -m grpo_mlx.cli ...` used to import the module and exit 0 silently, whatever the arguments."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "grpo_mlx.cli", "plan", "--model", "qwen2.5-0.5b", "--memory-limit", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "memory_limit" in out.stderr and "must be > 0" in out.stderr, out.stderr
