@@ -141,6 +141,31 @@ def stream_completion(model, tokenizer, prompt_tokens: list[int], max_tokens: in
     return "".join(pieces)
 
 
+def _note_multi_turn_run(config: EvalConfig) -> None:
+    """A run trained with tools or an environment, evaluated with neither, scores single-turn answers: say so."""
+    from pathlib import Path
+
+    import yaml
+
+    if config.adapter_path is None or config.tools or config.env:
+        return
+    run_config = Path(config.adapter_path).expanduser() / "config.yaml"
+    try:
+        trained = yaml.safe_load(run_config.read_text()) if run_config.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return
+    if not isinstance(trained, dict):
+        return
+    if trained.get("tools"):
+        flag = "--tools " + ",".join(trained["tools"])
+    elif trained.get("env"):
+        flag = f"--env {trained['env']}"
+    else:
+        return
+    click.echo(f"note: {config.adapter_path} was trained with {flag}, this eval has none (single-turn answers): "
+               f"add {flag} to evaluate as trained", err=True)
+
+
 @cli.command(name="eval")
 @_config_file_option
 @_debug_option
@@ -152,6 +177,7 @@ def eval_command(config_path, recipe, **flags):
     from .evaluate import EvalProgress, check_result_path, evaluate, summary_table, write_result
 
     config = build_config(_file_values(recipe, config_path, "eval"), flags, EvalConfig)
+    _note_multi_turn_run(config)
     if config.output is not None:
         check_result_path(config.output)  # before the evaluation, which an unwritable path would lose
     progress = EvalProgress()
@@ -263,3 +289,7 @@ def main(argv=None):
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":  # `python -m grpo_mlx.cli ...` runs the CLI too, not nothing
+    main()

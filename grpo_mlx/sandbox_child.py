@@ -125,6 +125,11 @@ def guard(workdir: str):
             if not inside(path, writable if writes else readable):
                 raise PermissionError(f"the sandbox does not allow {'writing' if writes else 'reading'} {path!r}: "
                                       "work in the current directory")
+            # A folder's descriptor outside the working directory would be a dir_fd for os.open, os.remove
+            # and the rest, which resolve relative paths against it, around the checks here (relative to cwd).
+            if not writes and not inside(path, writable) and os.path.isdir(path):
+                raise PermissionError(f"the sandbox does not allow opening the folder {path!r}: "
+                                      "work in the current directory")
         elif event in READ_EVENTS:
             for path in args[:READ_EVENTS[event]]:
                 if path is not None and not inside(path, readable):

@@ -89,3 +89,31 @@ def test_plain_lines_give_the_hint_once(tiny_model_dir, tmp_path):
     assert output.index("note: ") < output.index("step 1/2")
     output, _ = train_cli(tiny_model_dir, tmp_path / "mu2", "--num-iterations", "2")
     assert "note: " not in output
+
+
+# ---------------------------------------------------------------- python -m grpo_mlx.cli
+
+
+def test_python_dash_m_cli_runs_the_cli_not_nothing():
+    """`python -m grpo_mlx.cli ...` used to import the module and exit 0 silently, whatever the arguments."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "grpo_mlx.cli", "plan", "--model", "qwen2.5-0.5b", "--memory-limit", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "memory_limit" in out.stderr and "must be > 0" in out.stderr, out.stderr
+
+
+# ---------------------------------------------------------------- eval of a tools run without --tools
+
+
+@pytest.mark.parametrize("trained, flag", [("tools:\n- calculator\n", "--tools calculator"),
+                                           ("env: my_env.py:MyEnv\n", "--env my_env.py:MyEnv")])
+def test_eval_of_a_multi_turn_run_without_its_tools_says_how_to_evaluate_as_trained(tmp_path, trained, flag):
+    """It used to evaluate single-turn in silence: a tool-trained run scored far below its training."""
+    (tmp_path / "config.yaml").write_text(f"model: /nowhere\n{trained}")
+    result = CliRunner().invoke(cli, ["eval", "--adapter-path", str(tmp_path), "--dataset", "/nowhere.jsonl"])
+    assert f"was trained with {flag}, this eval has none" in result.output and f"add {flag}" in result.output
+    with_tools = CliRunner().invoke(cli, ["eval", "--adapter-path", str(tmp_path), "--dataset", "/nowhere.jsonl",
+                                          *flag.split(" ", 1)])
+    assert "was trained with" not in with_tools.output

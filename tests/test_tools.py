@@ -226,6 +226,22 @@ def test_the_users_files_are_out_of_reach(tmp_path):
     assert kept.read_text() == "TOP-SECRET-42" and sorted(os.listdir(tmp_path)) == ["kept.txt"]
 
 
+def test_a_library_folder_cannot_become_a_dir_fd_for_writes():
+    """os.open(name, ..., dir_fd=fd) resolves `name` against the folder `fd`, not the cwd the guard checks
+    against: a readable library folder's descriptor let a program create (or delete) files in it."""
+    import sysconfig
+    library = sysconfig.get_paths()["stdlib"]
+    probe = Path(library) / f"grpo_mlx_sandbox_probe_{os.getpid()}.txt"
+    code = (f"import os\nfd = os.open({library!r}, os.O_RDONLY)\n"
+            f"os.close(os.open({probe.name!r}, os.O_CREAT | os.O_WRONLY, dir_fd=fd))\nprint('escaped')")
+    try:
+        result = run_python(code, LIMITS)
+        assert result.error and "PermissionError: the sandbox does not allow opening the folder" in result.text
+        assert not probe.exists()
+    finally:
+        probe.unlink(missing_ok=True)
+
+
 def test_sockets_are_refused_by_the_guard():
     result = run_python("import socket\nsocket.create_connection(('127.0.0.1', 9))", LIMITS)
     assert result.error and "PermissionError: the sandbox does not allow socket" in result.text
