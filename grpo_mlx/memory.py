@@ -45,9 +45,12 @@ ATTENTION_SCORES_SAVED = 1  # the softmax of the scores (CPU fallback sdpa)
 TRANSIENT_HIDDEN = 3
 TRANSIENT_MLP = 3  # gate, up, their product
 TRANSIENT_SCORES = 2  # scores and their softmax (CPU fallback sdpa)
-# [rows, positions, V] float32 arrays alive at the LM head's high point.
-HEAD_LOGITS_NO_GRAD = 2  # logits and exp(logits - lse)
-HEAD_LOGITS_GRAD = 5  # saved logits, softmax, the take_along_axis scatter, their sum, the entropy's product
+# [rows, positions, V] float32 blocks alive at the LM head's high point (measured on Qwen2.5-0.5B's
+# shape, 1-4 layers, CPU): without gradient the logits and the logsumexp's pass over them (1.15-1.16);
+# with gradient the saved logits plus their gradient, exp(logits - lse) (2.1-2.2). With `logits_chunk`
+# the logits are still kept whole for the backward; the rest is one chunk's.
+HEAD_LOGITS_NO_GRAD = 1.2
+HEAD_LOGITS_GRAD = 2.2
 # [N, V] arrays alive in a decode step: logits, log-softmax (current and next), sampler's noise and scaled logits.
 DECODE_LOGITS = 5
 
@@ -118,6 +121,7 @@ class StepShape:
     lora_layers: int = 16  # blocks with adapters, counted from the last; -1 all
     logits_chunk: int | None = None  # LM-head positions per chunk in the log-prob passes; None: all at once
     kv_bits: int | None = None  # rollout KV-cache quantization
+    shortest_prompt: int | None = None  # the shortest prompt of a batch; None: prompt_tokens (no spread)
 
 
 # ---------------------------------------------------------------- resident
@@ -187,19 +191,23 @@ def rollout_bytes(model: ModelShape, step: StepShape) -> int:
 
 
 def pass_shape(step: StepShape) -> dict:
-    """Token counts of one micro-batch's log-prob pass.
+    """Rows and widths of one micro-batch's log-prob pass.
 
-    Shared prompt: the micro-batch's groups run their prompts once (left-padded to the
-    longest), then every row's completion against its group's keys. Otherwise every row
-    runs prompt + completion, and the LM head sees positions from the first completion on.
+    Shared prompt (logprobs.group_token_logprobs): one call runs the micro-batch's
+    prompts once each, left-padded to the longest; a second runs every row's completion
+    against its group's prompt keys and values, right-padded to the widest completion
+    (the padded batch width minus the shortest prompt). Otherwise every row runs prompt +
+    completion, and the LM head sees positions from the shortest prompt's end on.
     """
     width = padded_width(step)
     rows = step.micro_batch_size
-    completion = width - step.prompt_tokens  # positions scored per row
-    if step.shared_prompt and not step.grad_checkpoint:  # the trainer turns sharing off under checkpointing
+    shortest = step.shortest_prompt or step.prompt_tokens
+    completion = width - shortest  # positions per completion row, scored or padding
+    if step.shared_prompt:
         prompt_rows = math.ceil(rows / step.group_size)
-        return dict(prompt_rows=prompt_rows, prompt=step.prompt_tokens - 1, rows=rows, queries=completion,
-                    keys=width - 1, scored=completion)
+        prompt = step.prompt_tokens - 1
+        return dict(prompt_rows=prompt_rows, prompt=prompt, rows=rows, queries=completion,
+                    keys=prompt + completion, scored=completion)
     return dict(prompt_rows=0, prompt=0, rows=rows, queries=width - 1, keys=width - 1, scored=completion)
 
 
@@ -248,25 +256,25 @@ def reference_bytes(model: ModelShape, step: StepShape, resident: int) -> int:
 
 
 def policy_bytes(model: ModelShape, step: StepShape, resident: int) -> int:
-    """Forward + backward of one micro-batch.
+    """Forward + backward of one micro-batch, at the LM head's backward (the high point measured).
 
-    Without checkpointing every adapted block keeps its activations until the backward;
-    with it each block keeps its input only, and the backward recomputes one block at a time.
-    The LM head's float32 logits are kept whole for the backward (chunking bounds only the
-    entropy's transients), and its backward adds the softmax and the logits' gradient.
+    Without checkpointing every adapted block keeps its activations until the backward,
+    so they are all alive under the head's backward. With it each block keeps its input
+    (and a shared prompt's keys and values) only; the backward recomputes one block at a
+    time, after the head's logits are gone.
     """
     t = pass_terms(model, step)
+    s = pass_shape(step)
     layers = adapted_layers(model, step)
     one_layer = layer_saved_bytes(model, t["tokens"], t["key_positions"], t["scores"])
-    hidden = t["tokens"] * model.hidden_size * model.dtype_bytes
-    if step.grad_checkpoint:
-        blocks = layers * hidden + one_layer  # block inputs, plus one block recomputed in the backward
-    else:
-        blocks = layers * one_layer
     scored, chunk = t["scored"], head_positions(step, t["scored"])
-    saved_logits = scored * model.vocab_size * LOGIT_BYTES
-    head = saved_logits + (HEAD_LOGITS_GRAD - 1) * chunk * model.vocab_size * LOGIT_BYTES
-    return resident + blocks + head
+    # the saved logits, plus their gradient's blocks (a chunk's with logits_chunk)
+    head = (scored + (HEAD_LOGITS_GRAD - 1) * chunk) * model.vocab_size * LOGIT_BYTES
+    if not step.grad_checkpoint:
+        return resident + layers * one_layer + head
+    block_input = (t["tokens"] * model.hidden_size + s["prompt_rows"] * s["prompt"] * 2 * model.kv_width) \
+        * model.dtype_bytes
+    return resident + layers * block_input + max(head, one_layer)
 
 
 def estimate_step(model: ModelShape, step: StepShape) -> dict[str, int]:

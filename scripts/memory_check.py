@@ -121,29 +121,31 @@ def measure(model_dir: Path, work: Path, B: int, G: int, T: int, micro_batch: in
 
 
 def predict(model_dir: Path, B: int, G: int, T: int, micro_batch: int, checkpoint: bool, prompt_tokens: int,
-            shared_prompt: bool, beta: float = 0.04, lora_layers: int = 16) -> dict:
+            shortest_prompt: int, shared_prompt: bool, beta: float = 0.04, lora_layers: int = 16) -> dict:
     from grpo_mlx.memory import ModelShape, StepShape, estimate_step
 
     model = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
     step = StepShape(batch_size=B, group_size=G, prompt_tokens=prompt_tokens, max_tokens=T,
                      micro_batch_size=micro_batch, grad_checkpoint=checkpoint, shared_prompt=shared_prompt,
+                     shortest_prompt=shortest_prompt,
                      reference_pass=beta != 0, lora_layers=lora_layers)
     return estimate_step(model, step)
 
 
-def run_one(setting) -> dict:
+def run_one(setting, cache: Path = MODEL_CACHE) -> dict:
     """Build (or reuse) the model, measure one step, predict it."""
     name, layers, bits, B, G, T, micro_batch, checkpoint = setting
-    model_dir = shape_model_dir(name, layers, bits)
+    model_dir = shape_model_dir(name, layers, bits, cache)
     with tempfile.TemporaryDirectory() as work:
         measured = measure(model_dir, Path(work), B, G, T, micro_batch, checkpoint)
     predicted = predict(model_dir, B, G, T, micro_batch, checkpoint, max(measured["prompt_lengths"]),
-                        measured["shared_prompt"])
+                        min(measured["prompt_lengths"]), measured["shared_prompt"])
     return dict(setting=list(setting), measured=measured, predicted=predicted)
 
 
-def run_in_subprocess(setting) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--one", json.dumps(setting)], capture_output=True, text=True,
+def run_in_subprocess(setting, cache: Path = MODEL_CACHE) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--cache", str(cache), "--one", json.dumps(setting)],
+                         capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     if out.returncode != 0:
         raise SystemExit(f"setting {setting} failed:\n{out.stderr[-3000:]}")
@@ -172,9 +174,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a JSON setting: measure it here, print JSON
     parser.add_argument("--only", help="comma-separated row numbers of SETTINGS + EXTRAPOLATION")
+    parser.add_argument("--cache", type=Path, default=MODEL_CACHE, help="where the built models are kept")
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(json.loads(args.one))))
+        print(json.dumps(run_one(json.loads(args.one), args.cache)))
         return
     rows = SETTINGS + EXTRAPOLATION
     picked = [int(i) for i in args.only.split(",")] if args.only else range(len(rows))
@@ -184,7 +187,7 @@ def main() -> None:
         if i == len(SETTINGS):
             print("\nExtrapolation (the same setting at 1, 2, 4 layers):\n")
             print(HEADER, flush=True)
-        result = run_in_subprocess(rows[i])
+        result = run_in_subprocess(rows[i], args.cache)
         print(table_row(result), flush=True)
         lengths = result["measured"]["completion_lengths"]
         if min(lengths) < rows[i][5]:
