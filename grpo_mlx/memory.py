@@ -5,22 +5,26 @@ of its three phases, each the whole memory in use at its high point (weights inc
 
 - rollout: B*G rows decode together; their KV cache (mlx-lm's caches grow in steps of
   256 positions) plus the decode step's [N, V] logits, log-softmax and sampling arrays;
+  the prompt prefill runs the model's body only (no [P, V] logits) and is small;
 - reference: the log-prob pass without gradient (beta > 0), one micro-batch at a time;
-  only one layer's intermediates are alive at once, plus the float32 logits;
-- policy: forward + backward of one micro-batch: every adapted block's saved activations
-  (or only each block's input under gradient checkpointing, plus one block recomputed),
-  the attention scores, and the LM head's float32 logits with their log-softmax and
-  gradient.
+  one layer's intermediates are alive at once, then the float32 logits;
+- policy: forward + backward of one micro-batch, at the LM head's backward: every
+  adapted block's saved activations (or only each block's input under gradient
+  checkpointing), the attention scores, and the head's float32 logits and gradient.
 
 Pure arithmetic on shapes: no MLX call, so `grpo-mlx plan` runs before any model loads.
-Activations are counted per token and per layer, and multiplied by the layer count
-explicitly, so a measurement on a model cut to a few layers extrapolates to the whole one.
+Activations are counted per token and per adapted layer and multiplied by the layer count
+explicitly, so a measurement on a model cut to a few layers extrapolates to the whole one
+(scripts/memory_check.py checks it at 1, 2 and 4 layers).
 
-Backend: on the CPU, MLX's scaled_dot_product_attention is its composite fallback, which
-materialises [rows, heads, queries, keys] scores (and keeps the softmax for the
-backward). Metal's fused kernel does not in the forward; its backward still goes through
-the fallback, one layer at a time. `ATTENTION_SCORES_SAVED` is the CPU count, which
-over-predicts on Metal (conservative).
+Backend: measured on the CPU, where MLX's scaled_dot_product_attention is its composite
+fallback and materialises [rows, heads, queries, keys] scores, whose softmax the
+backward keeps (`ATTENTION_SCORES_SAVED`). Metal's fused kernel forms no scores in the
+forward, so there this term over-predicts (not measured here); the head's blocks are
+plain float32 arrays on every backend. The fitted counts (`HEAD_LOGITS_*`) assume
+gradients.accumulate_gradients evaluates the forward's outputs before the gradient:
+evaluated together, MLX's schedule kept 0-2 more [rows, positions, V] blocks alive
+depending on the layer count (1: +0, 2: +1, 3: +2, 4: +0 ... measured on Qwen2.5-0.5B).
 """
 
 from __future__ import annotations
@@ -208,7 +212,8 @@ def pass_shape(step: StepShape) -> dict:
         prompt = step.prompt_tokens - 1
         return dict(prompt_rows=prompt_rows, prompt=prompt, rows=rows, queries=completion,
                     keys=prompt + completion, scored=completion)
-    return dict(prompt_rows=0, prompt=0, rows=rows, queries=width - 1, keys=width - 1, scored=completion)
+    start = (shortest - 1) // LENGTH_BUCKET * LENGTH_BUCKET  # gradients.first_scored_position
+    return dict(prompt_rows=0, prompt=0, rows=rows, queries=width - 1, keys=width - 1, scored=width - 1 - start)
 
 
 def layer_saved_bytes(model: ModelShape, tokens: int, key_positions: int, scores: int) -> int:
