@@ -49,11 +49,13 @@ ATTENTION_SCORES_SAVED = 1  # the softmax of the scores (CPU fallback sdpa)
 TRANSIENT_HIDDEN = 3
 TRANSIENT_MLP = 3  # gate, up, their product
 TRANSIENT_SCORES = 2  # scores and their softmax (CPU fallback sdpa)
-# [rows, positions, V] float32 blocks alive at the LM head's high point (measured on Qwen2.5-0.5B's
-# shape, 1-4 layers, CPU): without gradient the logits and the logsumexp's pass over them (1.15-1.16);
-# with gradient the saved logits plus their gradient, exp(logits - lse) (2.1-2.2). With `logits_chunk`
-# the logits are still kept whole for the backward; the rest is one chunk's.
-HEAD_LOGITS_NO_GRAD = 1.2
+# [rows, positions, V] float32 blocks alive at the LM head's high point (measured on Qwen2.5-0.5B's and
+# Llama-3.2-1B's shapes, 1-4 layers, CPU). Without gradient: the logits, while the last block's
+# intermediates are still alive (Qwen 1.15, Llama 1.4 blocks, covered by 1 block + one layer's
+# transients). With gradient: the saved logits plus their gradient, exp(logits - lse) (2.1-2.2; Llama
+# at 157 positions 2.45). With `logits_chunk` the logits are still kept whole for the backward; the
+# rest is one chunk's.
+HEAD_LOGITS_NO_GRAD = 1.0
 HEAD_LOGITS_GRAD = 2.2
 # [N, V] arrays alive in a decode step: logits, log-softmax (current and next), sampler's noise and scaled logits.
 DECODE_LOGITS = 5
@@ -250,14 +252,14 @@ def head_positions(step: StepShape, scored: int) -> int:
 
 
 def reference_bytes(model: ModelShape, step: StepShape, resident: int) -> int:
-    """Log-probs without gradient: one layer's intermediates, the prompt keys/values kept for the
-    completion pass, and the float32 logits (a chunk at a time with logits_chunk)."""
+    """Log-probs without gradient: the prompt keys/values kept for the completion call, the float32
+    logits (a chunk's with logits_chunk) and, still alive beside them, one layer's intermediates."""
     t = pass_terms(model, step)
     s = pass_shape(step)
     prompt_kv = s["prompt_rows"] * s["prompt"] * 2 * model.kv_width * model.dtype_bytes * model.num_layers
     layer = layer_transient_bytes(model, t["tokens"], t["key_positions"], t["scores"])
     head = HEAD_LOGITS_NO_GRAD * head_positions(step, t["scored"]) * model.vocab_size * LOGIT_BYTES
-    return resident + prompt_kv + max(layer, head)
+    return resident + prompt_kv + layer + head
 
 
 def policy_bytes(model: ModelShape, step: StepShape, resident: int) -> int:

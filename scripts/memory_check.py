@@ -176,6 +176,7 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a JSON setting: measure it here, print JSON
     parser.add_argument("--only", help="comma-separated row numbers of SETTINGS + EXTRAPOLATION")
     parser.add_argument("--cache", type=Path, default=MODEL_CACHE, help="where the built models are kept")
+    parser.add_argument("--json", type=Path, help="append each row's measurements and predictions here (JSON lines)")
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_one(json.loads(args.one), args.cache)))
@@ -189,6 +190,9 @@ def main() -> None:
             print("\nExtrapolation (the same setting at 1, 2, 4 layers):\n")
             print(HEADER, flush=True)
         result = run_in_subprocess(rows[i], args.cache)
+        if args.json:
+            with args.json.open("a") as f:
+                f.write(json.dumps(result) + "\n")
         print(table_row(result), flush=True)
         lengths = result["measured"]["completion_lengths"]
         if min(lengths) < rows[i][5]:
