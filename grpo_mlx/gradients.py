@@ -135,8 +135,12 @@ def accumulate_gradients(grad_step, tokens, completion_mask, advantages, old_log
             start,
             groups,
         )
+        # The forward's outputs first, then the gradient: evaluated together, MLX may schedule the
+        # entropy's use of the logits late and hold one or two more [rows, positions, V] arrays at
+        # the peak, depending on the layer count (measured; see memory.py).
+        mx.eval(mb_loss, m, lp)
         grads = g if grads is None else tree_map(mx.add, grads, g)
-        mx.eval(grads, mb_loss, m, lp)
+        mx.eval(grads)
         loss += mb_loss.item()
         micro_batch_stats.append((float(completion_mask[b].sum().item()), {k: v.item() for k, v in m.items()}))
         micro_batch_logprobs.append(lp)

@@ -5,22 +5,26 @@ of its three phases, each the whole memory in use at its high point (weights inc
 
 - rollout: B*G rows decode together; their KV cache (mlx-lm's caches grow in steps of
   256 positions) plus the decode step's [N, V] logits, log-softmax and sampling arrays;
+  the prompt prefill runs the model's body only (no [P, V] logits) and is small;
 - reference: the log-prob pass without gradient (beta > 0), one micro-batch at a time;
-  only one layer's intermediates are alive at once, plus the float32 logits;
-- policy: forward + backward of one micro-batch: every adapted block's saved activations
-  (or only each block's input under gradient checkpointing, plus one block recomputed),
-  the attention scores, and the LM head's float32 logits with their log-softmax and
-  gradient.
+  one layer's intermediates are alive at once, then the float32 logits;
+- policy: forward + backward of one micro-batch, at the LM head's backward: every
+  adapted block's saved activations (or only each block's input under gradient
+  checkpointing), the attention scores, and the head's float32 logits and gradient.
 
 Pure arithmetic on shapes: no MLX call, so `grpo-mlx plan` runs before any model loads.
-Activations are counted per token and per layer, and multiplied by the layer count
-explicitly, so a measurement on a model cut to a few layers extrapolates to the whole one.
+Activations are counted per token and per adapted layer and multiplied by the layer count
+explicitly, so a measurement on a model cut to a few layers extrapolates to the whole one
+(scripts/memory_check.py checks it at 1, 2 and 4 layers).
 
-Backend: on the CPU, MLX's scaled_dot_product_attention is its composite fallback, which
-materialises [rows, heads, queries, keys] scores (and keeps the softmax for the
-backward). Metal's fused kernel does not in the forward; its backward still goes through
-the fallback, one layer at a time. `ATTENTION_SCORES_SAVED` is the CPU count, which
-over-predicts on Metal (conservative).
+Backend: measured on the CPU, where MLX's scaled_dot_product_attention is its composite
+fallback and materialises [rows, heads, queries, keys] scores, whose softmax the
+backward keeps (`ATTENTION_SCORES_SAVED`). Metal's fused kernel forms no scores in the
+forward, so there this term over-predicts (not measured here); the head's blocks are
+plain float32 arrays on every backend. The fitted counts (`HEAD_LOGITS_*`) assume
+gradients.accumulate_gradients evaluates the forward's outputs before the gradient:
+evaluated together, MLX's schedule kept 0-2 more [rows, positions, V] blocks alive
+depending on the layer count (1: +0, 2: +1, 3: +2, 4: +0 ... measured on Qwen2.5-0.5B).
 """
 
 from __future__ import annotations
@@ -45,9 +49,15 @@ ATTENTION_SCORES_SAVED = 1  # the softmax of the scores (CPU fallback sdpa)
 TRANSIENT_HIDDEN = 3
 TRANSIENT_MLP = 3  # gate, up, their product
 TRANSIENT_SCORES = 2  # scores and their softmax (CPU fallback sdpa)
-# [rows, positions, V] float32 arrays alive at the LM head's high point.
-HEAD_LOGITS_NO_GRAD = 2  # logits and exp(logits - lse)
-HEAD_LOGITS_GRAD = 5  # saved logits, softmax, the take_along_axis scatter, their sum, the entropy's product
+# [rows, positions, V] float32 blocks alive at the LM head's high point (measured on Qwen2.5-0.5B's and
+# Llama-3.2-1B's shapes, 1-4 layers, CPU). Without gradient: the logits, while the last block's
+# intermediates are still alive (Qwen 1.15, Llama 1.4 blocks, covered by 1 block + one layer's
+# transients). With gradient: the saved logits plus their gradient, exp(logits - lse): 2.1-2.2 in a
+# pass alone (Qwen, Llama); in whole steps 1.8-3.3 (the schedule of MLX's lazy graph varies; the largest
+# error of this model, +-0.5 block). With `logits_chunk` the logits are still kept whole for the
+# backward; the rest is one chunk's.
+HEAD_LOGITS_NO_GRAD = 1.0
+HEAD_LOGITS_GRAD = 2.1
 # [N, V] arrays alive in a decode step: logits, log-softmax (current and next), sampler's noise and scaled logits.
 DECODE_LOGITS = 5
 
@@ -118,6 +128,7 @@ class StepShape:
     lora_layers: int = 16  # blocks with adapters, counted from the last; -1 all
     logits_chunk: int | None = None  # LM-head positions per chunk in the log-prob passes; None: all at once
     kv_bits: int | None = None  # rollout KV-cache quantization
+    shortest_prompt: int | None = None  # the shortest prompt of a batch; None: prompt_tokens (no spread)
 
 
 # ---------------------------------------------------------------- resident
@@ -187,20 +198,25 @@ def rollout_bytes(model: ModelShape, step: StepShape) -> int:
 
 
 def pass_shape(step: StepShape) -> dict:
-    """Token counts of one micro-batch's log-prob pass.
+    """Rows and widths of one micro-batch's log-prob pass.
 
-    Shared prompt: the micro-batch's groups run their prompts once (left-padded to the
-    longest), then every row's completion against its group's keys. Otherwise every row
-    runs prompt + completion, and the LM head sees positions from the first completion on.
+    Shared prompt (logprobs.group_token_logprobs): one call runs the micro-batch's
+    prompts once each, left-padded to the longest; a second runs every row's completion
+    against its group's prompt keys and values, right-padded to the widest completion
+    (the padded batch width minus the shortest prompt). Otherwise every row runs prompt +
+    completion, and the LM head sees positions from the shortest prompt's end on.
     """
     width = padded_width(step)
     rows = step.micro_batch_size
-    completion = width - step.prompt_tokens  # positions scored per row
-    if step.shared_prompt and not step.grad_checkpoint:  # the trainer turns sharing off under checkpointing
+    shortest = step.shortest_prompt or step.prompt_tokens
+    completion = width - shortest  # positions per completion row, scored or padding
+    if step.shared_prompt:
         prompt_rows = math.ceil(rows / step.group_size)
-        return dict(prompt_rows=prompt_rows, prompt=step.prompt_tokens - 1, rows=rows, queries=completion,
-                    keys=width - 1, scored=completion)
-    return dict(prompt_rows=0, prompt=0, rows=rows, queries=width - 1, keys=width - 1, scored=completion)
+        prompt = step.prompt_tokens - 1
+        return dict(prompt_rows=prompt_rows, prompt=prompt, rows=rows, queries=completion,
+                    keys=prompt + completion, scored=completion)
+    start = (shortest - 1) // LENGTH_BUCKET * LENGTH_BUCKET  # gradients.first_scored_position
+    return dict(prompt_rows=0, prompt=0, rows=rows, queries=width - 1, keys=width - 1, scored=width - 1 - start)
 
 
 def layer_saved_bytes(model: ModelShape, tokens: int, key_positions: int, scores: int) -> int:
@@ -237,36 +253,36 @@ def head_positions(step: StepShape, scored: int) -> int:
 
 
 def reference_bytes(model: ModelShape, step: StepShape, resident: int) -> int:
-    """Log-probs without gradient: one layer's intermediates, the prompt keys/values kept for the
-    completion pass, and the float32 logits (a chunk at a time with logits_chunk)."""
+    """Log-probs without gradient: the prompt keys/values kept for the completion call, the float32
+    logits (a chunk's with logits_chunk) and, still alive beside them, one layer's intermediates."""
     t = pass_terms(model, step)
     s = pass_shape(step)
     prompt_kv = s["prompt_rows"] * s["prompt"] * 2 * model.kv_width * model.dtype_bytes * model.num_layers
     layer = layer_transient_bytes(model, t["tokens"], t["key_positions"], t["scores"])
     head = HEAD_LOGITS_NO_GRAD * head_positions(step, t["scored"]) * model.vocab_size * LOGIT_BYTES
-    return resident + prompt_kv + max(layer, head)
+    return resident + prompt_kv + layer + head
 
 
 def policy_bytes(model: ModelShape, step: StepShape, resident: int) -> int:
-    """Forward + backward of one micro-batch.
+    """Forward + backward of one micro-batch, at the LM head's backward (the high point measured).
 
-    Without checkpointing every adapted block keeps its activations until the backward;
-    with it each block keeps its input only, and the backward recomputes one block at a time.
-    The LM head's float32 logits are kept whole for the backward (chunking bounds only the
-    entropy's transients), and its backward adds the softmax and the logits' gradient.
+    Without checkpointing every adapted block keeps its activations until the backward,
+    so they are all alive under the head's backward. With it each block keeps its input
+    (and a shared prompt's keys and values) only; the backward recomputes one block at a
+    time, after the head's logits are gone.
     """
     t = pass_terms(model, step)
+    s = pass_shape(step)
     layers = adapted_layers(model, step)
     one_layer = layer_saved_bytes(model, t["tokens"], t["key_positions"], t["scores"])
-    hidden = t["tokens"] * model.hidden_size * model.dtype_bytes
-    if step.grad_checkpoint:
-        blocks = layers * hidden + one_layer  # block inputs, plus one block recomputed in the backward
-    else:
-        blocks = layers * one_layer
     scored, chunk = t["scored"], head_positions(step, t["scored"])
-    saved_logits = scored * model.vocab_size * LOGIT_BYTES
-    head = saved_logits + (HEAD_LOGITS_GRAD - 1) * chunk * model.vocab_size * LOGIT_BYTES
-    return resident + blocks + head
+    # the saved logits, plus their gradient's blocks (a chunk's with logits_chunk)
+    head = (scored + (HEAD_LOGITS_GRAD - 1) * chunk) * model.vocab_size * LOGIT_BYTES
+    if not step.grad_checkpoint:
+        return resident + layers * one_layer + head
+    block_input = (t["tokens"] * model.hidden_size + s["prompt_rows"] * s["prompt"] * 2 * model.kv_width) \
+        * model.dtype_bytes
+    return resident + layers * block_input + max(head, one_layer)
 
 
 def estimate_step(model: ModelShape, step: StepShape) -> dict[str, int]:

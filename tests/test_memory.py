@@ -1,0 +1,86 @@
+"""The memory model (grpo_mlx/memory.py) against built models and measured training steps."""
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten
+
+from grpo_mlx.memory import ModelShape, StepShape, estimate_step, lora_parameters, weights_bytes
+from grpo_mlx.policy import attach_adapters
+from grpo_mlx.shapes import make_shape_model, shape_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build(config: dict):
+    architecture = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
+    model = architecture.Model(architecture.ModelArgs.from_dict(config))
+    mx.eval(model.parameters())
+    return model
+
+
+def parameter_count(model) -> int:
+    return sum(v.size for _, v in tree_flatten(model.parameters()))
+
+
+@pytest.mark.parametrize("name, untie", [("qwen2.5-0.5b", False), ("qwen2.5-0.5b", True), ("llama-3.2-1b", False)])
+def test_float32_weights_are_four_bytes_per_parameter_of_the_built_model(name, untie):
+    # Two layers and a small vocabulary: the same terms (embeddings, biases, norms, untied head) at a small size.
+    config = {**shape_config(name, 2), "vocab_size": 256, "tie_word_embeddings": not untie and
+              shape_config(name)["tie_word_embeddings"]}
+    assert weights_bytes(ModelShape.from_config(config)) == 4 * parameter_count(build(config))
+
+
+def test_quantized_weights_match_the_saved_safetensors(tmp_path):
+    path = make_shape_model(tmp_path / "q4", "qwen2.5-0.5b", num_layers=2, bits=4)
+    config = json.loads((path / "config.json").read_text())
+    model = ModelShape.from_config(config)
+    assert model.bits == 4 and model.group_size == 64
+    saved = (path / "model.safetensors").stat().st_size  # the arrays plus a small header
+    assert abs(weights_bytes(model) - saved) / saved < 0.02, (weights_bytes(model), saved)
+
+
+@pytest.mark.parametrize("lora_layers", [1, -1])
+def test_lora_parameters_are_the_trainable_parameters_of_an_adapted_model(lora_layers):
+    config = {**shape_config("llama-3.2-1b", 2), "vocab_size": 256, "hidden_size": 256, "intermediate_size": 512,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64}
+    model = build(config)
+    attach_adapters(model, rank=8, num_layers=lora_layers, scale=20.0)
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    step = StepShape(batch_size=1, group_size=2, prompt_tokens=8, max_tokens=8, micro_batch_size=2,
+                     lora_rank=8, lora_layers=lora_layers)
+    assert lora_parameters(ModelShape.from_config(config), step) == trainable
+
+
+def test_layer_count_enters_explicitly():
+    """Each added layer adds its weights and its saved activations: a straight line in the layer count."""
+    step = StepShape(batch_size=2, group_size=8, prompt_tokens=120, max_tokens=128, micro_batch_size=8, lora_layers=-1)
+    peaks = [estimate_step(ModelShape.from_config(shape_config("qwen2.5-0.5b", n)), step)["policy"] for n in (1, 2, 3)]
+    assert peaks[2] - peaks[1] == peaks[1] - peaks[0] > 0
+
+
+# (shape, layers, bits, B, G, completion tokens, micro-batch, grad checkpoint): cheap real steps.
+MEASURED = [
+    ("qwen2.5-0.5b", 2, None, 2, 4, 32, 8, False),
+    ("qwen2.5-0.5b", 2, None, 1, 4, 32, 4, True),
+    ("llama-3.2-1b", 1, None, 1, 4, 16, 4, False),
+]
+
+
+@pytest.mark.parametrize("setting", MEASURED, ids=lambda s: f"{s[0]}-l{s[1]}{'-ckpt' if s[7] else ''}")
+def test_predicted_peak_is_within_15_percent_of_a_measured_step(setting, tmp_path_factory):
+    # A fresh process per step: gradient checkpointing patches the block class process-wide, and the
+    # allocator starts empty.
+    cache = tmp_path_factory.getbasetemp() / "memory-shapes"
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "memory_check.py"), "--cache", str(cache),
+                          "--one", json.dumps(setting)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    measured, predicted = result["measured"]["peak"], result["predicted"]["peak"]
+    assert min(result["measured"]["completion_lengths"]) == setting[5]  # random weights: no early stop
+    assert abs(predicted - measured) / measured < 0.15, (predicted, measured, result)
