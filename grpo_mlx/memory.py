@@ -58,6 +58,10 @@ TRANSIENT_SCORES = 2  # scores and their softmax (CPU fallback sdpa)
 # backward; the rest is one chunk's.
 HEAD_LOGITS_NO_GRAD = 1.0
 HEAD_LOGITS_GRAD = 2.1
+# The row-by-row path (no shared prompt: logprobs.token_logprobs with the head split) keeps more at its
+# head: 2.5-3.1 blocks measured in whole steps (Llama-3.2-1B, 1-layer Qwen2.5-1.5B: random weights can fail
+# supports_shared_prompt's check there).
+HEAD_LOGITS_GRAD_ROWS = 2.7
 # [N, V] arrays alive in a decode step: logits, log-softmax (current and next), sampler's noise and scaled logits.
 DECODE_LOGITS = 5
 
@@ -277,7 +281,8 @@ def policy_bytes(model: ModelShape, step: StepShape, resident: int) -> int:
     one_layer = layer_saved_bytes(model, t["tokens"], t["key_positions"], t["scores"])
     scored, chunk = t["scored"], head_positions(step, t["scored"])
     # the saved logits, plus their gradient's blocks (a chunk's with logits_chunk)
-    head = (scored + (HEAD_LOGITS_GRAD - 1) * chunk) * model.vocab_size * LOGIT_BYTES
+    blocks = HEAD_LOGITS_GRAD if step.shared_prompt else HEAD_LOGITS_GRAD_ROWS
+    head = (scored + (blocks - 1) * chunk) * model.vocab_size * LOGIT_BYTES
     if not step.grad_checkpoint:
         return resident + layers * one_layer + head
     block_input = (t["tokens"] * model.hidden_size + s["prompt_rows"] * s["prompt"] * 2 * model.kv_width) \
