@@ -57,6 +57,10 @@ TRANSIENT_SCORES = 2  # scores and their softmax (CPU fallback sdpa)
 # error of this model, +-0.5 block). `logits_chunk` shrinks the pass without gradient only.
 HEAD_LOGITS_NO_GRAD = 1.0
 HEAD_LOGITS_GRAD = 2.1
+# The row-by-row path (no shared prompt: logprobs.token_logprobs with the head split) keeps more at its
+# head: 2.5-3.1 blocks measured in whole steps (Llama-3.2-1B, 1-layer Qwen2.5-1.5B: random weights can fail
+# supports_shared_prompt's check there).
+HEAD_LOGITS_GRAD_ROWS = 2.7
 # [N, V] arrays alive in a decode step: logits, log-softmax (current and next), sampler's noise and scaled logits.
 DECODE_LOGITS = 5
 
@@ -278,7 +282,8 @@ def policy_bytes(model: ModelShape, step: StepShape, resident: int) -> int:
     # builds the whole backward graph at once, so every chunk's logits and gradient are alive together
     # (measured: 512 completion tokens, 2 rows, Qwen2.5-0.5B's shape, chunks of 128: 2.04 GB against
     # 1.56 GB predicted when a chunk's gradient alone was counted).
-    head = HEAD_LOGITS_GRAD * t["scored"] * model.vocab_size * LOGIT_BYTES
+    blocks = HEAD_LOGITS_GRAD if step.shared_prompt else HEAD_LOGITS_GRAD_ROWS
+    head = blocks * t["scored"] * model.vocab_size * LOGIT_BYTES
     if not step.grad_checkpoint:
         return resident + layers * one_layer + head
     block_input = (t["tokens"] * model.hidden_size + s["prompt_rows"] * s["prompt"] * 2 * model.kv_width) \
