@@ -286,6 +286,23 @@ class Episode:
     tool_seconds: float = 0.0
     observations: list[Observation] = field(default_factory=list)
 
+    def take_turn(self, env: Environment, turn_text: str, max_turns: int) -> bool:
+        """Append the model's turn and the environment's answer; whether another turn follows."""
+        observation = checked_step(env, self.messages, turn_text)
+        self.messages.append({"role": "assistant", "content": turn_text})
+        self.turns += 1
+        if observation is None:
+            self.done = True
+            return False
+        self.observations.append(observation)
+        self.tool_calls += observation.tool_calls
+        self.tool_errors += observation.tool_errors
+        self.tool_seconds += observation.tool_seconds
+        if self.turns >= max_turns:
+            return False
+        self.messages.extend(observation.messages)
+        return True
+
 
 def initial_messages(example: Example, env: Environment, system_prompt: str | None = None) -> list[dict]:
     """The prompt's messages: a system message (the user's system prompt, then the environment's), then the example."""
@@ -324,18 +341,8 @@ def run_episode(env: Environment, example: Example, policy_turns: list[str], max
     for turn_text in policy_turns:
         if episode.turns >= max_turns:
             break
-        observation = checked_step(env, episode.messages, turn_text)
-        episode.messages.append({"role": "assistant", "content": turn_text})
-        episode.turns += 1
-        if observation is None:
-            episode.done = True
+        if not episode.take_turn(env, turn_text, max_turns):
             break
-        episode.observations.append(observation)
-        episode.tool_calls += observation.tool_calls
-        episode.tool_errors += observation.tool_errors
-        episode.tool_seconds += observation.tool_seconds
-        if episode.turns < max_turns:
-            episode.messages.extend(observation.messages)
     return episode
 
 

@@ -228,7 +228,7 @@ def tool_episodes(model, tokenizer, examples: list[Example], max_turns: int = 3,
     The same conversation `environments.run_episode` builds, with the model writing the
     turns (each prompt re-rendered and prefilled: a measuring tool, not the training rollout).
     """
-    from .environments import FENCED_FORMAT, Episode, ToolEnvironment, checked_step, initial_messages
+    from .environments import FENCED_FORMAT, Episode, ToolEnvironment, initial_messages
     from .tools import get_tools
 
     tool_list = get_tools(list(tools))
@@ -245,19 +245,7 @@ def tool_episodes(model, tokenizer, examples: list[Example], max_turns: int = 3,
         texts = decode_turns(model, tokenizer, prompts, max_tokens, temperature, seed=seed * 1000 + turn)
         still_going = []
         for i, text in zip(active, texts):
-            episode = episodes[i]
-            observation = checked_step(envs[i], episode.messages, text)
-            episode.messages.append({"role": "assistant", "content": text})
-            episode.turns += 1
-            if observation is None:
-                episode.done = True
-                continue
-            episode.observations.append(observation)
-            episode.tool_calls += observation.tool_calls
-            episode.tool_errors += observation.tool_errors
-            episode.tool_seconds += observation.tool_seconds
-            if episode.turns < max_turns:
-                episode.messages.extend(observation.messages)
+            if episodes[i].take_turn(envs[i], text, max_turns):
                 still_going.append(i)
         active = still_going
     return episodes
