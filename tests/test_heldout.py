@@ -13,13 +13,13 @@ import pytest
 from rich.console import Console
 
 from grpo_mlx.checkpoint import BEST, foreign_entries, read_best, save_best
-from grpo_mlx.cli import main
 from grpo_mlx.config import build_config
 from grpo_mlx.dashboard import Dashboard, parse_plain_line
 from grpo_mlx.data import load_examples
 from grpo_mlx.errors import UserError
 from grpo_mlx.heldout import load_heldout
 from grpo_mlx.run_log import read_metrics
+from test_reliability import adapters as tensors, run_main
 
 STEPS, LIMIT = 4, 32
 # The embedded demo model (0.8M parameters, 2-digit addition): its held-out accuracy is far from 0,
@@ -28,18 +28,6 @@ STEPS, LIMIT = 4, 32
 RUN_ARGS = ["--steps", str(STEPS), "--batch-size", "2", "--group-size", "4", "--save-every", "1",
             "--keep-checkpoints", "10"]
 EVAL_ARGS = ["--eval-every", "1", "--eval-limit", str(LIMIT)]
-
-
-def run_main(args) -> int:
-    try:
-        main(args)
-    except SystemExit as e:
-        return e.code
-    return 0
-
-
-def tensors(path) -> dict:
-    return {k: np.array(v) for k, v in mx.load(str(path)).items()}
 
 
 def assert_same_tensors(got: dict, want: dict):

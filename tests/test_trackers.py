@@ -16,20 +16,11 @@ import pytest
 
 from conftest import TRAINED_RUN_ARGS
 from grpo_mlx.checkpoint import foreign_entries
-from grpo_mlx.cli import main
 from grpo_mlx.run_log import read_metrics
+from test_reliability import CHILD, run_main
 
 TEXT_REWARD = f"{Path(__file__).parent / 'plugin_rewards.py'}:text_length"
-CHILD = [sys.executable, "-c", "from grpo_mlx.cli import main; main()"]
 ALL = "wandb,tensorboard,trackio,swanlab"
-
-
-def run_main(args) -> int:
-    try:
-        main(args)
-    except SystemExit as e:
-        return e.code
-    return 0
 
 
 def tracker_env(tmp_path) -> dict:
