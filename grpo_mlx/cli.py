@@ -90,7 +90,7 @@ def train(config_path, recipe, **flags):
 
 
 @cli.command()
-@click.option("--model", default=None, help="Base model directory or hub id; unset: the embedded demo model.")
+@click.option("--model", default=None, help="Base model directory, GGUF file or hub id; unset: the embedded demo model.")
 @click.option("--adapter-path", required=True, help="Run directory holding adapters.safetensors + adapter_config.json.")
 @click.option("--output", required=True, help="New or empty directory for the fused model (not the run's or the base model's).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier `grpo-mlx fuse` export in --output (nothing else is ever replaced).")
@@ -104,6 +104,32 @@ def fuse(model, adapter_path, output, overwrite, dequantize, export_gguf):
     with _status(f"fusing adapters from {adapter_path}"):
         path = fuse_model(model, adapter_path, output, dequantize=dequantize, export_gguf=export_gguf, overwrite=overwrite)
     click.echo(f"fused model saved to {path}")
+
+
+@cli.command()
+@click.argument("source")
+@click.argument("output")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
+              help="Type of the float tensors (unquantized weights, norms, scales) [default: float16 with a GPU, "
+                   "float32 on the CPU, where float16 is far slower].")
+@click.option("--q-bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default=None,
+              help="Quantize again to this many bits (GGUF: dequantize first; a Hugging Face folder: quantize).")
+@click.option("--q-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
+              help="Group size for --q-bits.")
+@click.option("--dequantize", is_flag=True, help="GGUF: write the quantized blocks as --dtype floats (faster on a CPU, "
+              "where MLX's quantized matmul is slow; `--model FILE.gguf` does this on a machine without a GPU).")
+@_debug_option
+def convert(source, output, dtype, q_bits, q_group_size, dequantize):
+    """Convert a GGUF file (llama, qwen2) or a Hugging Face model folder into an mlx-lm model folder.
+
+    GGUF Q4_0, Q4_1 and Q8_0 tensors stay quantized (MLX holds them exactly); the tokenizer and chat
+    template come from the file's metadata. OUTPUT must not exist yet."""
+    from .convert import convert as convert_model, default_dtype
+
+    with _status(f"converting {source}"):
+        path = convert_model(source, output, dtype=dtype or default_dtype(), q_bits=None if q_bits is None else int(q_bits),
+                             q_group_size=int(q_group_size), dequantize=dequantize, log=lambda text: None)
+    click.echo(f"converted {source} to {path}; load it with --model {path} or mlx_lm.load")
 
 
 @cli.command()
@@ -223,7 +249,7 @@ def recipes():
 
 
 @cli.command()
-@click.option("--model", required=True, help="A model directory, a hub id in the Hugging Face cache, or a known "
+@click.option("--model", required=True, help="A model directory, a GGUF file, a hub id in the Hugging Face cache, or a known "
               "shape name (grpo_mlx/shapes.py: qwen2.5-0.5b to qwen2.5-7b, llama-3.2-1b, llama-3.2-3b).")
 @click.option("--bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default=None,
               help="Plan the model quantized to this many bits (as train's --quantize --q-bits).")

@@ -94,7 +94,7 @@ TRACKER_NAMES = ("wandb", "tensorboard", "trackio", "swanlab")  # trackers.TRACK
 # Fields that train, eval and generate share: one help text and one set of rules each. A command's
 # dataclass declares each with `shared(name)`, passing only what differs for it (its default, say).
 SHARED = {
-    "model": dict(default=None, help="Model directory or Hugging Face id; unset: the embedded demo model (the tool demo's with --tools)."),
+    "model": dict(default=None, help="Model directory, GGUF file (converted once, cached) or Hugging Face id; unset: the embedded demo model (the tool demo's with --tools)."),
     "adapter_path": dict(default=None, help="Run directory with adapters to apply; unset: the base model alone."),
     # data
     "dataset": dict(default="arithmetic", not_empty=True,
@@ -265,7 +265,7 @@ class TrainConfig(CommandConfig):
 class EvalConfig(CommandConfig):
     command: typing.ClassVar[str] = "eval"
 
-    model: str | None = shared("model", help="Base model directory or hub id; unset: the base model the adapters were trained on, else the embedded demo model.")
+    model: str | None = shared("model", help="Base model directory, GGUF file or hub id; unset: the base model the adapters were trained on, else the embedded demo model.")
     adapter_path: str | None = shared("adapter_path")
     dataset: str = shared("dataset", help=SHARED["dataset"]["help"] + " With --tools and no --model: multiplication, the tool demo's task.")
     dataset_config: str | None = shared("dataset_config")
@@ -343,7 +343,7 @@ class GenerateConfig(CommandConfig):
     command: typing.ClassVar[str] = "generate"
 
     prompt: str = _opt(MISSING, "The user message.")
-    model: str | None = shared("model", help="Model directory or hub id; unset: the base model the adapters were trained on, else the embedded demo model.")
+    model: str | None = shared("model", help="Model directory, GGUF file or hub id; unset: the base model the adapters were trained on, else the embedded demo model.")
     adapter_path: str | None = shared("adapter_path")
     system_prompt: str | None = shared("system_prompt")
     max_tokens: int = shared("max_tokens")

@@ -306,7 +306,11 @@ def format_fits_table(table: dict) -> str:
 
 
 def read_model_config(model: str) -> dict:
-    """config.json of a local model directory or of a hub id already in the Hugging Face cache; never downloads."""
+    """config.json of a local model directory, a GGUF file (converted once) or a hub id already in the Hugging
+    Face cache; never downloads."""
+    from .policy import is_gguf_path, resolve_model_path
+
+    model = resolve_model_path(model) if is_gguf_path(model) else model
     local = Path(model).expanduser()
     if (local / "config.json").is_file():
         return json.loads((local / "config.json").read_text())

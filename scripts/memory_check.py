@@ -24,7 +24,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+# The first 400 rows of GSM8K's train split (MIT licence, scripts/data/GSM8K_LICENSE), shipped so a fresh
+# clone measures the same prompts as a checkout beside ../shared.
+GSM8K = REPO / "scripts" / "data" / "gsm8k_train_sample.jsonl"
 SYSTEM_PROMPT = "Solve the problem. Show your reasoning, then give the final number."
 MODEL_CACHE = Path(tempfile.gettempdir()) / "grpo-mlx-memory-shapes"
 

@@ -242,3 +242,32 @@ def test_shared_prompt_gradient_under_gradient_checkpointing(monkeypatch):
     assert plain.keys() == checkpointed.keys()
     for k in plain:
         np.testing.assert_allclose(np.array(checkpointed[k]), np.array(plain[k]), rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def random_llama(layer_types=None, sliding_window=None, seed: int = 3):
+    from mlx_lm.models import llama
+
+    args = dict(model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
+                num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=97, tie_word_embeddings=False,
+                layer_types=layer_types, sliding_window=sliding_window)
+    mx.random.seed(seed)
+    model = llama.Model(llama.ModelArgs.from_dict(args))
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_every_plain_kv_cache_family_shares_prompts_and_gets_the_same_logprobs(family):
+    """mlx-lm's llama (SmolLM2, Llama 3.x, Mistral) defines make_cache, but hands out plain KV caches."""
+    model = random_qwen2(tie_word_embeddings=False, seed=5) if family == "qwen2" else random_llama()
+    assert hasattr(model, "make_cache") == (family == "llama")
+    assert supports_shared_prompt(model)
+    tokens, groups, mask = shared_prompt_batch(**SHARED_BATCHES["5-9-2"])
+    start = min(length for _, _, length in groups) - 1
+    np.testing.assert_allclose(np.array(group_token_logprobs(model, tokens, groups) * mask),
+                               np.array(token_logprobs(model, tokens, start=start) * mask), rtol=1e-4, atol=1e-5)
+
+
+def test_a_llama_with_sliding_window_layers_does_not_share_prompts():
+    model = random_llama(layer_types=["sliding_attention", "full_attention"], sliding_window=4)
+    assert not supports_shared_prompt(model)
