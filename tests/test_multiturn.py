@@ -306,6 +306,26 @@ def test_accuracy_reads_the_last_model_turn_not_a_tool_output():
     assert accuracy([transcript], ["408"], **columns) == [1.0]
 
 
+def test_eval_scores_the_last_model_turn_not_a_tool_output(policy, monkeypatch):
+    """The model has the calculator compute the gold answer, then ends with a turn that has no number:
+    read from the whole trajectory, the tool's 408 would be its answer and score."""
+    import grpo_mlx.rollout as rollout_module
+    from grpo_mlx.evaluate import evaluate_examples
+
+    model, tokenizer = policy
+    eos = tokenizer.eos_token_id
+    script = tokenizer.encode("```calc\n12*34\n```", add_special_tokens=False) + [eos, eos] + \
+        tokenizer.encode("Done.", add_special_tokens=False) + [eos]
+    monkeypatch.setattr(rollout_module, "make_sampler", lambda *args, **kwargs: scripted_sampler(script))
+    turns = {"make_env": environment_factory(None, ["calculator"], tokenizer), "max_turns": 3}
+    result = evaluate_examples(model, tokenizer, EXAMPLES[:1], samples=2, max_tokens=200, turns=turns)
+    record, = result["examples"]
+    assert record["messages"][1]["content"] == "```output\n408\n```" and record["messages"][2]["content"] == "Done."
+    assert record["gold_answer"] == "408" and record["completion"].rstrip().endswith("Done.")
+    assert record["extracted"] is None and record["correct"] is False and result["accuracy"] == 0.0
+    assert record["sample_answers"] == [None, None] and result["pass@2"] == 0.0 and result["maj@2"] == 0.0
+
+
 def test_a_conversational_reward_gets_the_trajectorys_messages():
     from grpo_mlx.rewards import score_completions
 
