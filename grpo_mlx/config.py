@@ -23,7 +23,13 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import UserError
-from .grpo import IMPORTANCE_LEVELS, KL_ESTIMATORS, LOSS_TYPES, SCALES
+
+# The GRPO math's choices (grpo.py checks its arguments against them): named here, not in grpo.py,
+# so that this module, and the CLI built on it, load without MLX.
+SCALES = ("group", "batch", "none")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+IMPORTANCE_LEVELS = ("token", "sequence")
 
 
 def _opt(default, help, **rules):
