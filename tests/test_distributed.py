@@ -355,7 +355,7 @@ def test_bnpo_is_the_mean_over_ranks_of_each_ranks_token_mean(tiny_model_dir, tm
 
     monkeypatch.setattr(trainer, "distributed", OneMoreRank())
     monkeypatch.setattr(trainer, "update_policy", recording_update_policy)
-    run, (metrics,) = train_fixed(case_config(tiny_model_dir, tmp_path / "run", loss_type="bnpo", beta=0.0, steps=1))
+    _, (metrics,) = train_fixed(case_config(tiny_model_dir, tmp_path / "run", loss_type="bnpo", beta=0.0, steps=1))
     (rewards, mask, normaliser), = seen
     lengths, ranks_with_rows = mask.sum(axis=1), 2
     assert normaliser == pytest.approx(1.0 / (lengths.sum() * ranks_with_rows), rel=1e-12)
