@@ -32,11 +32,13 @@ OPTIMIZER_STATE = "optimizer.safetensors"
 TRAINER_STATE = "state.json"
 RUN_MARKER = ".grpo-mlx-run"
 RUN_LOCK = ".grpo-mlx-lock"
-# Everything `train` writes at the top of a run directory (dashboard.py writes the two .jsonl files).
 BEST = "best"  # the best evaluated step's adapters (--eval-every), written by save_best
 BEST_RECORD = "eval.json"  # in BEST: its step and eval metrics
 # Folders the experiment trackers write into (trackers.py, --report-to).
 TRACKER_DIRS = ("wandb", "swanlog", "tensorboard")
+# Everything `train` writes at the top of a run directory, and so all that `--overwrite` removes (the marker
+# and the lock stay): run_dir.py writes the marker and config.yaml, run_log.py the two .jsonl files,
+# trackers.py TRACKER_DIRS, this module the rest.
 RUN_FILES = (RUN_MARKER, RUN_LOCK, "config.yaml", "metrics.jsonl", "completions.jsonl", ADAPTER_WEIGHTS, ADAPTER_CONFIG, CHECKPOINTS,
              BEST, *TRACKER_DIRS)
 SYSTEM_FILES = (".DS_Store",)  # Finder writes it into any folder it shows: neither the user's nor the run's

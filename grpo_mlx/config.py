@@ -23,7 +23,13 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import UserError
-from .grpo import IMPORTANCE_LEVELS, KL_ESTIMATORS, LOSS_TYPES, SCALES
+
+# The GRPO math's choices (grpo.py checks its arguments against them): named here, not in grpo.py,
+# so that this module, and the CLI built on it, load without MLX.
+SCALES = ("group", "batch", "none")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+IMPORTANCE_LEVELS = ("token", "sequence")
 
 
 def _opt(default, help, **rules):
@@ -39,10 +45,9 @@ def _list_opt(default, help):
 # The embedded demo: a 0.8M-parameter model on 2-digit addition, tuned so reward
 # rises visibly within minutes on 2 CPU cores. Applied only to fields the user
 # left unset, and only when no --model is given.
-# Measured on 2 CPU cores (seeds 0 and 1): the sampled reward rises from ~0.17 to ~0.45 and
-# held-out greedy accuracy from 38% to 51-54% over 300 steps (~0.35 s each). Greedy accuracy
-# dips for the first ~50 steps while GRPO reshapes the sampling distribution; 3e-4 and above
-# collapse this small model, 1e-4 does not.
+# What it reaches (sampled reward, held-out greedy accuracy) and how fast: README's "Set up", the
+# one place those figures are kept. Greedy accuracy dips for the first ~50 steps while GRPO
+# reshapes the sampling distribution; 3e-4 and above collapse this small model, 1e-4 does not.
 DEMO_PRESET = {
     "dataset": "arithmetic",
     "steps": 300,
@@ -63,10 +68,9 @@ DEMO_PRESET = {
 # and to copy its output. Applied like DEMO_PRESET: only to fields the user left unset, only
 # without --model, and instead of DEMO_PRESET when --tools is given. A call turn is ~14
 # tokens and an answer ~8, so 24 tokens a turn and 3 turns (call, answer, one spare) suffice.
-# Measured on 2 busy CPU cores (seed 0): the tool-call rate goes from ~0.4 to 1.0 per trajectory
-# and the sampled reward from ~0.4 to ~0.85 within 10 steps; held-out greedy accuracy with the
-# tool from 30% to ~95%. 3e-4 collapses it within 10 steps (the model garbles the factors it
-# copies into the call); 1e-4 does not.
+# What it reaches (tool calls, sampled reward, held-out greedy accuracy with the tool): README's
+# "Tool demo", the one place those figures are kept. 3e-4 collapses it within 10 steps (the model
+# garbles the factors it copies into the call); 1e-4 does not.
 DEMO_TOOLS_PRESET = {
     "dataset": "multiplication",
     "tools": ["calculator"],

@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-SCALES = ("group", "batch", "none")
-KL_ESTIMATORS = ("k1", "k2", "k3")
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-IMPORTANCE_LEVELS = ("token", "sequence")
+from .config import IMPORTANCE_LEVELS, KL_ESTIMATORS, LOSS_TYPES, SCALES  # the choice names, defined without MLX
 
 
 def _check_choice(name: str, value, choices) -> None:

@@ -1,6 +1,8 @@
 """TrainConfig: defaults, file + flag merging, validation that names the field."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -66,6 +68,13 @@ def test_cli_help_and_version_read_well():
     assert result.exit_code == 0
     for flag in ("--group-size", "--loss-type", "--quantize / --no-quantize", "--epsilon-high", "--reward-weights"):
         assert flag in result.output
+
+
+def test_the_cli_and_its_options_load_without_mlx():
+    # MLX loads inside the commands, after the options parse (and after the OpenBLAS re-exec).
+    code = "import sys, grpo_mlx.cli, grpo_mlx.config; print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlx'))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"
 
 
 def test_user_errors_print_one_line_and_exit_2(capsys):

@@ -331,6 +331,38 @@ def test_batch_that_does_not_split_across_ranks_is_a_user_error():
         local_batch_size(6, 4)
 
 
+def test_bnpo_is_the_mean_over_ranks_of_each_ranks_token_mean(tiny_model_dir, tmp_path, monkeypatch):
+    """bnpo divides by this rank's completion tokens times the ranks that have rows, so the summed
+    gradient is the mean over those ranks of each one's token-mean loss. One process here, a second
+    rank with rows simulated in the count sum. mu = 1, beta = 0: ratio 1, so this rank's loss is
+    -sum_i A_i * length_i / (its tokens) / 2, in float64 here."""
+    import grpo_mlx.trainer as trainer
+    from grpo_mlx import distributed
+    from test_grpo import ref_advantages
+
+    class OneMoreRank:
+        def __getattr__(self, name):
+            return getattr(distributed, name)
+
+        def sum_across(self, values):  # [rows, completion tokens, has rows] of each rank
+            return distributed.sum_across(values) + np.array([16.0, 77.0, 1.0])
+
+    seen, real_update_policy = [], trainer.update_policy
+
+    def recording_update_policy(run, rollout, rewards, applicable, tokens, completion_mask, normaliser):
+        seen.append((list(rewards), np.array(completion_mask, dtype=np.float64), normaliser))
+        return real_update_policy(run, rollout, rewards, applicable, tokens, completion_mask, normaliser)
+
+    monkeypatch.setattr(trainer, "distributed", OneMoreRank())
+    monkeypatch.setattr(trainer, "update_policy", recording_update_policy)
+    _, (metrics,) = train_fixed(case_config(tiny_model_dir, tmp_path / "run", loss_type="bnpo", beta=0.0, steps=1))
+    (rewards, mask, normaliser), = seen
+    lengths, ranks_with_rows = mask.sum(axis=1), 2
+    assert normaliser == pytest.approx(1.0 / (lengths.sum() * ranks_with_rows), rel=1e-12)
+    expected = -(ref_advantages(rewards, 4) * lengths).sum() / lengths.sum() / ranks_with_rows
+    assert abs(expected) > 1e-3 and metrics["loss"] == pytest.approx(expected, rel=1e-4)
+
+
 def test_update_metric_names_match_what_the_loss_reports(tiny_model_dir, tmp_path):
     """Ranks reduce update metrics by UPDATE_METRICS: the loss must report exactly those."""
     import mlx.core as mx

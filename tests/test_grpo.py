@@ -101,13 +101,19 @@ def test_group_advantages_match_float64_reference(scale, group_size):
 
 
 def test_zero_variance_group_gets_exactly_zero_advantage():
-    # 0.1 * 3 / 3 != 0.1 in floating point: a naive (r - mean) / (std + eps) gives noise / eps.
-    rewards = mx.array([0.1, 0.1, 0.1, 1.0, 0.0, 1.0, 0.7, 0.7, 0.7])
+    # G = 8 equal rewards: their float32 mean is off by an ulp, so a naive (r - mean) / (std + eps)
+    # gives noise / eps. (Three equal values, as before, average exactly: the guard went untested.)
+    G = 8
+    rewards = np.array([0.1] * G + [1.0, 0.0] * (G // 2) + [0.7] * G, dtype=np.float32)
+    r = mx.array(rewards).reshape(-1, G)
+    centered = r - r.mean(axis=1, keepdims=True)
+    naive = np.array(centered / (mx.sqrt((centered * centered).sum(axis=1, keepdims=True) / (G - 1)) + 1e-4))
+    assert np.all(naive[0] != 0.0) and np.all(naive[2] != 0.0)  # the noise this test guards against occurs
     for scale in ("group", "batch", "none"):
-        adv = np.array(group_advantages(rewards, 3, scale=scale))
+        adv = np.array(group_advantages(mx.array(rewards), G, scale=scale))
         assert np.all(np.isfinite(adv))
-        assert np.all(adv[:3] == 0.0) and np.all(adv[6:] == 0.0)
-        assert adv[3] > 0 and adv[4] < 0
+        assert np.all(adv[:G] == 0.0) and np.all(adv[2 * G:] == 0.0), scale
+        assert np.all(adv[G:2 * G:2] > 0) and np.all(adv[G + 1:2 * G:2] < 0)
 
 
 def test_single_group_is_normalised_by_its_own_std():

@@ -306,6 +306,26 @@ def test_accuracy_reads_the_last_model_turn_not_a_tool_output():
     assert accuracy([transcript], ["408"], **columns) == [1.0]
 
 
+def test_eval_scores_the_last_model_turn_not_a_tool_output(policy, monkeypatch):
+    """The model has the calculator compute the gold answer, then ends with a turn that has no number:
+    read from the whole trajectory, the tool's 408 would be its answer and score."""
+    import grpo_mlx.rollout as rollout_module
+    from grpo_mlx.evaluate import evaluate_examples
+
+    model, tokenizer = policy
+    eos = tokenizer.eos_token_id
+    script = tokenizer.encode("```calc\n12*34\n```", add_special_tokens=False) + [eos, eos] + \
+        tokenizer.encode("Done.", add_special_tokens=False) + [eos]
+    monkeypatch.setattr(rollout_module, "make_sampler", lambda *args, **kwargs: scripted_sampler(script))
+    turns = {"make_env": environment_factory(None, ["calculator"], tokenizer), "max_turns": 3}
+    result = evaluate_examples(model, tokenizer, EXAMPLES[:1], samples=2, max_tokens=200, turns=turns)
+    record, = result["examples"]
+    assert record["messages"][1]["content"] == "```output\n408\n```" and record["messages"][2]["content"] == "Done."
+    assert record["gold_answer"] == "408" and record["completion"].rstrip().endswith("Done.")
+    assert record["extracted"] is None and record["correct"] is False and result["accuracy"] == 0.0
+    assert record["sample_answers"] == [None, None] and result["pass@2"] == 0.0 and result["maj@2"] == 0.0
+
+
 def test_a_conversational_reward_gets_the_trajectorys_messages():
     from grpo_mlx.rewards import score_completions
 
@@ -334,6 +354,43 @@ def test_train_with_calculator_writes_the_turn_and_tool_metrics(tiny_model_dir, 
     assert 1 <= metrics["turns/mean"] <= 2
     sample = json.loads((run_dir / "completions.jsonl").read_text().splitlines()[0])
     assert sample["trajectories"] and sample["trajectories"][0][0]["role"] == "assistant"
+
+
+def test_dr_grpo_divides_multi_turn_rows_by_the_trajectory_bound(tiny_model_dir, tmp_path, monkeypatch):
+    """Dr. GRPO's constant is N x the longest completion allowed; a multi-turn row's completion is its
+    trajectory, bounded by --max-trajectory-tokens, not by --max-tokens (one turn). mu = 1, beta = 0:
+    ratio 1, so the loss is -sum_i A_i * (row i's model tokens) / (N * bound), in float64 here."""
+    import grpo_mlx.trainer as trainer
+    from test_grpo import ref_advantages
+
+    bound = 150
+    reward = f"{Path(__file__).parent / 'plugin_rewards.py'}:text_length"
+    config = build_config({}, dict(model=str(tiny_model_dir), dataset="arithmetic", env=ENV, max_turns=3, max_tokens=4,
+                                   max_trajectory_tokens=bound, steps=1, batch_size=2, group_size=4, loss_type="dr_grpo",
+                                   beta=0.0, reward=[reward], lora_rank=4, lora_layers=-1, seed=3,
+                                   output=str(tmp_path / "run")))
+    seen, real_update_policy = [], trainer.update_policy
+
+    def recording_update_policy(run, rollout, rewards, applicable, tokens, completion_mask, normaliser):
+        seen.append((list(rewards), np.array(completion_mask, dtype=np.float64), normaliser))
+        return real_update_policy(run, rollout, rewards, applicable, tokens, completion_mask, normaliser)
+
+    monkeypatch.setattr(trainer, "update_policy", recording_update_policy)
+    run = trainer.setup(config)
+    eos = run.tokenizer.eos_token_id
+
+    def sometimes_stopping(sample):  # turns of different lengths, or sum_i A_i * length_i is 0
+        return lambda logprobs: mx.where(mx.random.uniform(shape=(logprobs.shape[0],)) < 0.3, eos, sample(logprobs))
+
+    run.multiturn_fn = lambda model, tokenizer, examples, G, max_tokens, sampler, **kwargs: generate_multiturn_rollout(
+        model, tokenizer, examples, G, max_tokens, sometimes_stopping(sampler), **kwargs)
+    (metrics, _), = list(trainer.train(run))
+    (rewards, mask, normaliser), = seen
+    lengths = mask.sum(axis=1)
+    assert lengths.max() > config.max_tokens  # rows longer than one turn: the case tells the two bounds apart
+    assert normaliser == pytest.approx(1.0 / (len(rewards) * bound), rel=1e-12)
+    expected = -(ref_advantages(rewards, 4) * lengths).sum() / (len(rewards) * bound)
+    assert abs(expected) > 1e-3 and metrics["loss"] == pytest.approx(expected, rel=1e-4)
 
 
 def test_train_on_an_environment_plugin_trains_the_model_tokens_only(tiny_model_dir, tmp_path):

@@ -65,14 +65,15 @@ def test_the_logprob_path_is_logged_at_start_up_and_recorded_in_config_yaml(trai
 
 
 def test_later_iterations_use_the_sampling_policys_logprobs_as_old(tiny_model_dir, tmp_path, monkeypatch):
-    """mu = 2: update 1's old log-probs are its own forward (ratio exactly 1); update 2's ratio is
-    exp(log pi_theta1 - log pi_theta0) with theta0 the sampling policy, computed here independently."""
+    """mu = 3: update 1's old log-probs are its own forward (ratio exactly 1); updates 2 and 3 both take
+    exp(log pi_theta_k - log pi_theta0) with theta0 the sampling policy, computed here independently.
+    mu = 3 because old log-probs refreshed every update agree with these for updates 1 and 2."""
     import grpo_mlx.trainer as trainer
     from grpo_mlx.logprobs import token_logprobs
     from grpo_mlx.policy import reference_mode
     from grpo_mlx.rollout import generate_rollout, pad_batch
 
-    config = small_config(tiny_model_dir, tmp_path, reward=[TEXT_REWARD], num_iterations=2, learning_rate=0.2, max_grad_norm=0)
+    config = small_config(tiny_model_dir, tmp_path, reward=[TEXT_REWARD], num_iterations=3, learning_rate=0.2, max_grad_norm=0)
     run = setup(config)
     # Adapters that matter before the step, so that the sampling policy differs from the reference.
     run.model.load_weights([(k, mx.random.normal(v.shape) * 0.1) for k, v in tree_flatten(run.model.trainable_parameters())
@@ -89,7 +90,7 @@ def test_later_iterations_use_the_sampling_policys_logprobs_as_old(tiny_model_di
 
     monkeypatch.setattr(trainer, "apply_update", recording_apply_update)
     (metrics, _), = list(train(run))
-    assert len(rollouts) == 1 and len(updates) == 2
+    assert len(rollouts) == 1 and len(updates) == 3
 
     rollout = rollouts[0]
     tokens, mask = pad_batch(rollout.prompt_tokens, rollout.completion_tokens)
@@ -99,7 +100,7 @@ def test_later_iterations_use_the_sampling_policys_logprobs_as_old(tiny_model_di
         run.model.load_weights(list(weights.items()), strict=False)
         return np.array(token_logprobs(run.model, tokens, config.temperature), dtype=np.float64)
 
-    sampling, after_first = logprobs_with(theta0), logprobs_with(updates[0][1])
+    sampling, after_first, after_second = (logprobs_with(w) for w in (theta0, updates[0][1], updates[1][1]))
     with reference_mode(run.model):
         reference = np.array(token_logprobs(run.model, tokens, config.temperature), dtype=np.float64)
 
@@ -111,7 +112,11 @@ def test_later_iterations_use_the_sampling_policys_logprobs_as_old(tiny_model_di
     assert abs(expected - 1.0) > 1e-3  # the first update moved the policy
     assert abs(ratio_mean(after_first, reference) - expected) > 1e-3  # old = reference would be seen
     assert updates[1][0]["ratio/mean"] == pytest.approx(expected, rel=1e-4)
-    assert metrics["ratio/mean"] == updates[1][0]["ratio/mean"]  # the step reports the last update's ratios
+    # Update 3: still against theta0; old log-probs refreshed to theta1's would be seen.
+    expected = ratio_mean(after_second, sampling)
+    assert abs(ratio_mean(after_second, after_first) - expected) > 1e-3
+    assert updates[2][0]["ratio/mean"] == pytest.approx(expected, rel=1e-4)
+    assert metrics["ratio/mean"] == updates[2][0]["ratio/mean"]  # the step reports the last update's ratios
 
 
 def test_group_of_two_trains_with_finite_metrics(tiny_model_dir, tmp_path):
