@@ -2,7 +2,8 @@
 
 GGUF is how Ollama, LM Studio and llama.cpp ship models. MLX reads the file itself
 (`mx.load`): Q4_0, Q4_1 and Q8_0 blocks come back as MLX affine-quantized weights with
-group size 32, which represent them exactly (w = scale * q + bias), so they stay quantized;
+group size 32, which represent them exactly (w = scale * q + bias), so they stay quantized
+(MLX reads Q4_K that way too; other types it dequantizes to float16 where its reader can);
 float tensors are cast to `--dtype`. `--q-bits` dequantizes everything and quantizes again.
 
 What the folder needs beyond the weights is rebuilt from the file's metadata:
@@ -80,9 +81,9 @@ def read_gguf(path: str | os.PathLike):
     except Exception as e:  # MLX names truncation and unsupported tensor types
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         reason = reason.replace("[load_gguf] ", "")
-        if "type" in reason.lower() and "support" in reason.lower():
-            raise UserError(f"{path}: {reason}; MLX reads F32, F16, BF16, Q4_0, Q4_1 and Q8_0 GGUF tensors: "
-                            "pick a Q4_0, Q4_1, Q8_0 or F16 file of this model")
+        if "to_f16" in reason or ("type" in reason.lower() and "support" in reason.lower()):
+            raise UserError(f"{path}: a tensor type MLX's GGUF reader cannot read ({reason}); it reads F32, F16, "
+                            "Q4_0, Q4_1, Q4_K and Q8_0: pick a Q4_0, Q8_0 or F16 file of this model")
         raise UserError(f"{path}: cannot read this GGUF file ({reason}); download it again")
 
 

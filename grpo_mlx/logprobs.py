@@ -86,8 +86,7 @@ def token_logprobs(
     inputs, targets = tokens[:, :-1], tokens[:, start + 1 :]
     if split_head:
         body, head = lm_head_split(model)
-        hidden = body(inputs)[:, start:]
-        logits_of = lambda a, b: head(hidden[:, a:b])  # noqa: E731
+        return head_logprobs(head, body(inputs)[:, start:], targets, start, temperature, chunk_size, with_entropy)
     else:
         logits = model(inputs)[:, start:]
         logits_of = lambda a, b: logits[:, a:b]  # noqa: E731
@@ -122,6 +121,66 @@ def _score_targets(logits_of, targets, skipped: int, temperature, chunk_size, wi
         return logprobs
     entropy = mx.concatenate(entropy_chunks, axis=1) if len(entropy_chunks) > 1 else entropy_chunks[0]
     return logprobs, entropy
+
+
+def head_logprobs(head, hidden, targets, skipped: int, temperature, chunk_size, with_entropy):
+    """`_score_targets` of head(hidden): the LM head and log-softmax chunk by chunk, forward and backward.
+
+    With `chunk_size` the gradient holds no logits: a custom VJP recomputes each chunk's
+    logits from `hidden` in the backward pass, so the autodiff keeps `hidden` [n, L, d]
+    instead of every chunk's [n, chunk, vocabulary] logits and their softmax (MLX's own
+    VJP would save them all: the whole backward graph is built at once). The cost is one
+    more LM-head matmul per chunk. The head's own weights get no gradient here (they are
+    frozen under LoRA), so this runs only when the head has no trainable parameters.
+    """
+    length = targets.shape[1]
+    if chunk_size is None or chunk_size >= length or _has_trainable(head):
+        return _score_targets(lambda a, b: head(hidden[:, a:b]), targets, skipped, temperature, chunk_size, with_entropy)
+    spans = [(a, min(a + chunk_size, length)) for a in range(0, length, chunk_size)]
+
+    def chunk_scores(h, a, b):
+        logits = head(h).astype(mx.float32)
+        if temperature != 1.0:
+            logits = logits / temperature
+        lse = mx.logsumexp(logits, axis=-1)
+        chosen = mx.take_along_axis(logits, targets[:, a:b, None], axis=-1)[..., 0]
+        return chosen - lse, logits, lse
+
+    # MLX schedules a graph level by level, so independent chunks would all hold their logits at
+    # once: each chunk's head input is made to depend on the previous chunk's result (mx.depends).
+    @mx.custom_function
+    def scores(hidden):
+        logprobs, entropy, previous = [], [], []
+        for a, b in spans:
+            h = mx.depends(hidden[:, a:b], previous) if previous else hidden[:, a:b]
+            logprob, logits, lse = chunk_scores(h, a, b)
+            logprobs.append(logprob)
+            entropy.append(lse - (mx.softmax(logits, axis=-1) * logits).sum(axis=-1) if with_entropy else lse)
+            previous = [logprobs[-1], entropy[-1]]
+        return mx.concatenate(logprobs, axis=1), mx.concatenate(entropy, axis=1)
+
+    @scores.vjp
+    def scores_vjp(primals, cotangents, outputs):
+        hidden = primals[0] if isinstance(primals, (tuple, list)) else primals
+        upstream = cotangents[0]  # the entropy is a metric: no gradient
+        grads = []
+        for a, b in spans:
+            h = mx.depends(hidden[:, a:b], grads[-1]) if grads else hidden[:, a:b]
+            grads.append(mx.vjp(lambda h: chunk_scores(h, a, b)[0], [h], [upstream[:, a:b]])[1][0])
+        return mx.concatenate(grads, axis=1)
+
+    logprobs, entropy = scores(hidden)
+    if skipped > 0:  # unscored prompt positions
+        zeros = mx.zeros((targets.shape[0], skipped), dtype=mx.float32)
+        logprobs, entropy = mx.concatenate([zeros, logprobs], axis=1), mx.concatenate([zeros, entropy], axis=1)
+    return (logprobs, mx.stop_gradient(entropy)) if with_entropy else logprobs
+
+
+def _has_trainable(module) -> bool:
+    from mlx.utils import tree_flatten
+
+    owner = getattr(module, "__self__", module)  # a tied embedding's bound as_linear
+    return hasattr(owner, "trainable_parameters") and bool(tree_flatten(owner.trainable_parameters()))
 
 
 class _SharedPromptCache:
@@ -261,8 +320,11 @@ def group_token_logprobs(model, tokens, groups, temperature: float = 1.0, chunk_
         for c in cache:
             c.to_completions(row_group, shared)
     out = run(tokens[:, shared:-1], cache=cache)
-    logits_of = (lambda a, b: split[1](out[:, a:b])) if split else (lambda a, b: out[:, a:b])
-    scored = _score_targets(logits_of, tokens[:, shared + 1 :], shared, temperature, chunk_size, with_entropy)
+    if split:
+        scored = head_logprobs(split[1], out, tokens[:, shared + 1 :], shared, temperature, chunk_size, with_entropy)
+    else:
+        scored = _score_targets(lambda a, b: out[:, a:b], tokens[:, shared + 1 :], shared, temperature, chunk_size,
+                                with_entropy)
     # Zeros before each row's first completion position, as token_logprobs(start=...) would give.
     first_scored = np.repeat([length - 1 for _, _, length in groups], sizes)
     keep = mx.array(np.arange(tokens.shape[1] - 1)[None, :] >= first_scored[:, None])

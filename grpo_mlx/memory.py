@@ -54,9 +54,15 @@ TRANSIENT_SCORES = 2  # scores and their softmax (CPU fallback sdpa)
 # intermediates are still alive (Qwen 1.15, Llama 1.4 blocks, covered by 1 block + one layer's
 # transients). With gradient: the saved logits plus their gradient, exp(logits - lse): 2.1-2.2 in a
 # pass alone (Qwen, Llama); in whole steps 1.8-3.3 (the schedule of MLX's lazy graph varies; the largest
-# error of this model, +-0.5 block). `logits_chunk` shrinks the pass without gradient only.
+# error of this model, +-0.5 block).
 HEAD_LOGITS_NO_GRAD = 1.0
 HEAD_LOGITS_GRAD = 2.1
+# With `logits_chunk` the gradient pass holds chunks, not the whole logits: logprobs.head_logprobs
+# recomputes each chunk's logits in its backward. Measured (Qwen2-shaped, vocabularies 16k and 32k, 8
+# rows): 8.3-10.2 [rows, chunk, V] float32 blocks at chunks of 8-32 positions (two chunks' logits,
+# exp and softmax overlap in MLX's schedule), never more than 4.3 blocks of all the positions.
+HEAD_CHUNK_GRAD = 9.5
+HEAD_CHUNK_GRAD_CAP = 4.3
 # The row-by-row path (no shared prompt: logprobs.token_logprobs with the head split) keeps more at its
 # head: 2.5-3.1 blocks measured in whole steps (Llama-3.2-1B, 1-layer Qwen2.5-1.5B: random weights can fail
 # supports_shared_prompt's check there).
@@ -278,12 +284,13 @@ def policy_bytes(model: ModelShape, step: StepShape, resident: int) -> int:
     s = pass_shape(step)
     layers = adapted_layers(model, step)
     one_layer = layer_saved_bytes(model, t["tokens"], t["key_positions"], t["scores"])
-    # The saved logits plus their gradient's blocks. `logits_chunk` does not shrink them here: MLX
-    # builds the whole backward graph at once, so every chunk's logits and gradient are alive together
-    # (measured: 512 completion tokens, 2 rows, Qwen2.5-0.5B's shape, chunks of 128: 2.04 GB against
-    # 1.56 GB predicted when a chunk's gradient alone was counted).
+    # The saved logits plus their gradient's blocks; with `logits_chunk`, a few chunks' worth (the
+    # backward recomputes each chunk: logprobs.head_logprobs).
     blocks = HEAD_LOGITS_GRAD if step.shared_prompt else HEAD_LOGITS_GRAD_ROWS
     head = blocks * t["scored"] * model.vocab_size * LOGIT_BYTES
+    if step.logits_chunk is not None:
+        chunked = min(HEAD_CHUNK_GRAD * head_positions(step, t["scored"]), HEAD_CHUNK_GRAD_CAP * t["scored"])
+        head = min(head, chunked * model.vocab_size * LOGIT_BYTES)
     if not step.grad_checkpoint:
         return resident + layers * one_layer + head
     block_input = (t["tokens"] * model.hidden_size + s["prompt_rows"] * s["prompt"] * 2 * model.kv_width) \

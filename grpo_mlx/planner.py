@@ -27,8 +27,9 @@ GB = 1e9
 # Off a Mac nothing reports a working set: the budget is this share of physical memory, leaving the
 # rest to the OS, the data set and the Python process (mx.get_peak_memory counts MLX arrays only).
 HOST_MEMORY_SHARE = 0.75
-# Positions per chunk of the LM head in the log-prob passes, when the plan chunks the logits.
-LOGITS_CHUNK = 128
+# Rows x positions per chunk of the LM head in the log-prob passes, when the plan chunks the logits:
+# a chunk is this many [V] rows of logits whatever the micro-batch (positions = this / micro-batch rows).
+LOGITS_CHUNK_ROWS = 512
 
 
 @dataclass(frozen=True)
@@ -135,9 +136,19 @@ def candidate_steps(step: StepShape, micro_batch_size: int | None, grad_checkpoi
     rows = step.batch_size * step.group_size
     sizes = [min(micro_batch_size, rows)] if micro_batch_size else micro_batch_candidates(step.batch_size, step.group_size)
     checkpointing = [grad_checkpoint] if grad_checkpoint is not None else [False, True]
-    chunks = [None] + ([LOGITS_CHUNK] if step.max_tokens > LOGITS_CHUNK else [])
     return [replace(step, micro_batch_size=size, grad_checkpoint=ckpt, logits_chunk=chunk)
-            for size in sizes for ckpt in checkpointing for chunk in chunks]
+            for size in sizes for ckpt in checkpointing for chunk in [None, *logits_chunks(step.max_tokens, size)]]
+
+
+def logits_chunk_size(micro_batch_size: int) -> int:
+    """Positions per LM-head chunk for a micro-batch: about LOGITS_CHUNK_ROWS rows of logits at once."""
+    return max(1, LOGITS_CHUNK_ROWS // micro_batch_size)
+
+
+def logits_chunks(max_tokens: int, micro_batch_size: int) -> list[int]:
+    """The chunked candidate, where a chunk is shorter than a completion."""
+    chunk = logits_chunk_size(micro_batch_size)
+    return [chunk] if chunk < max_tokens else []
 
 
 def choose_plan(model: ModelShape, step: StepShape, budget: int, micro_batch_size: int | None = None,

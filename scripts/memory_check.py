@@ -63,7 +63,7 @@ def shape_model_dir(name: str, layers: int, bits: int | None, cache: Path = MODE
 
 
 def measure(model_dir: Path, work: Path, B: int, G: int, T: int, micro_batch: int, checkpoint: bool,
-            beta: float = 0.04, lora_layers: int = 16, data_file: Path | None = None) -> dict:
+            beta: float = 0.04, lora_layers: int = 16, data_file: Path | None = None, chunk: int | None = None) -> dict:
     """One training step's peak memory, in bytes, whole and per phase, and the shapes it ran at.
 
     Each phase is wrapped: the peak is reset before it and read after it, and once more
@@ -86,6 +86,10 @@ def measure(model_dir: Path, work: Path, B: int, G: int, T: int, micro_batch: in
         reward=[f"{REPO / 'tests' / 'plugin_rewards.py'}:text_length"], output=str(work / "run"), steps=1, seed=0,
     ).validate()
     run = trainer.setup(config)
+    if chunk is not None:  # the LM head chunked as a plan that needs it would (no flag asks for it)
+        from dataclasses import replace
+
+        run.plan = replace(run.plan, step=replace(run.plan.step, logits_chunk=chunk))
     mx.eval(run.model.parameters())
     peaks, seen = {}, {}
 
@@ -124,34 +128,37 @@ def measure(model_dir: Path, work: Path, B: int, G: int, T: int, micro_batch: in
 
 
 def predict(model_dir: Path, B: int, G: int, T: int, micro_batch: int, checkpoint: bool, prompt_tokens: int,
-            shortest_prompt: int, shared_prompt: bool, beta: float = 0.04, lora_layers: int = 16) -> dict:
+            shortest_prompt: int, shared_prompt: bool, beta: float = 0.04, lora_layers: int = 16,
+            chunk: int | None = None) -> dict:
     from grpo_mlx.memory import ModelShape, StepShape, estimate_step
 
     model = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
     step = StepShape(batch_size=B, group_size=G, prompt_tokens=prompt_tokens, max_tokens=T,
                      micro_batch_size=micro_batch, grad_checkpoint=checkpoint, shared_prompt=shared_prompt,
                      shortest_prompt=shortest_prompt,
-                     reference_pass=beta != 0, lora_layers=lora_layers)
+                     reference_pass=beta != 0, lora_layers=lora_layers, logits_chunk=chunk)
     return estimate_step(model, step)
 
 
 def run_one(setting, cache: Path = MODEL_CACHE) -> dict:
     """Build (or reuse) the model, measure one step, predict it."""
-    name, layers, bits, B, G, T, micro_batch, checkpoint = setting
+    name, layers, bits, B, G, T, micro_batch, checkpoint, *chunk = setting  # a 9th entry: the logits chunk
+    chunk = chunk[0] if chunk else None
     model_dir = shape_model_dir(name, layers, bits, cache)
     with tempfile.TemporaryDirectory() as work:
-        measured = measure(model_dir, Path(work), B, G, T, micro_batch, checkpoint)
+        measured = measure(model_dir, Path(work), B, G, T, micro_batch, checkpoint, chunk=chunk)
     predicted = predict(model_dir, B, G, T, micro_batch, checkpoint, max(measured["prompt_lengths"]),
-                        min(measured["prompt_lengths"]), measured["shared_prompt"])
+                        min(measured["prompt_lengths"]), measured["shared_prompt"], chunk=chunk)
     return dict(setting=list(setting), measured=measured, predicted=predicted)
 
 
 def repredict(result: dict, cache: Path = MODEL_CACHE) -> dict:
     """A recorded row with its prediction made again (the measurement as it was)."""
-    name, layers, bits, B, G, T, micro_batch, checkpoint = result["setting"]
+    name, layers, bits, B, G, T, micro_batch, checkpoint, *chunk = result["setting"]
     m = result["measured"]
     predicted = predict(shape_model_dir(name, layers, bits, cache), B, G, T, micro_batch, checkpoint,
-                        max(m["prompt_lengths"]), min(m["prompt_lengths"]), m["shared_prompt"])
+                        max(m["prompt_lengths"]), min(m["prompt_lengths"]), m["shared_prompt"],
+                        chunk=chunk[0] if chunk else None)
     return {**result, "predicted": predicted}
 
 
@@ -169,12 +176,12 @@ def gb(x: float) -> str:
 
 
 def table_row(result: dict) -> str:
-    name, layers, bits, B, G, T, micro_batch, checkpoint = result["setting"]
+    name, layers, bits, B, G, T, micro_batch, checkpoint, *chunk = result["setting"]
     m, p = result["measured"], result["predicted"]
     err = (p["peak"] - m["peak"]) / m["peak"] * 100
     phases = " / ".join(f"{gb(p[k])}:{gb(m['phases'].get(k, 0))}" for k in ("rollout", "reference", "policy"))
     setting = (f"{'4-bit' if bits else 'f32'} B={B} G={G} T={T} P={max(m['prompt_lengths'])} mb={micro_batch}"
-               f"{' ckpt' if checkpoint else ''}")
+               f"{' ckpt' if checkpoint else ''}{f' chunk={chunk[0]}' if chunk and chunk[0] else ''}")
     return f"| {name} | {layers} | {setting} | {gb(p['peak'])} | {gb(m['peak'])} | {err:+.1f}% | {phases} | {m['seconds']:.0f} |"
 
 

@@ -271,3 +271,70 @@ def test_every_plain_kv_cache_family_shares_prompts_and_gets_the_same_logprobs(f
 def test_a_llama_with_sliding_window_layers_does_not_share_prompts():
     model = random_llama(layer_types=["sliding_attention", "full_attention"], sliding_window=4)
     assert not supports_shared_prompt(model)
+
+
+def big_vocab_lora_qwen2(vocab_size=8192, seed=6):
+    """A Qwen2 whose vocabulary dwarfs its width, as real models' do (SmolLM2: 49,152 x 576), with LoRA on."""
+    from mlx_lm.models import qwen2
+
+    from grpo_mlx.policy import attach_adapters
+
+    args = dict(model_type="qwen2", hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
+                num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=vocab_size, tie_word_embeddings=True)
+    mx.random.seed(seed)
+    model = qwen2.Model(qwen2.ModelArgs.from_dict(args))
+    attach_adapters(model, rank=4, num_layers=-1, scale=2.0)
+    rng = np.random.default_rng(seed)
+    model.update(tree_unflatten([(k, mx.array(rng.normal(scale=0.1, size=v.shape).astype(np.float32)))
+                                 for k, v in tree_flatten(model.trainable_parameters()) if k.endswith("lora_b")]))
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_chunked_head_gradient_equals_the_whole_logits_gradient(shared):
+    """The custom VJP recomputes each chunk's logits in the backward: same log-probs, entropy and gradients."""
+    model = big_vocab_lora_qwen2(vocab_size=512)
+    tokens, groups, mask = shared_prompt_batch(**SHARED_BATCHES["5-12-7"])
+    weights = mx.array(np.random.default_rng(3).normal(size=mask.shape).astype(np.float32)) * mask
+    start = min(length for _, _, length in groups) - 1
+
+    def run(chunk_size):
+        def loss(m):
+            if shared:
+                logprobs, entropy = group_token_logprobs(m, tokens, groups, 0.8, chunk_size=chunk_size, with_entropy=True)
+            else:
+                logprobs, entropy = token_logprobs(m, tokens, 0.8, chunk_size=chunk_size, with_entropy=True, start=start,
+                                                   split_head=True)
+            return (logprobs * weights).sum() + 0 * entropy.sum(), (logprobs, entropy)
+        (value, (logprobs, entropy)), grads = nn.value_and_grad(model, loss)(model)
+        return value, logprobs, entropy, dict(tree_flatten(grads))
+
+    whole, chunked = run(None), run(3)
+    np.testing.assert_allclose(np.array(chunked[1]), np.array(whole[1]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.array(chunked[2]), np.array(whole[2]), rtol=1e-5, atol=1e-5)
+    assert whole[3].keys() == chunked[3].keys() and len(whole[3]) > 0
+    for k in whole[3]:
+        np.testing.assert_allclose(np.array(chunked[3][k]), np.array(whole[3][k]), rtol=1e-4, atol=1e-6, err_msg=k)
+    assert max(float(mx.abs(g).max()) for g in whole[3].values()) > 1e-3  # gradients worth comparing
+
+
+def test_chunked_head_gradient_holds_one_chunk_of_logits_not_all():
+    """Peak memory of a forward+backward: the whole [rows, T, V] float32 logits (and their softmax and
+    gradient) with chunk_size None; about one chunk's with chunks."""
+    model = big_vocab_lora_qwen2(vocab_size=16384)
+    rows, width = 8, 130
+    tokens = mx.array(np.random.default_rng(0).integers(1, 16384, size=(rows, width)))
+    weights = mx.array(np.random.default_rng(1).normal(size=(rows, width - 1)).astype(np.float32))
+    logits_bytes = rows * (width - 1) * 16384 * 4  # 67.6 MB
+
+    def peak(chunk_size):
+        loss = lambda m: (token_logprobs(m, tokens, chunk_size=chunk_size, split_head=True) * weights).sum()  # noqa: E731
+        mx.eval(model.parameters())
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        mx.eval(nn.value_and_grad(model, loss)(model))
+        return mx.get_peak_memory()
+
+    whole, chunked = peak(None), peak(8)  # measured: 215 MB against 45 MB
+    assert whole - chunked > 2 * logits_bytes, (whole / 1e6, chunked / 1e6)

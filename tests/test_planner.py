@@ -245,7 +245,9 @@ def test_plan_for_a_shape_name_prints_the_phases_the_plan_and_the_fits_table():
     plan_line = re.search(r"plan: micro-batch (\d+) of 32 rows.*checkpointing (on|off)", output)
     step = StepShape(batch_size=4, group_size=8, prompt_tokens=200, max_tokens=512,
                      micro_batch_size=int(plan_line.group(1)), grad_checkpoint=plan_line.group(2) == "on",
-                     logits_chunk=planner.LOGITS_CHUNK if "chunks of" in output.split("\n")[3] else None)
+                     logits_chunk=None)
+    chunk = re.search(r"logits in chunks of (\d+) positions", output.split("\n")[3])
+    step = replace(step, logits_chunk=int(chunk.group(1)) if chunk else None)
     phases = estimate_step(shape, step)
     for key, label in (("weights", "weights"), ("policy", "policy pass peak"), ("peak", "step peak")):
         assert predicted(output, label) == pytest.approx(phases[key] / GB, abs=0.006), label

