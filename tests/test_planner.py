@@ -67,7 +67,14 @@ MODEL = model_shape({"vocab_size": 100, "hidden_size": 64, "intermediate_size": 
 STEP = StepShape(batch_size=4, group_size=8, prompt_tokens=100, max_tokens=512, micro_batch_size=1)
 
 
-def test_everything_fitting_runs_the_whole_batch_at_once_without_checkpointing():
+def test_everything_fitting_takes_the_leanest_plan_within_the_cost_slack_of_the_fastest(monkeypatch):
+    # The fastest runs the whole batch at once; 8 rows (4 micro-batches) cost 1.5% more by plan_cost and
+    # peak lower; 4 rows would cut groups, and chunks of 64 positions cost 4% more on top.
+    plan = choose_plan(MODEL, STEP, budget=10**6, estimate=fake_estimate)
+    assert (plan.micro_batch_size, plan.grad_checkpoint, plan.logits_chunk) == (8, False, None)
+    fastest = planner.plan_cost(replace(STEP, micro_batch_size=32))
+    assert fastest < planner.plan_cost(plan.step) <= fastest * (1 + planner.PLAN_COST_SLACK)
+    monkeypatch.setattr(planner, "PLAN_COST_SLACK", 0.0)  # no slack: the fastest, the whole batch at once
     plan = choose_plan(MODEL, STEP, budget=10**6, estimate=fake_estimate)
     assert (plan.micro_batch_size, plan.grad_checkpoint, plan.logits_chunk) == (32, False, None)
 
@@ -93,7 +100,7 @@ def test_respects_a_fixed_micro_batch_size_and_checkpointing():
     plan = choose_plan(MODEL, STEP, budget=10**6, micro_batch_size=4, estimate=fake_estimate)
     assert plan.micro_batch_size == 4 and not plan.grad_checkpoint
     plan = choose_plan(MODEL, STEP, budget=10**6, grad_checkpoint=True, estimate=fake_estimate)
-    assert plan.grad_checkpoint and plan.micro_batch_size == 32
+    assert plan.grad_checkpoint and plan.micro_batch_size == 8  # whole groups, the leanest within the slack
     # Only checkpointing would fit 8 rows, and --no-grad-checkpoint forbids it: a smaller micro-batch.
     plan = choose_plan(MODEL, STEP, budget=WEIGHTS + 8 * 60, grad_checkpoint=False, estimate=fake_estimate)
     assert not plan.grad_checkpoint and plan.micro_batch_size < 8
