@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from grpo_mlx.errors import UserError
-from grpo_mlx.sandbox import MARKER, SandboxLimits, isolation_command, run_python
+from grpo_mlx.sandbox import MARKER, SandboxLimits, os_layer_problem, run_python
 from grpo_mlx.tools import CALCULATOR, MAX_RESULT_BITS, ToolCall, calculate, get_tools, python_tool, run_tool_calls
 
 LINUX = sys.platform.startswith("linux")
@@ -247,7 +247,7 @@ def test_sockets_are_refused_by_the_guard():
     assert result.error and "PermissionError: the sandbox does not allow socket" in result.text
 
 
-@pytest.mark.skipif(not (LINUX and isolation_command()), reason="no network namespace on this machine")
+@pytest.mark.skipif(not LINUX or os_layer_problem() is not None, reason="needs bubblewrap (bwrap), absent or not working here")
 def test_without_the_guard_the_network_namespace_still_has_no_network():
     """A listening socket on this machine's loopback cannot be reached from the new namespace."""
     server = socket.socket()
