@@ -178,23 +178,55 @@ def guard(workdir: str):
     writable = (workdir, "/dev/null")
     pid = os.getpid()
     forbidden, forbidden_modules = FORBIDDEN_EVENTS, FORBIDDEN_MODULES
-    read_events, write_events = dict(READ_EVENTS), dict(WRITE_EVENTS)
+    read_events, write_events = types.MappingProxyType(dict(READ_EVENTS)), types.MappingProxyType(dict(WRITE_EVENTS))
     write_flags, native_suffixes = WRITE_FLAGS, NATIVE_SUFFIXES
-    realpath, join, getcwd, fsdecode, stat = os.path.realpath, os.path.join, os.getcwd, os.fsdecode, os.stat
-    s_isdir = __import__("stat").S_ISDIR
+    # C functions and types only, bound now: os.path's functions are Python, reading module globals
+    # (os.lstat, isinstance) that a program could replace under them.
+    posix = sys.modules.get("posix") or sys.modules["nt"]
+    lstat, stat, readlink, getcwd = posix.lstat, posix.stat, posix.readlink, posix.getcwd
     o_directory = getattr(os, "O_DIRECTORY", 0)
-    type_, str_, bytes_, int_, any_, tuple_ = type, str, bytes, int, any, tuple
+    type_, str_, bytes_, int_, any_, bool_, reversed_ = type, str, bytes, int, any, bool, reversed
     permission_error, module_not_found, os_error, value_error = PermissionError, ModuleNotFoundError, OSError, ValueError
     sep = os.sep
 
     def resolve(path):
-        """The real path `path` names, or None for a path type the guard will not interpret."""
+        """The absolute path `path` names, symbolic links followed (os.path.realpath, in C calls only);
+        "" for a descriptor; None for a path type the guard will not interpret."""
         kind = type_(path)
         if kind is int_:  # an open file descriptor: it was allowed when opened (and no folder is)
             return ""
-        if kind is not str_ and kind is not bytes_:  # an object with __fspath__ could answer twice
+        if kind is bytes_:
+            path = path.decode("utf-8", "surrogateescape")
+        elif kind is not str_:  # an object with __fspath__ could answer differently when used
             return None
-        return realpath(join(getcwd(), fsdecode(path)))
+        if not path.startswith("/"):
+            path = getcwd() + "/" + path
+        pending, parts, links = list(reversed_(path.split("/"))), [], 0
+        while pending:
+            name = pending.pop()
+            if name == "" or name == ".":
+                continue
+            if name == "..":
+                if parts:
+                    parts.pop()
+                continue
+            candidate = "/" + "/".join(parts + [name])
+            try:
+                mode = lstat(candidate).st_mode
+            except (os_error, value_error):  # not there (yet): the rest is read as written
+                parts.append(name)
+                continue
+            if mode & 0o170000 == 0o120000:  # a symbolic link
+                links += 1
+                if links > 40:
+                    return None
+                target = readlink(candidate)
+                if target.startswith("/"):
+                    parts = []
+                pending.extend(reversed_(target.split("/")))
+                continue
+            parts.append(name)
+        return "/" + "/".join(parts)
 
     def inside(path, roots) -> bool:
         full = resolve(path)
@@ -217,13 +249,15 @@ def guard(workdir: str):
             raise permission_error("the sandbox does not allow signalling other processes")
         elif event == "resource.prlimit" and args[0] not in (0, pid):
             raise permission_error("the sandbox does not allow changing another process's limits")
-        elif event == "object.__setattr__" and args[1] == "__code__":
+        elif event == "object.__setattr__" and (type_(args[1]) is not str_ or args[1] == "__code__"):
             raise permission_error("the sandbox does not allow replacing a function's code")
         elif event == "open":
             path, mode, flags = args
             if path is None:
                 return
-            writes = any_(c in mode for c in "wax+") if type_(mode) is str_ else bool(flags & write_flags)
+            # A mode that is not a plain str (a subclass answering `in` as it likes) counts as writing.
+            writes = any_(c in mode for c in "wax+") if type_(mode) is str_ else (
+                mode is not None or type_(flags) is not int_ or bool_(flags & write_flags))
             if not inside(path, writable if writes else readable):
                 raise permission_error(f"the sandbox does not allow {'writing' if writes else 'reading'} {path!r}: "
                                        "work in the current directory")
@@ -238,14 +272,14 @@ def guard(workdir: str):
                     raise permission_error(f"the sandbox does not allow listing {path!r}")
         elif event in write_events:
             for path in args[:write_events[event]]:
-                if path is None or (event == "sqlite3.connect" and path in (":memory:", b":memory:", "")):
+                if path is None or (event == "sqlite3.connect" and type_(path) is str_ and path in (":memory:", "")):
                     continue
                 if not inside(path, writable):
                     raise permission_error(f"the sandbox does not allow changing {path!r}: work in the current directory")
 
     def _is_dir(path) -> bool:
         try:
-            return s_isdir(stat(path).st_mode)
+            return stat(path).st_mode & 0o170000 == 0o040000
         except (os_error, value_error):
             return False
 
