@@ -79,16 +79,21 @@ os.path.realpath = lambda path, **kw: os.getcwd()
 builtins.any = lambda items: True
 builtins.isinstance = lambda *args: True
 """,
-    # The hook's closure through gc: empty or widen whatever container it holds.
+    # The hook's closure through gc: widen the folders it allows, empty the events it refuses.
     "gc-closure": """
 import gc
 for obj in gc.get_objects():
     if type(obj).__name__ == "function" and obj.__name__ == "hook" and obj.__closure__:
         for cell in obj.__closure__:
             value = cell.cell_contents
-            if isinstance(value, (list, set, dict)):
+            if isinstance(value, list):
+                value.append("/")
+            elif isinstance(value, (set, dict)):
                 value.clear()
-            cell.cell_contents = () if isinstance(value, (tuple, frozenset)) else value
+            elif isinstance(value, tuple) and all(isinstance(v, str) for v in value):
+                cell.cell_contents = ("/",)
+            elif isinstance(value, frozenset):
+                cell.cell_contents = frozenset()
 """,
     # The hook's frame, from the traceback of a refusal: mutate what its locals hold.
     "hook-frame": """
@@ -116,14 +121,27 @@ for obj in gc.get_objects():
 }
 
 
+PAYLOAD = """
+import os
+try:
+    print(open({secret!r}).read())
+except Exception as exc:
+    print("read refused:", exc)
+try:
+    os.system("cat {secret}")
+except Exception as exc:
+    print("process refused:", exc)
+"""
+
+
 @pytest.mark.parametrize("layer", LAYERS)
 @pytest.mark.parametrize("attack", TAMPERING)
 def test_tampering_with_the_guard_does_not_open_the_users_files(attack, layer, secret_file):
-    """Each tampering is followed by reading a file of this test: it must stay unread."""
-    code = TAMPERING[attack] + f"\ntry:\n    print(open({str(secret_file)!r}).read())\nexcept OSError as exc:\n    print('refused:', exc)\n"
-    result = run_python(code, LIMITS, **layer)
+    """Each tampering is followed by reading a file of this test, directly and through a shell: it must
+    stay unread."""
+    result = run_python(TAMPERING[attack] + PAYLOAD.format(secret=str(secret_file)), LIMITS, **layer)
     assert SECRET not in result.text, result.text
-    if layer["guard"]:  # the tampering itself, or the read after it, is refused in words the model can read
+    if layer["guard"]:  # the tampering itself, or what follows it, is refused in words the model can read
         assert "the sandbox does not allow" in result.text, result.text
 
 
