@@ -214,6 +214,7 @@ def _probe(command: list[str], cwd: Path) -> str | None:
     return lines[-1] if lines else f"exit status {probe.returncode}"
 
 
+@functools.cache
 def interpreter_folders() -> list[str]:
     """What the child's Python needs to read besides /usr: its install prefixes, the virtual environment
     and its library folders, each as named and as resolved (symlinks), without repeats or what /usr covers."""
@@ -248,7 +249,7 @@ def linux_command(python: list[str], work: Path, program: Path, folder_bytes: in
             command += ["--symlink", os.readlink(path), str(path)]
         elif path.is_dir():
             command += ["--ro-bind", str(path), str(path)]
-    folders = interpreter_folders() if folders is None else folders
+    folders = list(interpreter_folders()) if folders is None else folders
     # The folders above each mount point, made traversable (bwrap would make them 0700: nobody's dead end).
     above = {str(parent) for target in [*folders, CHILD, program, work] for parent in Path(target).parents}
     for parent in sorted(above - {"/"}, key=lambda p: (p.count("/"), p)):
@@ -267,14 +268,14 @@ def linux_command(python: list[str], work: Path, program: Path, folder_bytes: in
 
 
 def macos_profile(work: Path, readable_files: list[Path], home: Path | None = None,
-                  folders: list[str] | None = None, python: str | None = None) -> str:
+                  folders: list[str] | None = None, python: list[str] | None = None) -> str:
     """The sandbox-exec profile (SBPL) for a program working in `work`: no network; no writes outside
     `work` (and /dev/null); nothing read in the user's home but the interpreter's folders and
     `readable_files` (the launcher, the program) where they live there; no fork, no exec but Python;
     no looking at or signalling other processes. A pure function of its arguments, tested as such."""
     home = Path.home() if home is None else home
-    folders = interpreter_folders() if folders is None else folders
-    python = os.path.realpath(sys.executable) if python is None else python
+    folders = list(interpreter_folders()) if folders is None else folders
+    python = list(dict.fromkeys([sys.executable, os.path.realpath(sys.executable)])) if python is None else python
 
     def quote(path) -> str:
         return json.dumps(str(path))  # SBPL strings take the same escapes as JSON's
@@ -288,7 +289,7 @@ def macos_profile(work: Path, readable_files: list[Path], home: Path | None = No
         f"(deny file-write* (require-not (require-any (subpath {quote(work)}) (literal \"/dev/null\"))))",
         f"(deny file-read* (require-all (subpath {quote(home)}) (require-not (require-any {home_exceptions}))))",
         "(deny process-fork)",
-        f"(deny process-exec* (require-not (literal {quote(python)})))",
+        f"(deny process-exec* (require-not (require-any {' '.join(f'(literal {quote(p)})' for p in python)})))",
         "(deny process-info* (target others))",
         "(deny signal (target others))",
     ])

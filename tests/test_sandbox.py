@@ -366,14 +366,17 @@ def test_the_bubblewrap_command_binds_only_what_python_needs(tmp_path):
 
 def test_the_macos_profile_denies_network_writes_home_and_other_processes():
     profile = macos_profile(Path("/private/var/folders/x/work"), [Path("/Users/u/code/grpo_mlx/sandbox_child.py")],
-                            home=Path("/Users/u"), folders=["/Users/u/.venv"], python="/usr/bin/python3")
+                            home=Path("/Users/u"), folders=["/Users/u/.venv"],
+                            python=["/Users/u/.venv/bin/python", "/usr/bin/python3"])
     lines = profile.splitlines()
     assert lines[:3] == ["(version 1)", "(allow default)", "(deny network*)"]
     assert '(deny file-write* (require-not (require-any (subpath "/private/var/folders/x/work") (literal "/dev/null"))))' in lines
     assert ('(deny file-read* (require-all (subpath "/Users/u") (require-not (require-any '
             '(subpath "/private/var/folders/x/work") (subpath "/Users/u/.venv") '
             '(literal "/Users/u/code/grpo_mlx/sandbox_child.py")))))') in lines
-    assert "(deny process-fork)" in lines and '(deny process-exec* (require-not (literal "/usr/bin/python3")))' in lines
+    assert "(deny process-fork)" in lines
+    assert ('(deny process-exec* (require-not (require-any (literal "/Users/u/.venv/bin/python") '
+            '(literal "/usr/bin/python3"))))') in lines
     assert "(deny process-info* (target others))" in lines and "(deny signal (target others))" in lines
     assert profile.count("(") == profile.count(")")
-    assert '\\"' in macos_profile(Path('/w/"x'), [], home=Path("/h"), folders=[], python="/p")  # quotes escaped
+    assert '\\"' in macos_profile(Path('/w/"x'), [], home=Path("/h"), folders=[], python=["/p"])  # quotes escaped
