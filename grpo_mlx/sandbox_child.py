@@ -145,25 +145,41 @@ def disarm_unaudited_starters() -> None:
     module that holds them, before the guard goes in (which then refuses importing those modules anew).
 
     _posixsubprocess.fork_exec starts a process without the subprocess.Popen event; pidfd_open and
-    pidfd_send_signal signal any process of the user; ctypes is imported here (numpy needs it, its
-    import dlopen()s the interpreter) so that the guard can refuse every later dlopen and call."""
+    pidfd_send_signal signal any process of the user; mkfifo and mknod make files from C; setpriority
+    and the sched_set* functions reach other processes. ctypes is imported here (numpy needs it, its
+    import dlopen()s the interpreter) so that the guard can refuse every later dlopen and call.
+
+    A built-in module made anew (`_imp.create_builtin`) would hand back the originals (the interpreter
+    keeps a copy of a single-phase module's first dictionary), so every built-in module is imported
+    now and `_imp.create_builtin` refuses from here on: nothing is left for it to do."""
+    import _imp
     import _posixsubprocess  # noqa: F401 - subprocess imports it; it must hold the refusal
     import signal
+    for name in sys.builtin_module_names:
+        if name not in FORBIDDEN_MODULES:
+            try:
+                __import__(name)
+            except ImportError:
+                pass
     try:
         import ctypes  # noqa: F401
     except ImportError:
         pass
 
     def refused(*args, **kwargs):
-        raise PermissionError("the sandbox does not allow starting or signalling processes this way")
+        raise PermissionError("the sandbox does not allow starting, signalling or steering processes this way")
+
+    def no_new_builtin(*args, **kwargs):
+        raise PermissionError("the sandbox does not allow making a built-in module anew")
 
     posix = sys.modules.get("posix") or sys.modules.get("nt")
-    targets = [(_posixsubprocess, "fork_exec"), (signal, "pidfd_send_signal"), (sys.modules["_signal"], "pidfd_send_signal"),
-               (os, "pidfd_open"), (posix, "pidfd_open"), (os, "mkfifo"), (posix, "mkfifo"), (os, "mknod"),
-               (posix, "mknod")]
-    for module, name in targets:
-        if module is not None and hasattr(module, name):
-            setattr(module, name, refused)
+    names = ("fork_exec", "pidfd_send_signal", "pidfd_open", "mkfifo", "mknod", "setpriority", "sched_setaffinity",
+             "sched_setscheduler", "sched_setparam")
+    for module in (_posixsubprocess, signal, sys.modules.get("_signal"), os, posix):
+        for name in names:
+            if module is not None and hasattr(module, name):
+                setattr(module, name, refused)
+    _imp.create_builtin = no_new_builtin
 
 
 def guard(workdir: str):

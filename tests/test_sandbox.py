@@ -219,6 +219,15 @@ def test_the_process_count_holds_also_as_root(layer):
     assert time.perf_counter() - started < LIMITS.timeout + 2
 
 
+def test_the_guard_refuses_making_a_built_in_module_anew():
+    """_imp.create_builtin would hand back posix and _signal with the functions the guard disarmed."""
+    code = ("import _imp, importlib.machinery\nfor name in ('posix', '_signal'):\n"
+            "    try:\n        print(name, _imp.create_builtin(importlib.machinery.ModuleSpec(name, None)))\n"
+            "    except PermissionError as exc:\n        print(name, 'refused:', exc)\n")
+    result = run_python(code, LIMITS, isolate=False)
+    assert result.text.count("refused: the sandbox does not allow making a built-in module anew") == 2, result.text
+
+
 # ---------------------------------------------------------------- native code
 
 @pytest.mark.parametrize("layer", [*LAYERS, NO_LAYER])
