@@ -37,7 +37,9 @@ import traceback
 import types
 
 # Always refused: process creation and signals (fork bombs, killing the user's processes),
-# the network, tracing and gc walks (ways to reach the hook's state), ctypes calls.
+# the network, tracing and gc walks (ways to reach the hook's state), ctypes calls, changing
+# directory (relative paths keep the meaning the hook checked), symbolic links, raising limits
+# (root could lift its own).
 FORBIDDEN_EVENTS = frozenset({
     "os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.startfile",
     "subprocess.Popen", "os.killpg", "socket.__new__", "socket.connect", "socket.bind",
@@ -48,7 +50,7 @@ FORBIDDEN_EVENTS = frozenset({
     "os.chdir", "os.symlink", "os.chroot", "os.setxattr", "os.removexattr",
     "gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys.settrace", "sys.setprofile",
     "sys._current_frames", "sys._current_exceptions", "sys.monitoring.register_callback",
-    "os.setns", "os.unshare",
+    "os.setns", "os.unshare", "resource.setrlimit",
 })
 # Modules refused outright (ModuleNotFoundError, so `try: import x except ImportError` falls back):
 # unaudited process starters, shared memory, the native-function bridge, and readline (writes its
@@ -263,8 +265,8 @@ def guard(workdir: str):
                 raise permission_error(f"the sandbox does not allow loading native code from {filename!r}")
         elif event == "os.kill" and args[0] != pid:
             raise permission_error("the sandbox does not allow signalling other processes")
-        elif event == "resource.prlimit" and args[0] not in (0, pid):
-            raise permission_error("the sandbox does not allow changing another process's limits")
+        elif event == "resource.prlimit" and (args[0] not in (0, pid) or args[2] is not None):
+            raise permission_error("the sandbox does not allow changing limits")
         elif event == "object.__setattr__" and (type_(args[1]) is not str_ or args[1] == "__code__"):
             raise permission_error("the sandbox does not allow replacing a function's code")
         elif event == "open":

@@ -228,6 +228,20 @@ def test_the_guard_refuses_making_a_built_in_module_anew():
     assert result.text.count("refused: the sandbox does not allow making a built-in module anew") == 2, result.text
 
 
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_program_cannot_lift_its_own_limits(layer):
+    """As root, RLIMIT_AS and the rest could be raised again from inside: the OS layer runs the program as
+    nobody, the guard refuses setrlimit and prlimit with new limits."""
+    code = ("import resource\nfor name in ('RLIMIT_AS', 'RLIMIT_NPROC', 'RLIMIT_CPU'):\n"
+            "    which = getattr(resource, name)\n    try:\n"
+            "        resource.setrlimit(which, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))\n        print(name, 'lifted')\n"
+            "    except (ValueError, OSError) as exc:\n        print(name, 'kept:', exc)\n"
+            "try:\n    resource.prlimit(0, resource.RLIMIT_AS, (resource.RLIM_INFINITY,) * 2)\n    print('prlimit lifted')\n"
+            "except (ValueError, OSError) as exc:\n    print('kept:', exc)\n")
+    result = run_python(code, LIMITS, **layer)
+    assert "lifted" not in result.text, result.text
+
+
 # ---------------------------------------------------------------- native code
 
 @pytest.mark.parametrize("layer", [*LAYERS, NO_LAYER])
