@@ -120,12 +120,7 @@ def run_python(code: str, limits: SandboxLimits = SandboxLimits(), guard: bool =
         program.write_text(code, encoding="utf-8", errors="replace")
         os.chmod(program, 0o644)
         layer = os_layer() if isolate else None
-        as_nobody = layer == "bwrap" and os.geteuid() == 0
-        config = {"program": str(program), "workdir": str(work), "guard": guard,
-                  "cpu_seconds": max(1, int(limits.cpu_seconds)), "memory_bytes": limits.memory_bytes,
-                  "file_bytes": limits.file_bytes, "uid": NOBODY if as_nobody else None,
-                  "processes": _process_limit(limits.processes, NOBODY if as_nobody else os.getuid())}
-        python = [sys.executable, "-I", "-u", str(CHILD), json.dumps(config)]
+        config, python = _child_command(program, work, guard, limits, as_nobody=layer == "bwrap" and os.geteuid() == 0)
         if layer == "bwrap":
             command = linux_command(python, work, program, limits.folder_bytes, as_root=os.geteuid() == 0)
         elif layer == "sandbox-exec":
@@ -169,6 +164,15 @@ def run_python(code: str, limits: SandboxLimits = SandboxLimits(), guard: bool =
         _remove_folder(root)
 
 
+def _child_command(program: Path, work: Path, guard: bool, limits: SandboxLimits, as_nobody: bool) -> tuple[dict, list[str]]:
+    """The child's configuration and the words that start it (sandbox_child.py)."""
+    config = {"program": str(program), "workdir": str(work), "guard": guard,
+              "cpu_seconds": max(1, int(limits.cpu_seconds)), "memory_bytes": limits.memory_bytes,
+              "file_bytes": limits.file_bytes, "uid": NOBODY if as_nobody else None,
+              "processes": _process_limit(limits.processes, NOBODY if as_nobody else os.getuid())}
+    return config, [sys.executable, "-I", "-u", str(CHILD), json.dumps(config)]
+
+
 @functools.cache
 def os_layer() -> str | None:
     """The OS layer that works on this machine: "bwrap" (Linux), "sandbox-exec" (macOS) or None. Probed once."""
@@ -186,11 +190,11 @@ def os_layer_problem() -> str | None:
         with tempfile.TemporaryDirectory(prefix="grpo-mlx-sandbox-probe-") as folder:
             work, program = Path(folder) / "work", Path(folder) / "probe.py"
             work.mkdir()
-            program.write_text("")
-            os.chmod(folder, 0o755)
-            command = linux_command([sys.executable, "-I", "-c", "import os; os.getcwd()"], work, program,
-                                    1 << 20, as_root=os.geteuid() == 0)
-            reason = _probe(command, work)
+            program.write_text("import os, sys\nos.getcwd()")
+            os.chmod(program, 0o644)
+            as_root = os.geteuid() == 0  # the real launch: the child, its limits, nobody as root, the guard
+            _, python = _child_command(program, work, True, SandboxLimits(), as_nobody=as_root)
+            reason = _probe(linux_command(python, work, program, 1 << 20, as_root=as_root), work)
         return reason and f"bwrap cannot make its namespaces here ({reason}); {way_out}"
     if sys.platform == "darwin":
         if not shutil.which("sandbox-exec"):
