@@ -16,9 +16,10 @@ What bounds a program, in layers:
      /tmp, no other project, no other process. No network (an empty network namespace),
      no IPC or UTS shared, a new session (no terminal injection), killed with its parent.
      As root it runs as nobody (65534), so RLIMIT_NPROC holds (the kernel exempts root).
-     Why bubblewrap: it is the small, audited setuid-free tool Flatpak builds on, packaged
-     everywhere (`apt-get install bubblewrap`), and does mount, PID, network and user
-     namespaces in one call where `unshare` alone cannot build a file system view.
+     Why bubblewrap: it is the small sandboxing tool Flatpak is built on, well kept and
+     packaged everywhere (`apt-get install bubblewrap`); it builds the file system view
+     (binds, a fresh /proc, a sized tmpfs) and the mount, PID, network and user namespaces
+     in one call, without root, which `unshare` alone does not (it shares the file system).
    - macOS: `sandbox-exec` with a profile (`macos_profile`) that denies the network,
      writes outside the working folder, reading the user's home (but for the interpreter
      and the launcher where they live there), forking, executing anything but Python,
