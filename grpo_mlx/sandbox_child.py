@@ -53,11 +53,14 @@ FORBIDDEN_EVENTS = frozenset({
     "os.setns", "os.unshare", "resource.setrlimit",
 })
 # Modules refused outright (ModuleNotFoundError, so `try: import x except ImportError` falls back):
-# unaudited process starters, shared memory, the native-function bridge, and readline (writes its
-# history file from C, unseen).
+# unaudited process starters, shared memory, test hooks into the interpreter, and modules that open
+# files from C, unseen by the hook (readline's history, sqlite3's ATTACH and VACUUM INTO, dbm, curses,
+# ssl's certificate files, spwd's shadow file). _posixsubprocess, posix, pwd and grp are imported
+# (disarmed) before the hook goes in; refusing them here refuses making them anew.
 FORBIDDEN_MODULES = frozenset({
     "_posixsubprocess", "_posixshmem", "multiprocessing", "_multiprocessing", "readline", "_ctypes_test",
     "_testcapi", "_testinternalcapi", "_xxsubinterpreters", "_xxinterpchannels", "_lsprof", "posix", "pty",
+    "sqlite3", "_sqlite3", "_dbm", "_gdbm", "_curses", "_curses_panel", "_ssl", "spwd", "pwd", "grp",
 })
 # Events whose path arguments (the first `count`) must lie inside the readable folders.
 READ_EVENTS = {"os.listdir": 1, "os.scandir": 1, "glob.glob": 1}
@@ -157,6 +160,12 @@ def disarm_unaudited_starters() -> None:
     import _imp
     import _posixsubprocess  # noqa: F401 - subprocess imports it; it must hold the refusal
     import signal
+    users = []
+    for name in ("pwd", "grp"):  # the user database, read in C: shown empty, as under the OS layer
+        try:
+            users.append(__import__(name))
+        except ImportError:
+            pass
     for name in sys.builtin_module_names:
         if name not in FORBIDDEN_MODULES:
             try:
@@ -181,6 +190,16 @@ def disarm_unaudited_starters() -> None:
         for name in names:
             if module is not None and hasattr(module, name):
                 setattr(module, name, refused)
+    def unknown(*args, **kwargs):
+        raise KeyError("the sandbox hides the user database")
+
+    for module in users:
+        for name in ("getpwall", "getgrall"):
+            if hasattr(module, name):
+                setattr(module, name, list)
+        for name in ("getpwnam", "getpwuid", "getgrnam", "getgrgid"):
+            if hasattr(module, name):
+                setattr(module, name, unknown)
     _imp.create_builtin = no_new_builtin
 
 

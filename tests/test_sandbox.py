@@ -342,6 +342,13 @@ def test_shared_memory_stays_inside(layer):
         Path(f"/dev/shm/{name}").unlink(missing_ok=True)
 
 
+@pytest.mark.parametrize("layer", [*LAYERS, NO_LAYER])
+def test_the_user_database_is_out_of_reach(layer):
+    """pwd reads /etc/passwd in C, unseen by the hook: the guard shows it empty, the OS layer has none."""
+    result = run_python("import pwd\nprint([p.pw_name for p in pwd.getpwall()])", LIMITS, **layer)
+    assert ("root" in result.text) == escaped(layer), result.text
+
+
 @needs_bwrap
 def test_under_the_os_layer_the_system_shows_only_what_python_needs():
     """No home, no /tmp of the host, no user database, only the call's processes, no network interfaces."""
