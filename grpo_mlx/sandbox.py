@@ -15,7 +15,9 @@ What bounds a program, in layers:
      namespace, four devices (null, zero, random, urandom) and nothing else: no home, no
      /tmp, no other project, no other process. No network (an empty network namespace),
      no IPC or UTS shared, a new session (no terminal injection), killed with its parent.
-     As root it runs as nobody (65534), so RLIMIT_NPROC holds (the kernel exempts root).
+     As root it runs as a uid of its own (no such user; one per call, drawn from
+     SANDBOX_UIDS), so RLIMIT_NPROC holds (the kernel exempts root) and counts this
+     call's processes alone, not those of calls running beside it.
      Why bubblewrap: it is the small sandboxing tool Flatpak is built on, well kept and
      packaged everywhere (`apt-get install bubblewrap`); it builds the file system view
      (binds, a fresh /proc, a sized tmpfs) and the mount, PID, network and user namespaces
@@ -69,7 +71,9 @@ from pathlib import Path
 CHILD = Path(__file__).with_name("sandbox_child.py")
 MARKER = "GRPO_MLX_SANDBOX_RUN"  # environment variable naming the call, for finding its processes
 SANDBOX_MODES = ("os", "guard-only")  # --tool-sandbox: the OS layer (required), or the guard alone (an opt-in)
-NOBODY = 65534  # the user a program runs as under bubblewrap when the trainer runs as root
+# The uids a program runs as under bubblewrap when the trainer runs as root: one per call, so that
+# RLIMIT_NPROC, which counts a uid's processes system-wide, counts this call's alone. No user has them.
+SANDBOX_UIDS = range(1_900_000_000, 2_000_000_000)
 DEVICES = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom")
 POLL_SECONDS = 0.05  # how often the parent checks the timeout and, guard-only, the folder and process count
 GUARD_ONLY_HINT = "--tool-sandbox guard-only"
@@ -121,7 +125,8 @@ def run_python(code: str, limits: SandboxLimits = SandboxLimits(), guard: bool =
         program.write_text(code, encoding="utf-8", errors="replace")
         os.chmod(program, 0o644)
         layer = os_layer() if isolate else None
-        config, python = _child_command(program, work, guard, limits, as_nobody=layer == "bwrap" and os.geteuid() == 0)
+        uid = _call_uid(run_id) if layer == "bwrap" and os.geteuid() == 0 else None
+        config, python = _child_command(program, work, guard, limits, uid)
         if layer == "bwrap":
             command = linux_command(python, work, program, limits.folder_bytes, as_root=os.geteuid() == 0)
         elif layer == "sandbox-exec":
@@ -165,12 +170,19 @@ def run_python(code: str, limits: SandboxLimits = SandboxLimits(), guard: bool =
         _remove_folder(root)
 
 
-def _child_command(program: Path, work: Path, guard: bool, limits: SandboxLimits, as_nobody: bool) -> tuple[dict, list[str]]:
-    """The child's configuration and the words that start it (sandbox_child.py)."""
+def _call_uid(run_id: str) -> int:
+    """The uid of a call's program when the trainer runs as root (SANDBOX_UIDS)."""
+    return SANDBOX_UIDS[int(run_id[:12], 16) % len(SANDBOX_UIDS)]
+
+
+def _child_command(program: Path, work: Path, guard: bool, limits: SandboxLimits,
+                   uid: int | None) -> tuple[dict, list[str]]:
+    """The child's configuration and the words that start it (sandbox_child.py); `uid`: the user it
+    becomes (root under bubblewrap), else None."""
     config = {"program": str(program), "workdir": str(work), "guard": guard,
               "cpu_seconds": max(1, int(limits.cpu_seconds)), "memory_bytes": limits.memory_bytes,
-              "file_bytes": limits.file_bytes, "uid": NOBODY if as_nobody else None,
-              "processes": _process_limit(limits.processes, NOBODY if as_nobody else os.getuid())}
+              "file_bytes": limits.file_bytes, "uid": uid,
+              "processes": _process_limit(limits.processes, os.getuid() if uid is None else uid)}
     return config, [sys.executable, "-I", "-u", str(CHILD), json.dumps(config)]
 
 
@@ -193,8 +205,8 @@ def os_layer_problem() -> str | None:
             work.mkdir()
             program.write_text("import os, sys\nos.getcwd()")
             os.chmod(program, 0o644)
-            as_root = os.geteuid() == 0  # the real launch: the child, its limits, nobody as root, the guard
-            _, python = _child_command(program, work, True, SandboxLimits(), as_nobody=as_root)
+            as_root = os.geteuid() == 0  # the real launch: the child, its limits, its own uid as root, the guard
+            _, python = _child_command(program, work, True, SandboxLimits(), _call_uid("0" * 12) if as_root else None)
             reason = _probe(linux_command(python, work, program, 1 << 20, as_root=as_root), work)
         return reason and f"bwrap cannot make its namespaces here ({reason}); {way_out}"
     if sys.platform == "darwin":
@@ -243,7 +255,7 @@ def linux_command(python: list[str], work: Path, program: Path, folder_bytes: in
     module's docstring): a pure function of its arguments, tested as such."""
     command = [shutil.which("bwrap") or "bwrap", "--die-with-parent", "--new-session",
                "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"]
-    if as_root:  # no user namespace (root's would map to root, whom RLIMIT_NPROC exempts): drop to nobody
+    if as_root:  # no user namespace (root's would map to root, whom RLIMIT_NPROC exempts): the child drops to its uid
         command += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
         command += ["--unshare-user"]
@@ -255,7 +267,7 @@ def linux_command(python: list[str], work: Path, program: Path, folder_bytes: in
         elif path.is_dir():
             command += ["--ro-bind", str(path), str(path)]
     folders = list(interpreter_folders()) if folders is None else folders
-    # The folders above each mount point, made traversable (bwrap would make them 0700: nobody's dead end).
+    # The folders above each mount point, made traversable (bwrap would make them 0700: a dead end to the program's uid).
     above = {str(parent) for target in [*folders, CHILD, program, work] for parent in Path(target).parents}
     for parent in sorted(above - {"/"}, key=lambda p: (p.count("/"), p)):
         command += ["--perms", "0755", "--dir", parent]

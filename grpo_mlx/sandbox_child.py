@@ -82,7 +82,7 @@ def main() -> None:
         code = f.read()
     workdir = os.path.realpath(config["workdir"])
     set_limits(config)
-    if config.get("uid") is not None:  # root inside the OS layer: become a user RLIMIT_NPROC holds
+    if config.get("uid") is not None:  # root inside the OS layer: become the call's own uid, which RLIMIT_NPROC holds
         os.setgroups([])
         os.setgid(config["uid"])
         os.setuid(config["uid"])

@@ -208,7 +208,7 @@ def test_other_processes_cannot_be_signalled_or_limited(layer, host_process):
 @pytest.mark.parametrize("layer", [OS_LAYER, pytest.param({"guard": False, "isolate": False}, id="guard-only-off")])
 def test_the_process_count_holds_also_as_root(layer):
     """Without the guard (as if a program got around it), a fork bomb meets the process limit: RLIMIT_NPROC
-    under bubblewrap (as nobody when the trainer is root), else the parent's count (as root) or RLIMIT_NPROC."""
+    under bubblewrap (as the call's own uid when the trainer is root), else the parent's count (as root) or RLIMIT_NPROC."""
     code = ("import os, time\nn = 0\ntry:\n    while True:\n        if os.fork() == 0:\n            time.sleep(30)\n"
             "            os._exit(0)\n        n += 1\nexcept OSError:\n    print('limited at', n)\n")
     started = time.perf_counter()
@@ -231,7 +231,7 @@ def test_the_guard_refuses_making_a_built_in_module_anew():
 @pytest.mark.parametrize("layer", LAYERS)
 def test_a_program_cannot_lift_its_own_limits(layer):
     """As root, RLIMIT_AS and the rest could be raised again from inside: the OS layer runs the program as
-    nobody, the guard refuses setrlimit and prlimit with new limits."""
+    a uid of its own, the guard refuses setrlimit and prlimit with new limits."""
     code = ("import resource\nfor name in ('RLIMIT_AS', 'RLIMIT_NPROC', 'RLIMIT_CPU'):\n"
             "    which = getattr(resource, name)\n    try:\n"
             "        resource.setrlimit(which, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))\n        print(name, 'lifted')\n"
@@ -240,6 +240,22 @@ def test_a_program_cannot_lift_its_own_limits(layer):
             "except (ValueError, OSError) as exc:\n    print('kept:', exc)\n")
     result = run_python(code, LIMITS, **layer)
     assert "lifted" not in result.text, result.text
+
+
+@needs_bwrap
+def test_calls_side_by_side_each_get_their_own_process_budget():
+    """RLIMIT_NPROC counts a uid's processes: as root each call runs as a uid of its own (never root), so
+    two fork bombs at once each reach their own limit rather than sharing one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    code = ("import os, time\nprint('uid', os.getuid())\nn = 0\ntry:\n    while True:\n        if os.fork() == 0:\n"
+            "            time.sleep(30)\n            os._exit(0)\n        n += 1\nexcept OSError:\n    print('limited at', n)\n")
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: run_python(code, LIMITS, guard=False), range(2)))
+    uids = [int(r.text.split("uid")[1].split()[0]) for r in results]
+    counts = [int(r.text.split("limited at")[1].split()[0]) for r in results]
+    assert 0 not in uids and (os.geteuid() != 0 or uids[0] != uids[1]), uids
+    assert all(LIMITS.processes - 3 <= n <= LIMITS.processes for n in counts), [r.text for r in results]
 
 
 # ---------------------------------------------------------------- native code
