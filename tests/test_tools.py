@@ -343,3 +343,15 @@ def test_an_escape_attempt_is_an_error_result_of_the_turn(sandbox):
         result = tool.call({"code": code})
         assert result.error and "the sandbox does not allow" in result.text, (code, result.text)
     assert tool.call({"code": "print(1 + 1)"}).text == "2"
+
+
+@pytest.mark.skipif(not LINUX, reason="the Linux probe")
+def test_the_probe_says_in_one_line_what_is_missing_and_the_way_out(monkeypatch):
+    import shutil
+
+    import grpo_mlx.sandbox as sandbox
+
+    monkeypatch.setattr(shutil, "which", lambda name, *args, **kwargs: None)
+    problem = sandbox.os_layer_problem.__wrapped__()
+    assert "\n" not in problem and "bubblewrap (bwrap) is not installed" in problem
+    assert "apt-get install bubblewrap" in problem and "--tool-sandbox guard-only" in problem
