@@ -18,11 +18,12 @@ the namespaces alone. What the guard does to be hard to switch off from inside:
 
 - the program runs in a fresh `__main__` module, not this one, and this module leaves
   sys.modules before the program starts: nothing of the guard is reachable by name;
-- the hook keeps its state (the refused events, the folders, the functions it calls) in
-  its closure, bound before the program runs: patching builtins, os or os.path does not
-  change what it checks, and the closure cannot be reached, because gc's object walks,
-  tracing and profiling, which lead to it, are refused, and so is replacing a
-  function's __code__;
+- the hook keeps its state (the refused events, the folders, the C functions it calls)
+  in its default arguments, bound before the program runs, immutable: patching builtins,
+  os or os.path does not change what it checks, writing into a finished frame of the
+  hook changes no later call, and the function itself cannot be reached, because gc's
+  object walks, tracing and profiling, which lead to it, are refused, and so is
+  replacing its defaults or any function's __code__;
 - the program cannot change directory, so every relative path means what the hook
   resolved it to, and cannot open a folder, so no descriptor can serve as a dir_fd.
 """
@@ -206,27 +207,20 @@ def disarm_unaudited_starters() -> None:
 def guard(workdir: str):
     """The audit hook: reads inside `workdir`, Python's library folders and a few devices; writes inside `workdir`.
 
-    Everything it calls is bound here, as closure variables, so that a program patching builtins,
-    os or os.path after it is installed changes nothing it checks."""
+    Its state and everything it calls are bound here, as default arguments (a tuple the hook's
+    function keeps, not closure cells: from Python 3.13 a frame's f_locals writes through to its
+    cells, and a refusal's traceback leads to the hook's frame), and are C functions, immutable
+    containers and strings only: a program patching builtins, os or os.path, or writing into a
+    finished hook frame, changes nothing the next call checks."""
     paths = sysconfig.get_paths()
     library = [paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib") if key in paths]
     library_roots = tuple(os.path.realpath(p) for p in library)
-    readable = (workdir, *library_roots, *DEVICES)
-    writable = (workdir, "/dev/null")
-    pid = os.getpid()
-    forbidden, forbidden_modules = FORBIDDEN_EVENTS, FORBIDDEN_MODULES
-    read_events, write_events = types.MappingProxyType(dict(READ_EVENTS)), types.MappingProxyType(dict(WRITE_EVENTS))
-    write_flags, native_suffixes = WRITE_FLAGS, NATIVE_SUFFIXES
-    # C functions and types only, bound now: os.path's functions are Python, reading module globals
-    # (os.lstat, isinstance) that a program could replace under them.
+    # C functions only: os.path's functions are Python, reading module globals (os.lstat, isinstance)
+    # that a program could replace under them.
     posix = sys.modules.get("posix") or sys.modules["nt"]
-    lstat, stat, readlink, getcwd = posix.lstat, posix.stat, posix.readlink, posix.getcwd
-    o_directory = getattr(os, "O_DIRECTORY", 0)
-    type_, str_, bytes_, int_, any_, bool_, reversed_ = type, str, bytes, int, any, bool, reversed
-    permission_error, module_not_found, os_error, value_error = PermissionError, ModuleNotFoundError, OSError, ValueError
-    sep = os.sep
 
-    def resolve(path):
+    def resolve(path, lstat=posix.lstat, readlink=posix.readlink, getcwd=posix.getcwd, type_=type, str_=str,
+                bytes_=bytes, int_=int, list_=list, reversed_=reversed, os_error=OSError, value_error=ValueError):
         """The absolute path `path` names, symbolic links followed (os.path.realpath, in C calls only);
         "" for a descriptor; None for a path type the guard will not interpret."""
         kind = type_(path)
@@ -238,7 +232,7 @@ def guard(workdir: str):
             return None
         if not path.startswith("/"):
             path = getcwd() + "/" + path
-        pending, parts, links = list(reversed_(path.split("/"))), [], 0
+        pending, parts, links = list_(reversed_(path.split("/"))), [], 0
         while pending:
             name = pending.pop()
             if name == "" or name == ".":
@@ -265,7 +259,7 @@ def guard(workdir: str):
             parts.append(name)
         return "/" + "/".join(parts)
 
-    def inside(path, roots) -> bool:
+    def inside(path, roots, resolve=resolve, any_=any, sep=os.sep) -> bool:
         full = resolve(path)
         if full == "":
             return True
@@ -273,7 +267,21 @@ def guard(workdir: str):
             return False
         return any_(full == root or full.startswith(root.rstrip(sep) + sep) for root in roots)
 
-    def hook(event: str, args: tuple) -> None:
+    def is_dir(path, stat=posix.stat, os_error=OSError, value_error=ValueError) -> bool:
+        try:
+            return stat(path).st_mode & 0o170000 == 0o040000
+        except (os_error, value_error):
+            return False
+
+    def hook(event, args, forbidden=FORBIDDEN_EVENTS, forbidden_modules=FORBIDDEN_MODULES,
+             read_events=types.MappingProxyType(dict(READ_EVENTS)), write_events=types.MappingProxyType(dict(WRITE_EVENTS)),
+             readable=(workdir, *library_roots, *DEVICES), writable=(workdir, "/dev/null"), library_roots=library_roots,
+             pid=os.getpid(), write_flags=WRITE_FLAGS, native_suffixes=NATIVE_SUFFIXES,
+             o_directory=getattr(os, "O_DIRECTORY", 0), inside=inside, is_dir=is_dir, type_=type, str_=str, int_=int,
+             any_=any, bool_=bool, permission_error=PermissionError, module_not_found=ModuleNotFoundError,
+             protected=()) -> None:
+        if type_(event) is not str_:  # only sys.audit from the program sends anything else
+            raise permission_error("the sandbox does not allow audit events that are not plain strings")
         if event in forbidden:
             raise permission_error(f"the sandbox does not allow {event}")
         if event == "import":
@@ -286,8 +294,9 @@ def guard(workdir: str):
             raise permission_error("the sandbox does not allow signalling other processes")
         elif event == "resource.prlimit" and (args[0] not in (0, pid) or args[2] is not None):
             raise permission_error("the sandbox does not allow changing limits")
-        elif event == "object.__setattr__" and (type_(args[1]) is not str_ or args[1] == "__code__"):
-            raise permission_error("the sandbox does not allow replacing a function's code")
+        elif event == "object.__setattr__" and (type_(args[1]) is not str_ or args[1] == "__code__"
+                                                 or any_(args[0] is f for f in protected)):
+            raise permission_error(f"the sandbox does not allow replacing a function's {args[1]}")
         elif event == "open":
             path, mode, flags = args
             if path is None:
@@ -300,7 +309,7 @@ def guard(workdir: str):
                                        "work in the current directory")
             # A folder's descriptor would be a dir_fd for os.open, os.remove and the rest, which resolve
             # relative paths against it, around the checks here (relative to the fixed cwd).
-            if type_(path) is not int_ and ((type_(flags) is int_ and flags & o_directory) or _is_dir(path)):
+            if type_(path) is not int_ and ((type_(flags) is int_ and flags & o_directory) or is_dir(path)):
                 raise permission_error(f"the sandbox does not allow opening the folder {path!r}: "
                                        "work in the current directory")
         elif event in read_events:
@@ -314,12 +323,8 @@ def guard(workdir: str):
                 if not inside(path, writable):
                     raise permission_error(f"the sandbox does not allow changing {path!r}: work in the current directory")
 
-    def _is_dir(path) -> bool:
-        try:
-            return stat(path).st_mode & 0o170000 == 0o040000
-        except (os_error, value_error):
-            return False
-
+    # The functions whose defaults hold the state: replacing those defaults (or code) is refused.
+    hook.__defaults__ = (*hook.__defaults__[:-1], (hook, inside, resolve, is_dir))
     return hook
 
 

@@ -109,6 +109,28 @@ except Exception as exc:
         elif isinstance(value, (set, dict)):
             value.clear()
 """,
+    # The same frame's locals written to: from Python 3.13 (PEP 667) f_locals writes through to the
+    # frame's variables, the closure's cells included.
+    "hook-frame-write": """
+try:
+    open("/etc/hostname")
+except Exception as exc:
+    tb = exc.__traceback__
+    while tb.tb_next:
+        tb = tb.tb_next
+    frame = tb.tb_frame
+    while frame is not None:
+        names = frame.f_locals
+        for key, value in list(names.items()):
+            try:
+                if isinstance(value, tuple) and all(isinstance(v, str) for v in value):
+                    names[key] = ("/",)
+                elif isinstance(value, frozenset):
+                    names[key] = frozenset()
+            except Exception:
+                pass
+        frame = frame.f_back
+""",
     # Replacing a function's code (the hook's, once found) with a do-nothing.
     "code-swap": """
 import gc
