@@ -208,7 +208,7 @@ def os_layer_problem() -> str | None:
             as_root = os.geteuid() == 0  # the real launch: the child, its limits, its own uid as root, the guard
             _, python = _child_command(program, work, True, SandboxLimits(), _call_uid("0" * 12) if as_root else None)
             reason = _probe(linux_command(python, work, program, 1 << 20, as_root=as_root), work)
-        return reason and f"bwrap cannot make its namespaces here ({reason}); {way_out}"
+        return reason and f"bwrap could not run Python in its namespaces here ({reason}); {way_out}"
     if sys.platform == "darwin":
         if not shutil.which("sandbox-exec"):
             return f"sandbox-exec is missing; {way_out}"
@@ -238,7 +238,8 @@ def interpreter_folders() -> list[str]:
     paths = sysconfig.get_paths()
     named = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
              os.path.dirname(os.path.dirname(os.path.realpath(sys.executable))),
-             *(paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib") if key in paths)]
+             *(paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib") if key in paths),
+             *_library_folders()]
     folders = []
     for path in [*named, *(os.path.realpath(p) for p in named)]:
         path = os.path.normpath(path)
@@ -247,6 +248,23 @@ def interpreter_folders() -> list[str]:
         if not any(path == f or path.startswith(f + os.sep) for f in folders):
             folders = [f for f in folders if not f.startswith(path + os.sep)] + [path]
     return folders
+
+
+def _library_folders() -> list[str]:
+    """Linux: the folders of the shared libraries this process has loaded (Python's own and its
+    dependencies'), for systems that keep them outside /usr (Nix, Guix, custom builds); not the
+    temporary folder, where nothing the interpreter needs belongs."""
+    folders = set()
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].startswith("/") and ".so" in parts[5].rpartition("/")[2]:
+                    folders.add(os.path.dirname(parts[5].strip()))
+    except OSError:  # not Linux
+        return []
+    temporary = os.path.realpath(tempfile.gettempdir())
+    return sorted(f for f in folders if not f.startswith(("/proc", "/dev", temporary + os.sep)))
 
 
 def linux_command(python: list[str], work: Path, program: Path, folder_bytes: int, as_root: bool,
