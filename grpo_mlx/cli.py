@@ -184,6 +184,8 @@ def _note_multi_turn_run(config: EvalConfig) -> None:
         return
     if trained.get("tools"):
         flag = "--tools " + ",".join(trained["tools"])
+        if "python" in trained["tools"] and trained.get("tool_sandbox") == "guard-only":
+            flag += " --tool-sandbox guard-only"  # the run's opt-in, not taken for granted
     elif trained.get("env"):
         flag = f"--env {trained['env']}"
     else:

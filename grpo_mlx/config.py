@@ -92,6 +92,7 @@ DEMO_TOOLS_PRESET = {
 LR_SCHEDULES = ("constant", "cosine", "linear")  # trainer.learning_rate_schedule
 MAX_TURNS_DEFAULT = 4  # model turns per trajectory when --tools or --env is on and --max-turns is unset
 TOOL_NAMES = ("calculator", "python")  # tools.BUILTIN_TOOLS, named here so validation needs no import of it
+TOOL_SANDBOXES = ("os", "guard-only")  # sandbox.SANDBOX_MODES, likewise
 TRACKER_NAMES = ("wandb", "tensorboard", "trackio", "swanlab")  # trackers.TRACKER_CLASSES, named here likewise
 
 
@@ -120,6 +121,10 @@ SHARED = {
                                      "interpreter); each rollout becomes multi-turn. Unset: none."),
     "env": dict(default=None, help="Environment plug-in answering the model's turns: path/to/file.py:Class or module:Class "
                                    "(a grpo_mlx.environments.Environment subclass). Unset: --tools alone, else single-turn."),
+    "tool_sandbox": dict(default="os", choices=TOOL_SANDBOXES,
+                         help="What holds --tools python's programs: os (the boundary: bubblewrap on Linux, sandbox-exec on "
+                              "macOS; the tool refuses to run where it is missing) or guard-only (an opt-in: the in-process "
+                              "audit hook and limits alone, not a security boundary)."),
     "max_turns": dict(default=None, range="[1, inf)",
                       help=f"Model turns per trajectory with --tools or --env; unset: {MAX_TURNS_DEFAULT}."),
     "max_trajectory_tokens": dict(default=None, range="[1, inf)",
@@ -199,6 +204,7 @@ class TrainConfig(CommandConfig):
     top_k: int = shared("top_k")
     min_p: float = shared("min_p")
     tools: list[str] | None = shared("tools")
+    tool_sandbox: str = shared("tool_sandbox")
     env: str | None = shared("env")
     max_turns: int | None = shared("max_turns")
     max_trajectory_tokens: int | None = shared("max_trajectory_tokens")
@@ -288,6 +294,7 @@ class EvalConfig(CommandConfig):
     seed: int = shared("seed", help="Random seed for sampling and built-in task problems.")
     batch_size: int = _opt(8, "Prompts decoded together (each with its K samples).", range="[1, inf)")
     tools: list[str] | None = shared("tools")
+    tool_sandbox: str = shared("tool_sandbox")
     env: str | None = shared("env")
     max_turns: int | None = shared("max_turns")
     max_trajectory_tokens: int | None = shared("max_trajectory_tokens")

@@ -244,14 +244,15 @@ def load_environment(spec: str) -> type[Environment]:
     return cls
 
 
-def environment_factory(env: str | None = None, tools: list[str] = (), tokenizer=None) -> Callable[[], Environment]:
+def environment_factory(env: str | None = None, tools: list[str] = (), tokenizer=None,
+                        tool_sandbox: str = "os") -> Callable[[], Environment]:
     """What makes one fresh environment per trajectory, from `--env`, `--tools` and the model's tokenizer.
 
     No `env`: single-turn without tools, else a ToolEnvironment. A plug-in class gets
     `tools` (Tool objects) and `tool_format` as keyword arguments where its __init__
     takes them; it is built once here so a broken constructor fails before training.
     """
-    tool_list = get_tools(list(tools))
+    tool_list = get_tools(list(tools), sandbox=tool_sandbox)
     fmt = tool_format(tokenizer)
     if env is None:
         return functools.partial(ToolEnvironment, tool_list, fmt) if tool_list else Environment

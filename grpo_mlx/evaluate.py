@@ -242,7 +242,7 @@ def evaluate(config: EvalConfig, on_progress=None, on_start=None) -> dict:
     if multi_turn(c):
         trajectory = c.max_trajectory_tokens or (DEMO_TOOLS_PRESET["max_trajectory_tokens"] if tool_demo
                                                  else default_trajectory_tokens(max_tokens, max_turns))
-        turns = {"make_env": environment_factory(c.env, c.tools or [], tokenizer), "max_turns": max_turns,
+        turns = {"make_env": environment_factory(c.env, c.tools or [], tokenizer, c.tool_sandbox), "max_turns": max_turns,
                  "max_trajectory_tokens": trajectory}
     prompt_limit = prompt_length_limit(None, context_length(model_config), turns["max_trajectory_tokens"] if turns else max_tokens)
     examples, too_long = drop_long_prompts(tokenizer, examples, resolve_system_prompt(c.system_prompt), prompt_limit,

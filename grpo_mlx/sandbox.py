@@ -1,32 +1,55 @@
 """The Python executor behind `--tools python`: a model's program run in a separate, limited process.
 
-Every call gets a fresh process and a fresh temporary folder, removed afterwards. What
-can go wrong (an endless loop, a fork bomb, endless allocation, megabytes of output, a
-look at the user's files) ends as an error text the model sees, within the wall-clock
-timeout; no process of the call outlives it.
+Every call gets a fresh process and a fresh working folder, removed afterwards. What can
+go wrong (an endless loop, a fork bomb, endless allocation, megabytes of output, a look at
+the user's files, an attempt to get out) ends as an error text the model sees, within the
+wall-clock timeout; no process of the call outlives it.
 
-What bounds a program, in layers (each catches what the one before may miss):
+What bounds a program, in layers:
 
-1. The guard (sandbox_child.py, a Python audit hook): no reading outside the working
-   folder and Python's library folders, no writing outside the working folder, no
-   subprocesses, no signals to other processes, no sockets, no ctypes.
-2. Resource limits: RLIMIT_CPU (CPU seconds), RLIMIT_AS (memory; Linux only, macOS does
+1. The OS layer, the boundary, on by default (`sandbox="os"`):
+   - Linux: bubblewrap (`bwrap`). The program gets its own mount namespace whose root
+     holds only what the interpreter needs, read-only (/usr, Python's install prefix, the
+     virtual environment, this package's launcher), its working folder (a tmpfs of
+     `folder_bytes`, so the kernel bounds what it writes), a fresh /proc of its own PID
+     namespace, four devices (null, zero, random, urandom) and nothing else: no home, no
+     /tmp, no other project, no other process. No network (an empty network namespace),
+     no IPC or UTS shared, a new session (no terminal injection), killed with its parent.
+     As root it runs as a uid of its own (no such user; one per call, drawn from
+     SANDBOX_UIDS), so RLIMIT_NPROC holds (the kernel exempts root) and counts this
+     call's processes alone, not those of calls running beside it.
+     Why bubblewrap: it is the small sandboxing tool Flatpak is built on, well kept and
+     packaged everywhere (`apt-get install bubblewrap`); it builds the file system view
+     (binds, a fresh /proc, a sized tmpfs) and the mount, PID, network and user namespaces
+     in one call, without root, which `unshare` alone does not (it shares the file system).
+   - macOS: `sandbox-exec` with a profile (`macos_profile`) that denies the network,
+     writes outside the working folder, reading the user's home (but for the interpreter
+     and the launcher where they live there), forking, executing anything but Python,
+     and looking at or signalling other processes.
+   Where no OS layer works, `run_python` refuses to run (one line saying why) unless the
+   caller opted in to the guard alone: `sandbox="guard-only"` (`--tool-sandbox guard-only`).
+2. The guard (sandbox_child.py, a Python audit hook), the second line: no reading outside
+   the working folder and Python's library folders, no writing outside the working
+   folder, no processes, no signals to other processes, no sockets, no ctypes calls, no
+   native modules from outside Python's library folders, no tampering with itself.
+3. Resource limits: RLIMIT_CPU (CPU seconds), RLIMIT_AS (memory; Linux only, macOS does
    not enforce it), RLIMIT_FSIZE (largest file, the captured output included),
-   RLIMIT_NPROC (processes; not for root, which the kernel exempts, and Linux only).
-3. Isolation where the system permits it. Linux: `unshare` puts the program in a new
-   network namespace (no network at all) and a new PID namespace (when its first
-   process dies, the kernel kills every process inside), as root or through a user
-   namespace. macOS: `sandbox-exec` with a profile that denies the network.
-4. The parent: `start_new_session=True`, and at the end, or at the timeout, SIGKILL to
-   the whole process group; on Linux also, until none is left, to any live process of
-   the group or carrying the call's marker in its environment (a child that called
-   setsid() to leave the group), so nothing of the call runs once run_python returns.
-5. A scrubbed environment (HOME and TMPDIR point at the working folder, no
-   PYTHONPATH, no tokens in variables), `python -I`, and the working folder as cwd.
+   RLIMIT_NPROC (processes; on Linux, as root too under the OS layer; guard-only as root
+   the parent counts the call's processes instead). The working folder's total bytes:
+   the tmpfs size under bubblewrap, else the parent measures it as the program runs.
+4. The parent: `start_new_session=True`, and at the end, at the timeout or at a limit,
+   SIGKILL to the whole process group; on Linux also, until none is left, to any live
+   process of the group or carrying the call's marker in its environment (a child that
+   called setsid() to leave the group). Under bubblewrap the PID namespace ends with
+   its first process, taking every process of the call with it.
+5. A scrubbed environment (HOME and TMPDIR point at the working folder, no PYTHONPATH,
+   no tokens in variables), `python -I`, and the working folder as cwd.
 
-Not a security boundary: a program written to escape (a C extension, a bug in the
-interpreter, /proc tricks where no namespace is available) can read what the user can
-read. Run untrusted models' code in a VM or container if that matters to you.
+What it does not promise: guard-only, a hostile program may find a way around an audit
+hook (an interpreter bug, a standard-library C function it does not know) and then reads
+and writes what the user can. Under bubblewrap, a kernel bug is the way out; under
+sandbox-exec, what the profile allows (reading the system outside the home folder).
+Run untrusted models' code in a VM if that matters to you.
 """
 
 from __future__ import annotations
@@ -38,6 +61,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import uuid
@@ -46,11 +70,13 @@ from pathlib import Path
 
 CHILD = Path(__file__).with_name("sandbox_child.py")
 MARKER = "GRPO_MLX_SANDBOX_RUN"  # environment variable naming the call, for finding its processes
-MACOS_PROFILE = "(version 1)(allow default)(deny network*)"
-LINUX_ISOLATION = (
-    ("unshare", "--net", "--pid", "--fork", "--kill-child"),  # root
-    ("unshare", "--user", "--map-root-user", "--net", "--pid", "--fork", "--kill-child"),  # user namespaces
-)
+SANDBOX_MODES = ("os", "guard-only")  # --tool-sandbox: the OS layer (required), or the guard alone (an opt-in)
+# The uids a program runs as under bubblewrap when the trainer runs as root: one per call, so that
+# RLIMIT_NPROC, which counts a uid's processes system-wide, counts this call's alone. No user has them.
+SANDBOX_UIDS = range(1_900_000_000, 2_000_000_000)
+DEVICES = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom")
+POLL_SECONDS = 0.05  # how often the parent checks the timeout and, guard-only, the folder and process count
+GUARD_ONLY_HINT = "--tool-sandbox guard-only"
 
 
 @dataclass(frozen=True)
@@ -63,6 +89,7 @@ class SandboxLimits:
     output_chars: int = 2000  # what the model sees of stdout and stderr: the head and the tail
     file_bytes: int = 8 << 20  # RLIMIT_FSIZE: any file the program writes, its captured output included
     processes: int = 32  # RLIMIT_NPROC: processes and threads beyond what the user runs already
+    folder_bytes: int = 64 << 20  # everything in the working folder together
 
 
 @dataclass(frozen=True)
@@ -81,22 +108,34 @@ def run_python(code: str, limits: SandboxLimits = SandboxLimits(), guard: bool =
                isolate: bool = True) -> SandboxResult:
     """Run `code` in a fresh process and folder; never raises for anything the program does.
 
-    `guard=False` leaves out the audit hook and `isolate=False` the namespaces or
-    sandbox-exec (tests use both to check the layers beneath).
+    `isolate=True` requires the OS layer: where it is missing the result is an error saying
+    why (`os_layer_problem`), nothing runs. `isolate=False` is the guard-only mode, and
+    `guard=False` leaves out the audit hook (tests use both to check each layer alone).
     """
     start = time.perf_counter()
     run_id = uuid.uuid4().hex
+    if isolate and (problem := os_layer_problem()):
+        return SandboxResult(f"Error: the python tool has no OS sandbox here: {problem}", True, False,
+                             time.perf_counter() - start, None, run_id)
     root = Path(tempfile.mkdtemp(prefix="grpo-mlx-sandbox-"))
     try:
         work = root / "work"
         work.mkdir()
         program = root / "program.py"
         program.write_text(code, encoding="utf-8", errors="replace")
-        config = {"program": str(program), "workdir": str(work), "guard": guard,
-                  "cpu_seconds": max(1, int(limits.cpu_seconds)), "memory_bytes": limits.memory_bytes,
-                  "file_bytes": limits.file_bytes, "processes": _process_limit(limits.processes)}
-        command = [*(isolation_command() if isolate else ()), sys.executable, "-I", "-u", str(CHILD),
-                   json.dumps(config)]
+        os.chmod(program, 0o644)
+        layer = os_layer() if isolate else None
+        uid = _call_uid(run_id) if layer == "bwrap" and os.geteuid() == 0 else None
+        config, python = _child_command(program, work, guard, limits, uid)
+        if layer == "bwrap":
+            command = linux_command(python, work, program, limits.folder_bytes, as_root=os.geteuid() == 0)
+        elif layer == "sandbox-exec":
+            command = ["sandbox-exec", "-p", macos_profile(work.resolve(), [program.resolve(), CHILD.resolve()]), *python]
+        else:
+            command = python
+        # Guard-only, the parent measures what the kernel does not bound: the folder, and processes as root.
+        watch_folder = layer != "bwrap"
+        count_processes = layer is None and sys.platform.startswith("linux") and config["processes"] is None
         output_path = root / "output"
         with open(output_path, "wb") as output:
             try:
@@ -105,38 +144,190 @@ def run_python(code: str, limits: SandboxLimits = SandboxLimits(), guard: bool =
             except OSError as exc:
                 return SandboxResult(f"Error: could not start Python ({exc})", True, False,
                                      time.perf_counter() - start, None, run_id)
-            timed_out = False
+            timed_out, exceeded = False, None
+            deadline = time.monotonic() + limits.timeout
             try:
-                process.wait(timeout=limits.timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
+                while True:
+                    try:
+                        process.wait(timeout=max(0.0, min(POLL_SECONDS, deadline - time.monotonic())))
+                        break
+                    except subprocess.TimeoutExpired:
+                        pass
+                    if time.monotonic() >= deadline:
+                        timed_out = True
+                        break
+                    if watch_folder and _folder_bytes(work, limits.folder_bytes) > limits.folder_bytes:
+                        exceeded = f"wrote more than {limits.folder_bytes} bytes to its folder"
+                        break
+                    if count_processes and len(_live_processes(process.pid, run_id)) > limits.processes:
+                        exceeded = f"started more than {limits.processes} processes"
+                        break
             finally:
                 _kill_all(process, run_id)
-        text, error = _outcome(output_path, process.returncode, timed_out, limits)
+        text, error = _outcome(output_path, process.returncode, timed_out, limits, exceeded)
         return SandboxResult(text, error, timed_out, time.perf_counter() - start, process.pid, run_id)
     finally:
         _remove_folder(root)
 
 
+def _call_uid(run_id: str) -> int:
+    """The uid of a call's program when the trainer runs as root (SANDBOX_UIDS)."""
+    return SANDBOX_UIDS[int(run_id[:12], 16) % len(SANDBOX_UIDS)]
+
+
+def _child_command(program: Path, work: Path, guard: bool, limits: SandboxLimits,
+                   uid: int | None) -> tuple[dict, list[str]]:
+    """The child's configuration and the words that start it (sandbox_child.py); `uid`: the user it
+    becomes (root under bubblewrap), else None."""
+    config = {"program": str(program), "workdir": str(work), "guard": guard,
+              "cpu_seconds": max(1, int(limits.cpu_seconds)), "memory_bytes": limits.memory_bytes,
+              "file_bytes": limits.file_bytes, "uid": uid,
+              "processes": _process_limit(limits.processes, os.getuid() if uid is None else uid)}
+    return config, [sys.executable, "-I", "-u", str(CHILD), json.dumps(config)]
+
+
 @functools.cache
-def isolation_command() -> tuple[str, ...]:
-    """The words that put a program in new network and PID namespaces (Linux) or deny it the
-    network (macOS), whichever works on this machine; () where none does. Probed once."""
-    if sys.platform.startswith("linux") and shutil.which("unshare"):
-        candidates = LINUX_ISOLATION
-    elif sys.platform == "darwin" and shutil.which("sandbox-exec"):
-        candidates = (("sandbox-exec", "-p", MACOS_PROFILE),)
-    else:
-        return ()
-    for prefix in candidates:
-        try:
-            probe = subprocess.run([*prefix, sys.executable, "-I", "-c", "pass"], stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
+def os_layer() -> str | None:
+    """The OS layer that works on this machine: "bwrap" (Linux), "sandbox-exec" (macOS) or None. Probed once."""
+    return None if os_layer_problem() else ("bwrap" if sys.platform.startswith("linux") else "sandbox-exec")
+
+
+@functools.cache
+def os_layer_problem() -> str | None:
+    """None where the OS layer works here; else why not, in one line that names the way out. Probed once
+    (a real program through the full command, so a system that forbids namespaces is found here)."""
+    way_out = f"run with {GUARD_ONLY_HINT} to rely on the in-process guard alone (not a security boundary)"
+    if sys.platform.startswith("linux"):
+        if not shutil.which("bwrap"):
+            return f"bubblewrap (bwrap) is not installed; install it (apt-get install bubblewrap) or {way_out}"
+        with tempfile.TemporaryDirectory(prefix="grpo-mlx-sandbox-probe-") as folder:
+            work, program = Path(folder) / "work", Path(folder) / "probe.py"
+            work.mkdir()
+            program.write_text("import os, sys\nos.getcwd()")
+            os.chmod(program, 0o644)
+            as_root = os.geteuid() == 0  # the real launch: the child, its limits, its own uid as root, the guard
+            _, python = _child_command(program, work, True, SandboxLimits(), _call_uid("0" * 12) if as_root else None)
+            reason = _probe(linux_command(python, work, program, 1 << 20, as_root=as_root), work)
+        return reason and f"bwrap could not run Python in its namespaces here ({reason}); {way_out}"
+    if sys.platform == "darwin":
+        if not shutil.which("sandbox-exec"):
+            return f"sandbox-exec is missing; {way_out}"
+        with tempfile.TemporaryDirectory(prefix="grpo-mlx-sandbox-probe-") as folder:
+            work = Path(folder).resolve()
+            reason = _probe(["sandbox-exec", "-p", macos_profile(work, []), sys.executable, "-I", "-c", "pass"], work)
+        return reason and f"sandbox-exec refused the profile ({reason}); {way_out}"
+    return f"no OS sandbox is known for {sys.platform}; {way_out}"
+
+
+def _probe(command: list[str], cwd: Path) -> str | None:
+    """None where `command` runs and exits 0, else the last line it printed (or why it did not start)."""
+    try:
+        probe = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, cwd=cwd, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return str(exc)
+    if probe.returncode == 0:
+        return None
+    lines = (probe.stderr or probe.stdout).decode(errors="replace").strip().splitlines()
+    return lines[-1] if lines else f"exit status {probe.returncode}"
+
+
+@functools.cache
+def interpreter_folders() -> list[str]:
+    """What the child's Python needs to read besides /usr: its install prefixes, the virtual environment
+    and its library folders, each as named and as resolved (symlinks), without repeats or what /usr covers."""
+    paths = sysconfig.get_paths()
+    named = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+             os.path.dirname(os.path.dirname(os.path.realpath(sys.executable))),
+             *(paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib") if key in paths),
+             *_library_folders()]
+    folders = []
+    for path in [*named, *(os.path.realpath(p) for p in named)]:
+        path = os.path.normpath(path)
+        if path in ("/", "/usr") or path.startswith("/usr/") or not os.path.isdir(path):
             continue
-        if probe.returncode == 0:
-            return prefix
-    return ()
+        if not any(path == f or path.startswith(f + os.sep) for f in folders):
+            folders = [f for f in folders if not f.startswith(path + os.sep)] + [path]
+    return folders
+
+
+def _library_folders() -> list[str]:
+    """Linux: the folders of the shared libraries this process has loaded (Python's own and its
+    dependencies'), for systems that keep them outside /usr (Nix, Guix, custom builds); not the
+    temporary folder, where nothing the interpreter needs belongs."""
+    folders = set()
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].startswith("/") and ".so" in parts[5].rpartition("/")[2]:
+                    folders.add(os.path.dirname(parts[5].strip()))
+    except OSError:  # not Linux
+        return []
+    temporary = os.path.realpath(tempfile.gettempdir())
+    return sorted(f for f in folders if not f.startswith(("/proc", "/dev", temporary + os.sep)))
+
+
+def linux_command(python: list[str], work: Path, program: Path, folder_bytes: int, as_root: bool,
+                  folders: list[str] | None = None) -> list[str]:
+    """The bubblewrap command line that runs `python` (its words) in the program's own world (see the
+    module's docstring): a pure function of its arguments, tested as such."""
+    command = [shutil.which("bwrap") or "bwrap", "--die-with-parent", "--new-session",
+               "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"]
+    if as_root:  # no user namespace (root's would map to root, whom RLIMIT_NPROC exempts): the child drops to its uid
+        command += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    else:
+        command += ["--unshare-user"]
+    command += ["--ro-bind", "/usr", "/usr"]
+    for name in ("bin", "lib", "lib32", "lib64", "sbin"):  # merged-/usr systems link these into /usr
+        path = Path("/" + name)
+        if path.is_symlink():
+            command += ["--symlink", os.readlink(path), str(path)]
+        elif path.is_dir():
+            command += ["--ro-bind", str(path), str(path)]
+    folders = list(interpreter_folders()) if folders is None else folders
+    # The folders above each mount point, made traversable (bwrap would make them 0700: a dead end to the program's uid).
+    above = {str(parent) for target in [*folders, CHILD, program, work] for parent in Path(target).parents}
+    for parent in sorted(above - {"/"}, key=lambda p: (p.count("/"), p)):
+        command += ["--perms", "0755", "--dir", parent]
+    command += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache",
+                "--ro-bind-try", "/etc/localtime", "/etc/localtime"]
+    for folder in folders:
+        command += ["--ro-bind", folder, folder]
+    command += ["--ro-bind", str(CHILD), str(CHILD), "--ro-bind", str(program), str(program)]
+    for device in DEVICES:
+        command += ["--dev-bind", device, device]
+    command += ["--proc", "/proc",
+                "--perms", "0777", "--size", str(int(folder_bytes)), "--tmpfs", str(work),
+                "--remount-ro", "/", "--chdir", str(work), *python]
+    return command
+
+
+def macos_profile(work: Path, readable_files: list[Path], home: Path | None = None,
+                  folders: list[str] | None = None, python: list[str] | None = None) -> str:
+    """The sandbox-exec profile (SBPL) for a program working in `work`: no network; no writes outside
+    `work` (and /dev/null); nothing read in the user's home but the interpreter's folders and
+    `readable_files` (the launcher, the program) where they live there; no fork, no exec but Python;
+    no looking at or signalling other processes. A pure function of its arguments, tested as such."""
+    home = Path.home() if home is None else home
+    folders = list(interpreter_folders()) if folders is None else folders
+    python = list(dict.fromkeys([sys.executable, os.path.realpath(sys.executable)])) if python is None else python
+
+    def quote(path) -> str:
+        return json.dumps(str(path))  # SBPL strings take the same escapes as JSON's
+
+    home_exceptions = " ".join([f"(subpath {quote(work)})", *(f"(subpath {quote(f)})" for f in folders),
+                                *(f"(literal {quote(f)})" for f in readable_files)])
+    return "\n".join([
+        "(version 1)",
+        "(allow default)",
+        "(deny network*)",
+        f"(deny file-write* (require-not (require-any (subpath {quote(work)}) (literal \"/dev/null\"))))",
+        f"(deny file-read* (require-all (subpath {quote(home)}) (require-not (require-any {home_exceptions}))))",
+        "(deny process-fork)",
+        f"(deny process-exec* (require-not (require-any {' '.join(f'(literal {quote(p)})' for p in python)})))",
+        "(deny process-info* (target others))",
+        "(deny signal (target others))",
+    ])
 
 
 def _child_environment(work: Path, run_id: str) -> dict[str, str]:
@@ -146,12 +337,12 @@ def _child_environment(work: Path, run_id: str) -> dict[str, str]:
             MARKER: run_id}
 
 
-def _process_limit(headroom: int) -> int | None:
-    """RLIMIT_NPROC for the program: the user's tasks now plus `headroom`; None where it cannot
-    be counted (not Linux) or does not apply (root)."""
-    if os.geteuid() == 0 or not sys.platform.startswith("linux"):
+def _process_limit(headroom: int, uid: int) -> int | None:
+    """RLIMIT_NPROC for a program running as `uid`: that user's tasks now plus `headroom`; None where it
+    cannot be counted (not Linux) or does not apply (root, whom the kernel exempts)."""
+    if uid == 0 or not sys.platform.startswith("linux"):
         return None
-    uid, tasks = os.getuid(), 0
+    tasks = 0
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             try:
@@ -160,6 +351,27 @@ def _process_limit(headroom: int) -> int | None:
             except OSError:  # the process ended meanwhile
                 pass
     return tasks + headroom
+
+
+def _folder_bytes(folder: Path, bound: int) -> int:
+    """Bytes the files under `folder` take on disk, counting stops once past `bound` (or 10,000 entries,
+    which count as past it: a program making a million empty files is stopped too)."""
+    total, entries, stack = 0, 0, [str(folder)]
+    while stack and total <= bound:
+        try:
+            with os.scandir(stack.pop()) as it:
+                for entry in it:
+                    entries += 1
+                    if entries > 10_000:
+                        return bound + 1
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+                    else:
+                        stat = entry.stat(follow_symlinks=False)
+                        total += max(stat.st_size, getattr(stat, "st_blocks", 0) * 512)
+        except OSError:  # a folder removed meanwhile, or one the program made unreadable
+            pass
+    return total
 
 
 def _kill_all(process: subprocess.Popen, run_id: str, patience: float = 2.0) -> None:
@@ -208,7 +420,8 @@ def _live_processes(group: int, run_id: str) -> list[int]:
     return alive
 
 
-def _outcome(output_path: Path, returncode: int, timed_out: bool, limits: SandboxLimits) -> tuple[str, bool]:
+def _outcome(output_path: Path, returncode: int, timed_out: bool, limits: SandboxLimits,
+             exceeded: str | None = None) -> tuple[str, bool]:
     """The text the model sees and whether the call failed."""
     size = output_path.stat().st_size
     half = max(limits.output_chars // 2, 1)
@@ -221,15 +434,17 @@ def _outcome(output_path: Path, returncode: int, timed_out: bool, limits: Sandbo
             tail = f.read().decode("utf-8", errors="replace")
             text = f"{head}\n[... {size - 2 * half} bytes cut ...]\n{tail}"
     notes = []
-    if timed_out:
+    if exceeded:
+        notes.append(f"Error: the program {exceeded} and was stopped")
+    elif timed_out:
         notes.append(f"Error: the program ran longer than {limits.timeout:g} s and was stopped")
-    elif returncode < 0:
+    elif returncode is not None and returncode < 0:
         name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else str(-returncode)
         notes.append(f"Error: the program was killed by {name} (CPU time {limits.cpu_seconds} s, "
                      f"memory {limits.memory_bytes >> 20} MiB)")
     if size >= limits.file_bytes:
         notes.append(f"Error: the program printed more than {limits.file_bytes} bytes and was stopped")
-    error = timed_out or returncode != 0 or size >= limits.file_bytes
+    error = timed_out or bool(exceeded) or returncode != 0 or size >= limits.file_bytes
     text = "\n".join([text.rstrip("\n")] + notes if text.strip() else notes)
     return (text or "(no output)"), error
 

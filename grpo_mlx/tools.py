@@ -189,14 +189,22 @@ CALCULATOR = Tool(
 
 # ---------------------------------------------------------------- the registry
 
-def python_tool(**limits) -> Tool:
-    """The Python executor (sandbox.py) as a tool; `limits` are `SandboxLimits` fields (timeout=..., ...)."""
-    from .sandbox import SandboxLimits, run_python
+def python_tool(sandbox: str = "os", **limits) -> Tool:
+    """The Python executor (sandbox.py) as a tool; `limits` are `SandboxLimits` fields (timeout=..., ...).
 
+    `sandbox="os"` (the default) needs the OS layer and raises UserError, in one line saying why and
+    naming the opt-in, where this machine has none; "guard-only" runs with the in-process guard alone."""
+    from .sandbox import SANDBOX_MODES, SandboxLimits, os_layer_problem, run_python
+
+    if sandbox not in SANDBOX_MODES:
+        raise UserError(f"unknown tool sandbox {sandbox!r}: use {' or '.join(SANDBOX_MODES)}")
+    if sandbox == "os" and (problem := os_layer_problem()):
+        raise UserError(f"the python tool refuses to run without an OS sandbox: {problem}")
     sandbox_limits = SandboxLimits(**limits)
+    isolate = sandbox == "os"
 
     def run(code: str) -> ToolResult:
-        result = run_python(code, sandbox_limits)
+        result = run_python(code, sandbox_limits, isolate=isolate)
         return ToolResult(result.text, result.error)
 
     return Tool(
@@ -210,16 +218,17 @@ def python_tool(**limits) -> Tool:
     )
 
 
-BUILTIN_TOOLS = {"calculator": lambda: CALCULATOR, "python": python_tool}
+BUILTIN_TOOLS = {"calculator": lambda sandbox="os": CALCULATOR, "python": python_tool}
 
 
-def get_tools(names: list[str]) -> list[Tool]:
-    """The built-in tools called `names` (`--tools calculator,python`), in order, each once."""
+def get_tools(names: list[str], sandbox: str = "os") -> list[Tool]:
+    """The built-in tools called `names` (`--tools calculator,python`), in order, each once; `sandbox`
+    (`--tool-sandbox`) is what holds the python tool's programs."""
     tools = []
     for name in dict.fromkeys(n.strip() for n in names if n.strip()):
         if name not in BUILTIN_TOOLS:
             raise UserError(f"unknown tool {name!r}: use {' or '.join(BUILTIN_TOOLS)}, e.g. --tools calculator")
-        tools.append(BUILTIN_TOOLS[name]())
+        tools.append(BUILTIN_TOOLS[name](sandbox=sandbox))
     return tools
 
 

@@ -178,7 +178,7 @@ def setup(config: TrainConfig, log=lambda msg: None) -> Run:
         plan=plan,
         split_head=lm_head_split_matches(model),
         shared_prompt=shared_prompt,
-        make_env=environment_factory(config.env, config.tools or [], tokenizer) if multi_turn(config) else None,
+        make_env=environment_factory(config.env, config.tools or [], tokenizer, config.tool_sandbox) if multi_turn(config) else None,
     )
     log(f"log-probs: {LOGPROB_PATHS[run.logprob_path]}")
     return run

@@ -108,7 +108,9 @@ def test_python_dash_m_cli_runs_the_cli_not_nothing():
 
 
 @pytest.mark.parametrize("trained, flag", [("tools:\n- calculator\n", "--tools calculator"),
-                                           ("env: my_env.py:MyEnv\n", "--env my_env.py:MyEnv")])
+                                           ("env: my_env.py:MyEnv\n", "--env my_env.py:MyEnv"),
+                                           ("tools:\n- python\ntool_sandbox: guard-only\n",
+                                            "--tools python --tool-sandbox guard-only")])
 def test_eval_of_a_multi_turn_run_without_its_tools_says_how_to_evaluate_as_trained(tmp_path, trained, flag):
     """It used to evaluate single-turn in silence: a tool-trained run scored far below its training."""
     (tmp_path / "config.yaml").write_text(f"model: /nowhere\n{trained}")
