@@ -8,11 +8,56 @@ from dataclasses import MISSING, fields
 import click
 
 from . import __version__
-from .config import EvalConfig, GenerateConfig, TrainConfig, build_config, load_config_file, value_type
-from .errors import Interrupted, UserError
-from .planner import DEFAULT_PROMPT_TOKENS, PLAN_FIELDS  # planner imports MLX only inside its functions
+from .core.config import EvalConfig, GenerateConfig, TrainConfig, build_config, load_config_file, value_type
+from .core.errors import Interrupted, UserError
+from .memory.planner import DEFAULT_PROMPT_TOKENS, PLAN_FIELDS  # planner imports MLX only inside its functions
 
 CLICK_TYPES = {int: int, float: float}  # anything else (str, comma-separated lists) reads as text; _coerce converts
+
+
+# `--help` in sections, the way click option groups show them: every option keeps its name, only its place
+# in the listing changes. An option in no section is listed under "Other options" (tests/test_config.py
+# checks that every TrainConfig field has one section).
+OPTION_GROUPS = {
+    "Model": ("model", "adapter_path", "quantize", "q_bits", "q_group_size", "lora_rank", "lora_layers", "lora_scale",
+              "lora_dropout", "dora", "lora_keys"),
+    "Data": ("prompt", "dataset", "dataset_config", "split", "prompt_field", "answer_field", "limit", "system_prompt",
+             "max_prompt_length"),
+    "Sampling": ("batch_size", "group_size", "samples", "max_tokens", "temperature", "top_p", "top_k", "min_p",
+                 "tools", "tool_sandbox", "env", "max_turns", "max_trajectory_tokens", "dynamic_sampling",
+                 "max_sampling_rounds"),
+    "Rewards": ("reward", "reward_weights", "scale_rewards", "reward_timeout"),
+    "Loss and update": ("loss_type", "importance_level", "beta", "kl_estimator", "epsilon", "epsilon_high",
+                        "mask_truncated_completions", "num_iterations", "learning_rate", "weight_decay",
+                        "warmup_steps", "lr_schedule", "max_grad_norm"),
+    "Memory": ("micro_batch_size", "grad_checkpoint", "memory_limit", "compile"),
+    "Logging and evaluation": ("log_every", "sample_every", "report_to", "eval_every", "eval_dataset", "eval_limit"),
+    "Run": ("steps", "seed", "output", "save_every", "keep_checkpoints", "resume", "overwrite", "config_path",
+            "recipe", "debug"),
+}
+
+
+class GroupedCommand(click.Command):
+    """A click command whose `--help` lists its options in the sections of OPTION_GROUPS."""
+
+    def format_options(self, ctx, formatter):
+        records = {param.name: param.get_help_record(ctx) for param in self.get_params(ctx)}
+        records = {name: record for name, record in records.items() if record is not None}
+        placed = set()
+        for title, names in OPTION_GROUPS.items():
+            rows = [records[name] for name in names if name in records]
+            placed.update(names)
+            if rows:
+                with formatter.section(f"{title} options"):
+                    formatter.write_dl(rows)
+        help_option = self.get_help_option(ctx)
+        rest = [record for name, record in records.items() if name not in placed and name != getattr(help_option, "name", None)]
+        if rest:
+            with formatter.section("Other options"):
+                formatter.write_dl(rest)
+        if help_option is not None:  # last, as click lists it
+            with formatter.section("Help"):
+                formatter.write_dl([help_option.get_help_record(ctx)])
 
 
 def _config_options(kind, only=None):
@@ -77,14 +122,14 @@ def cli():
     """
 
 
-@cli.command()
+@cli.command(cls=GroupedCommand)
 @_config_file_option
 @_debug_option
 @_config_options(TrainConfig)
 def train(config_path, recipe, **flags):
     """Train LoRA adapters with GRPO."""
     config = build_config(_file_values(recipe, config_path, "train"), flags, TrainConfig)
-    from .runner import run_training  # MLX loads only once the config is known to be good
+    from .train.runner import run_training  # MLX loads only once the config is known to be good
 
     run_training(config)
 
@@ -99,7 +144,7 @@ def train(config_path, recipe, **flags):
 @_debug_option
 def fuse(model, adapter_path, output, overwrite, dequantize, export_gguf):
     """Fuse adapters into the base model and save a standalone mlx-lm model."""
-    from .fuse import fuse_model
+    from .model.fuse import fuse_model
 
     with _status(f"fusing adapters from {adapter_path}"):
         path = fuse_model(model, adapter_path, output, dequantize=dequantize, export_gguf=export_gguf, overwrite=overwrite)
@@ -124,7 +169,7 @@ def convert(source, output, dtype, q_bits, q_group_size, dequantize):
 
     GGUF Q4_0, Q4_1 and Q8_0 tensors stay quantized (MLX holds them exactly); the tokenizer and chat
     template come from the file's metadata. OUTPUT must not exist yet."""
-    from .convert import convert as convert_model, default_dtype
+    from .model.convert import convert as convert_model, default_dtype
 
     with _status(f"converting {source}"):
         path = convert_model(source, output, dtype=dtype or default_dtype(), q_bits=None if q_bits is None else int(q_bits),
@@ -132,17 +177,17 @@ def convert(source, output, dtype, q_bits, q_group_size, dequantize):
     click.echo(f"converted {source} to {path}; load it with --model {path} or mlx_lm.load")
 
 
-@cli.command()
+@cli.command(cls=GroupedCommand)
 @_debug_option
 @_config_options(GenerateConfig)
 def generate(**flags):
     """Generate one completion, optionally with trained adapters."""
     import mlx.core as mx
 
-    from .data import Example
-    from .prompts import render_prompt, resolve_system_prompt
-    from .fuse import load_with_adapters
-    from .rollout import make_sampler
+    from .data.examples import Example
+    from .data.prompts import render_prompt, resolve_system_prompt
+    from .model.fuse import load_with_adapters
+    from .rollout.batch import make_sampler
 
     c = build_config({}, flags, GenerateConfig)
     with _status("loading model"):
@@ -194,7 +239,7 @@ def _note_multi_turn_run(config: EvalConfig) -> None:
                f"add {flag} to evaluate as trained", err=True)
 
 
-@cli.command(name="eval")
+@cli.command(name="eval", cls=GroupedCommand)
 @_config_file_option
 @_debug_option
 @_config_options(EvalConfig)
@@ -202,7 +247,8 @@ def eval_command(config_path, recipe, **flags):
     """Greedy accuracy, and pass@k / maj@K with --samples K, on a data set with gold answers."""
     from rich.console import Console
 
-    from .evaluate import EvalProgress, check_result_path, evaluate, summary_table, write_result
+    from .eval.evaluate import check_result_path, evaluate, write_result
+    from .eval.table import EvalProgress, summary_table
 
     config = build_config(_file_values(recipe, config_path, "eval"), flags, EvalConfig)
     _note_multi_turn_run(config)
@@ -222,7 +268,7 @@ def eval_command(config_path, recipe, **flags):
 @_debug_option
 def rewards():
     """List the built-in reward functions and how to add your own."""
-    from .rewards import list_rewards
+    from .rewards.registry import list_rewards
 
     names = list_rewards()
     width = max(map(len, names))
@@ -261,7 +307,7 @@ def recipes():
 @_config_options(TrainConfig, only=PLAN_FIELDS)
 def plan(model, bits, prompt_tokens, **flags):
     """Predict a training step's memory, choose its plan, and show what fits on 8-64 GB Macs (offline, no weights)."""
-    from .planner import plan_report
+    from .memory.planner import plan_report
 
     config = build_config({}, {**flags, "model": model}, TrainConfig)
     click.echo(plan_report(model, None if bits is None else int(bits), config, prompt_tokens))
@@ -275,7 +321,7 @@ def report(run_dirs, plot_path):
     """Summarize one or several runs side by side, from their metrics.jsonl."""
     from rich.console import Console
 
-    from .report import plot_runs, summarize_run, summary_table
+    from .ui.report import plot_runs, summarize_run, summary_table
 
     Console().print(summary_table([summarize_run(d) for d in run_dirs]))
     if plot_path is not None:
@@ -292,7 +338,7 @@ def main(argv=None):
     """Entry point: user errors, and click's usage errors, print as one line and exit 2; --debug shows the traceback."""
     state = {"debug": False}  # set by the --debug option of the command that runs
     if argv is None:  # a real command line, not a call from Python
-        from .openblas import reexec_with_openblas
+        from .core.openblas import reexec_with_openblas
 
         reexec_with_openblas()
     try:

@@ -1,22 +1,6 @@
-"""The one exception type for errors a user can cause and fix."""
+"""Old path of `grpo_mlx.core.errors`, kept for plug-ins and scripts: the same module object."""
+import sys
 
+from .core import errors as _module
 
-class UserError(Exception):
-    """A problem with the user's input: path, data set, config value, plug-in.
-
-    The message is one line that names the problem and the fix; the CLI prints
-    it without a traceback and exits with status 2.
-    """
-
-
-class Interrupted(Exception):
-    """Training stopped early by SIGINT or SIGTERM, after saving its last step.
-
-    The CLI prints the message (where the run was saved, how to go on) and exits
-    with 128 + the signal's number, the shell's convention: 130 for Ctrl-C,
-    143 for SIGTERM. Scripts can tell a stopped run from a finished one (0).
-    """
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = signum
+sys.modules[__name__] = _module

@@ -18,7 +18,7 @@ Real-shape mode (`--shape qwen2.5-0.5b`, any name in grpo_mlx/shapes.py): a rand
 model with that model's exact configuration but `--layers` blocks (default 4, so a step
 runs in minutes on a CPU), float32 or `--bits 4`, at a realistic setting (B=4, G=8, GSM8K
 prompts with the R1 system prompt, 256 completion tokens): the step's time split and
-tokens/s per phase, the predicted peak memory (`grpo_mlx.memory.estimate_step`) vs. the
+tokens/s per phase, the predicted peak memory (`grpo_mlx.memory.estimate.estimate_step`) vs. the
 measured one, and mlx-lm-lora's step on the same model. Nothing is downloaded.
     python scripts/bench.py --shape qwen2.5-0.5b --rounds 1
 
@@ -45,7 +45,7 @@ import threading
 import time
 from pathlib import Path
 
-from grpo_mlx.openblas import openblas_loaded, reexec_with_openblas
+from grpo_mlx.core.openblas import openblas_loaded, reexec_with_openblas
 
 REPO = Path(__file__).resolve().parents[1]
 # The first 400 rows of GSM8K's train split (MIT licence, scripts/data/GSM8K_LICENSE), shipped so a fresh
@@ -122,7 +122,7 @@ def lora_layers(args) -> int:
 
 def gsm8k_texts() -> list[str]:
     """Text to train the BPE tokenizer on: GSM8K questions and answers, else the tiny models' chat corpus."""
-    from grpo_mlx.tiny_model import chat_corpus
+    from grpo_mlx.model.tiny_model import chat_corpus
 
     if not GSM8K.exists():
         return chat_corpus(3000)
@@ -132,7 +132,7 @@ def gsm8k_texts() -> list[str]:
 
 def build_model(work: Path, args) -> Path:
     """A random float32 Qwen2-shaped toy model whose BPE tokenizer is trained on the prompts' text."""
-    from grpo_mlx.tiny_model import make_tiny_model
+    from grpo_mlx.model.tiny_model import make_tiny_model
 
     return make_tiny_model(
         work / "model", gsm8k_texts(), hidden_size=args.hidden, num_hidden_layers=args.layers,
@@ -142,8 +142,8 @@ def build_model(work: Path, args) -> Path:
 
 
 def build_shape_model(work: Path, args) -> Path:
-    """A random-weight model of shape `args.shape` with `args.layers` blocks (grpo_mlx.shapes)."""
-    from grpo_mlx.shapes import make_shape_model
+    """A random-weight model of shape `args.shape` with `args.layers` blocks (grpo_mlx.model.shapes)."""
+    from grpo_mlx.model.shapes import make_shape_model
 
     print(f"building a random-weight {args.shape} with {args.layers} layers ...", flush=True)
     return make_shape_model(work / "model", args.shape, num_layers=args.layers, bits=args.bits,
@@ -156,7 +156,7 @@ def prepare_inputs(work: Path, args) -> tuple[list, Path, Path]:
     Exactly B prompts: every step (ours and mlx-lm-lora's) trains on the same prompts, so
     each step has the padded shape the "forward+backward alone" baseline is timed on.
     """
-    from grpo_mlx.data import load_examples
+    from grpo_mlx.data.examples import load_examples
 
     (work / "our_rewards.py").write_text(OUR_REWARD)
     (work / "mlx_lm_lora_rewards.py").write_text(MLX_LM_LORA_REWARD)
@@ -169,7 +169,7 @@ def prepare_inputs(work: Path, args) -> tuple[list, Path, Path]:
 
 def write_data(work: Path, examples, system_prompt: str) -> Path:
     """The prompts as mlx-lm-lora reads them: {train,valid,test}.jsonl of {prompt, answer, system}."""
-    from grpo_mlx.prompts import resolve_system_prompt
+    from grpo_mlx.data.prompts import resolve_system_prompt
 
     data = work / "data"
     data.mkdir(exist_ok=True)
@@ -214,7 +214,7 @@ def rollout_timers(model, tokenizer, prompts, G, T) -> dict:
     """name -> fn() returning completion tokens generated (1: ours vs. the naive baseline)."""
     from mlx_lm.generate import batch_generate
 
-    from grpo_mlx.rollout import generate_rollout, make_sampler
+    from grpo_mlx.rollout.batch import generate_rollout, make_sampler
 
     sampler = make_sampler(1.0)
     n = len(prompts) * G
@@ -237,14 +237,14 @@ def forward_backward_timer(model, tokens):
     import mlx.core as mx
     import mlx.nn as nn
 
-    from grpo_mlx.logprobs import token_logprobs
+    from grpo_mlx.model.logprobs import token_logprobs
 
     loss_and_grad = nn.value_and_grad(model, lambda m, t: token_logprobs(m, t).mean())
     return lambda: mx.eval(loss_and_grad(model, tokens))
 
 
 def step_config(model_dir, data_file, work, args, **overrides):
-    from grpo_mlx.config import TrainConfig
+    from grpo_mlx.core.config import TrainConfig
 
     values = dict(
         model=str(model_dir), dataset=str(data_file), batch_size=args.batch_size, group_size=args.group_size,
@@ -275,7 +275,7 @@ class StepVariants:
     """
 
     def __init__(self, configs: dict):
-        from grpo_mlx.trainer import grpo_step, setup
+        from grpo_mlx.train.trainer import grpo_step, setup
 
         self.grpo_step = grpo_step
         self.runs, self.calls = {}, {}
@@ -320,7 +320,7 @@ class StepVariants:
 
 def toy_configs(model_dir, data_file, work, args) -> dict:
     """name -> TrainConfig: the default step, then (unless --skip-variants) one change each."""
-    from grpo_mlx.config import TrainConfig
+    from grpo_mlx.core.config import TrainConfig
 
     default_compile = TrainConfig.__dataclass_fields__["compile"].default
     configs = {f"default (compile={default_compile}, beta=0.04)": step_config(model_dir, data_file, work, args)}
@@ -358,9 +358,9 @@ def measure_rounds(timers: dict, variants: StepVariants, rounds: int) -> tuple[d
 
 
 def run_toy(args, work: Path, env: dict) -> tuple[dict, list[str]]:
-    from grpo_mlx.gradients import LENGTH_BUCKET
-    from grpo_mlx.prompts import render_prompt
-    from grpo_mlx.rollout import pad_batch
+    from grpo_mlx.train.gradients import LENGTH_BUCKET
+    from grpo_mlx.data.prompts import render_prompt
+    from grpo_mlx.rollout.batch import pad_batch
 
     B, G, T = args.batch_size, args.group_size, args.max_tokens
     model_dir = build_model(work, args)
@@ -447,7 +447,7 @@ def time_shape_steps(run, rounds: int) -> tuple[list[dict], list[int]]:
     """Metrics of `rounds` steps after one warm-up step, and each timed step's rollout peak in bytes."""
     import mlx.core as mx
 
-    from grpo_mlx.trainer import grpo_step
+    from grpo_mlx.train.trainer import grpo_step
 
     rollout_peaks = []
     generate = run.rollout_fn
@@ -488,16 +488,16 @@ def shape_step_summary(samples: list[dict], rollout_peaks: list[int], run, promp
 
 
 def predict_memory(model_config: dict, run, prompts) -> dict | None:
-    """The memory plan's predicted bytes for this step (grpo_mlx.memory.estimate_step at the plan the
+    """The memory plan's predicted bytes for this step (grpo_mlx.memory.estimate.estimate_step at the plan the
     trainer chose, which sizes its micro-batches); None where this checkout has no memory planner."""
     plan = getattr(run, "plan", None)
     return None if plan is None else dict(plan.phases)
 
 
 def run_shape(args, work: Path, env: dict) -> tuple[dict, list[str]]:
-    from grpo_mlx.prompts import render_prompt
-    from grpo_mlx.shapes import SHAPES
-    from grpo_mlx.trainer import setup
+    from grpo_mlx.data.prompts import render_prompt
+    from grpo_mlx.model.shapes import SHAPES
+    from grpo_mlx.train.trainer import setup
 
     model_dir = build_shape_model(work, args)
     examples, data_file, data_dir = prepare_inputs(work, args)
@@ -557,7 +557,7 @@ def shape_memory_rows(r: dict) -> list[str]:
 
     def versus(measured, key):
         if predicted is None:
-            return "n/a | grpo_mlx.memory (estimate_step) is not in this checkout yet"
+            return "n/a | grpo_mlx.memory.estimate (estimate_step) is not in this checkout yet"
         return f"{gb(predicted[key])} | measured {(measured / predicted[key] - 1):+.1%} off the prediction"
 
     return [
@@ -681,8 +681,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.path.insert(0, str(REPO))
-    from grpo_mlx.errors import UserError
-    from grpo_mlx.shapes import shape_config
+    from grpo_mlx.core.errors import UserError
+    from grpo_mlx.model.shapes import shape_config
 
     try:
         if args.shape:

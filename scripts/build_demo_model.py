@@ -22,7 +22,7 @@ With --tools, the tool demo's model for `--dataset multiplication --tools calcul
    factor is below 400 and TOOL_SHARE_HIGH of the others (37% in all), so the built model calls
    it on ~30% of held-out problems greedily (~36% sampled), copies the output right ~95% of
    the time and never gets a product from memory: GRPO can raise both tool use and accuracy.
-3. `tiny_model.tool_episode_accuracy` (greedy and sampled trajectories against the real
+3. `eval.demo.tool_episode_accuracy` (greedy and sampled trajectories against the real
    calculator) is printed every --eval-every steps: what TOOL_STEPS was chosen from (at 600
    steps copying was still ~80% right; shares 0.6/0.1 gave tool use too rare and noisy).
    ~20 min on a busy 2-core CPU: the system prompt, shared by every row, is run once a batch.
@@ -44,12 +44,11 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import qwen2
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-from grpo_mlx.data import HELD_OUT_SEED_OFFSET, arithmetic_examples, multiplication_examples
-from grpo_mlx.environments import FENCED_FORMAT, ToolEnvironment, run_episode
-from grpo_mlx.tiny_model import (DEMO_MODEL_DIR, DEMO_TOOLS_MODEL_DIR, IM_END, chat_corpus,
-                                 greedy_accuracy, render_chat, save_model_dir, tool_episode_accuracy,
-                                 train_tokenizer)
-from grpo_mlx.tools import CALCULATOR
+from grpo_mlx.data.examples import HELD_OUT_SEED_OFFSET, arithmetic_examples, multiplication_examples
+from grpo_mlx.envs.environments import FENCED_FORMAT, ToolEnvironment, run_episode
+from grpo_mlx.eval.demo import greedy_accuracy, tool_episode_accuracy
+from grpo_mlx.model.tiny_model import DEMO_MODEL_DIR, DEMO_TOOLS_MODEL_DIR, IM_END, chat_corpus, render_chat, save_model_dir, train_tokenizer
+from grpo_mlx.envs.tools import CALCULATOR
 
 MODEL_ARGS = dict(model_type="qwen2", hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=384, rms_norm_eps=1e-6,

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Check grpo_mlx.memory's predictions against measured peaks of real training steps.
+"""Check grpo_mlx.memory.estimate's predictions against measured peaks of real training steps.
 
-Builds random-weight models of real shapes (grpo_mlx.shapes, layers cut), runs one
+Builds random-weight models of real shapes (grpo_mlx.model.shapes, layers cut), runs one
 `trainer.grpo_step` per setting in a fresh process (mlx-lm's gradient checkpointing
 patches the block class process-wide, and each process starts from an empty
 allocator), and prints a markdown table: predicted peak vs. `mx.get_peak_memory()`,
@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's grpo_mlx, not an installed one
 # The first 400 rows of GSM8K's train split (MIT licence, scripts/data/GSM8K_LICENSE), shipped so a fresh
 # clone measures the same prompts as a checkout beside ../shared.
 GSM8K = REPO / "scripts" / "data" / "gsm8k_train_sample.jsonl"
@@ -50,7 +51,7 @@ EXTRAPOLATION = [("qwen2.5-0.5b", layers, None, 2, 4, 128, 8, False) for layers 
 
 def shape_model_dir(name: str, layers: int, bits: int | None, cache: Path = MODEL_CACHE) -> Path:
     """A random-weight model of shape `name`, built once and kept under `cache`."""
-    from grpo_mlx.shapes import make_shape_model
+    from grpo_mlx.model.shapes import make_shape_model
 
     path = cache / f"{name}-l{layers}-{'q' + str(bits) if bits else 'f32'}"
     if not (path / "config.json").exists():
@@ -71,8 +72,8 @@ def measure(model_dir: Path, work: Path, B: int, G: int, T: int, micro_batch: in
     """
     import mlx.core as mx
 
-    from grpo_mlx import trainer
-    from grpo_mlx.config import TrainConfig
+    from grpo_mlx.train import trainer
+    from grpo_mlx.core.config import TrainConfig
 
     work.mkdir(parents=True, exist_ok=True)
     if data_file is None:
@@ -130,7 +131,7 @@ def measure(model_dir: Path, work: Path, B: int, G: int, T: int, micro_batch: in
 def predict(model_dir: Path, B: int, G: int, T: int, micro_batch: int, checkpoint: bool, prompt_tokens: int,
             shortest_prompt: int, shared_prompt: bool, beta: float = 0.04, lora_layers: int = 16,
             chunk: int | None = None) -> dict:
-    from grpo_mlx.memory import ModelShape, StepShape, estimate_step
+    from grpo_mlx.memory.estimate import ModelShape, StepShape, estimate_step
 
     model = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
     step = StepShape(batch_size=B, group_size=G, prompt_tokens=prompt_tokens, max_tokens=T,

@@ -1,6 +1,6 @@
 """Environment plug-ins for the multi-turn tests (loaded as tests/plugin_envs.py:Class)."""
 
-from grpo_mlx.environments import Environment, Observation
+from grpo_mlx.envs.environments import Environment, Observation
 
 
 class AlwaysAnswer(Environment):

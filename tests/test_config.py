@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from grpo_mlx.cli import cli, main
-from grpo_mlx.config import DEMO_PRESET, SHARED, EvalConfig, GenerateConfig, TrainConfig, build_config, load_config_file
-from grpo_mlx.errors import UserError
+from grpo_mlx.core.config import DEMO_PRESET, SHARED, EvalConfig, GenerateConfig, TrainConfig, build_config, load_config_file
+from grpo_mlx.core.errors import UserError
 
 
 def test_defaults_follow_deepseekmath():
@@ -72,10 +72,32 @@ def test_cli_help_and_version_read_well():
 
 def test_the_cli_and_its_options_load_without_mlx():
     # MLX loads inside the commands, after the options parse (and after the OpenBLAS re-exec).
-    code = "import sys, grpo_mlx.cli, grpo_mlx.config; print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlx'))"
+    code = "import sys, grpo_mlx.cli, grpo_mlx.core.config; print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlx'))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "[]"
 
+
+
+@pytest.mark.parametrize("kind", [TrainConfig, EvalConfig, GenerateConfig])
+def test_every_option_has_one_help_section(kind):
+    from dataclasses import fields
+
+    from grpo_mlx.cli import OPTION_GROUPS
+
+    sections = [title for f in fields(kind) for title, names in OPTION_GROUPS.items() if f.name in names]
+    assert len(sections) == len(fields(kind)), [f.name for f in fields(kind) if sum(f.name in n for n in OPTION_GROUPS.values()) != 1]
+
+
+def test_train_help_lists_its_options_in_sections_under_their_own_names():
+    from click.testing import CliRunner
+
+    from grpo_mlx.cli import OPTION_GROUPS, cli
+
+    text = CliRunner().invoke(cli, ["train", "--help"], terminal_width=100).output
+    titles = [f"{title} options:" for title in OPTION_GROUPS]
+    assert [line for line in text.splitlines() if line in titles] == titles and "Other options:" not in text
+    for f in __import__("dataclasses").fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in text, f.name
 
 def test_user_errors_print_one_line_and_exit_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -114,7 +136,7 @@ def test_an_option_of_another_command_is_refused_naming_the_command():
 
 
 def test_a_leading_tilde_in_a_path_is_the_home_folder(monkeypatch, tmp_path):
-    from grpo_mlx.config import TrainConfig, build_config
+    from grpo_mlx.core.config import TrainConfig, build_config
 
     monkeypatch.setenv("HOME", str(tmp_path))
     config = build_config({"output": "~/runs/x"}, {"model": "~/models/m"}, TrainConfig)

@@ -16,10 +16,10 @@ from click.testing import CliRunner
 from mlx.utils import tree_flatten, tree_map
 
 from grpo_mlx.cli import cli, main
-from grpo_mlx.convert import (convert, gguf_model_folder, llama3_rope_factors, llama3_rope_scaling,
+from grpo_mlx.model.convert import (convert, gguf_model_folder, llama3_rope_factors, llama3_rope_scaling,
                               unpermute_rotary)
-from grpo_mlx.errors import UserError
-from grpo_mlx.tiny_model import chat_corpus, train_tokenizer, write_model_dir
+from grpo_mlx.core.errors import UserError
+from grpo_mlx.model.tiny_model import chat_corpus, train_tokenizer, write_model_dir
 
 HF_TO_GGUF = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
               "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",

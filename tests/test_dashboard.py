@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from grpo_mlx.dashboard import Dashboard, parse_plain_line, plain_line, sparkline
-from grpo_mlx.display import format_value, wants_plain_lines
-from grpo_mlx.run_log import MetricsLogger, keep_metrics_until, read_metrics
+from grpo_mlx.ui.dashboard import Dashboard, parse_plain_line, plain_line, sparkline
+from grpo_mlx.ui.display import format_value, wants_plain_lines
+from grpo_mlx.ui.run_log import MetricsLogger, keep_metrics_until, read_metrics
 
 TEXT_REWARD = f"{Path(__file__).parent / 'plugin_rewards.py'}:text_length"
 ANSI_OR_CONTROL = re.compile(r"\x1b|[\x00-\x08\x0b-\x1f\x7f]")
@@ -355,7 +355,7 @@ def test_resume_keeps_metric_lines_up_to_the_checkpoint_step(tmp_path):
 
 @pytest.mark.parametrize("terminal, environ, plain", [(False, {}, True), (True, {"TERM": "dumb"}, True), (True, {"TERM": "xterm"}, False)])
 def test_dashboard_and_eval_progress_pick_plain_lines_the_same_way(terminal, environ, plain):
-    from grpo_mlx.evaluate import EvalProgress
+    from grpo_mlx.eval.evaluate import EvalProgress
 
     console = Console(file=io.StringIO(), force_terminal=terminal, _environ=environ)
     assert wants_plain_lines(console) is plain

@@ -10,7 +10,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from grpo_mlx.data import (  # noqa: E402
+from grpo_mlx.data.examples import (  # noqa: E402
     Example,
     arithmetic_examples,
     countdown_examples,
@@ -19,8 +19,8 @@ from grpo_mlx.data import (  # noqa: E402
     load_examples_with_stats,
     take_examples,
 )
-from grpo_mlx.prompts import SYSTEM_PROMPTS, render_prompt, resolve_system_prompt  # noqa: E402
-from grpo_mlx.errors import UserError  # noqa: E402
+from grpo_mlx.data.prompts import SYSTEM_PROMPTS, render_prompt, resolve_system_prompt  # noqa: E402
+from grpo_mlx.core.errors import UserError  # noqa: E402
 
 GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k"
 needs_gsm8k = pytest.mark.skipif(not (GSM8K / "test.jsonl").exists(), reason="GSM8K files absent")

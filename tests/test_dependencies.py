@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from grpo_mlx.errors import UserError
-from grpo_mlx.rollout import MLX_LM_REQUIREMENT, check_mlx_lm
+from grpo_mlx.core.errors import UserError
+from grpo_mlx.rollout.batch import MLX_LM_REQUIREMENT, check_mlx_lm
 
 PYPROJECT = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
 

@@ -46,7 +46,7 @@ COMPARED = ("sampling_rounds", "num_groups", "reward", "reward_std", "frac_rewar
 
 
 def case_config(model_dir, output, **overrides):
-    from grpo_mlx.config import build_config
+    from grpo_mlx.core.config import build_config
 
     values = dict(
         model=str(model_dir), dataset="arithmetic", steps=STEPS, batch_size=4, group_size=4, max_tokens=8,
@@ -61,7 +61,7 @@ def fixed_rollout(model, tokenizer, prompts, group_size, max_tokens, sampler, **
 
     A third of the prompts get G copies of one completion: a zero-variance group.
     """
-    from grpo_mlx.rollout import Rollout
+    from grpo_mlx.rollout.batch import Rollout
 
     eos = sorted(tokenizer.eos_token_ids)
     rows, completions, finish = [], [], []
@@ -83,8 +83,8 @@ def fixed_rollout(model, tokenizer, prompts, group_size, max_tokens, sampler, **
 
 def rank1_uniform_rollout(model, tokenizer, prompts, group_size, max_tokens, sampler, **kwargs):
     """Fixed completions, but on rank 1 every group is G copies of one completion."""
-    from grpo_mlx.distributed import world
-    from grpo_mlx.rollout import Rollout
+    from grpo_mlx.train.distributed import world
+    from grpo_mlx.rollout.batch import Rollout
 
     rollout = fixed_rollout(model, tokenizer, prompts, group_size, max_tokens, sampler)
     if world().rank() != 1:
@@ -112,7 +112,7 @@ def train_fixed(config, steps=None, sgd=True, rollout_fn=fixed_rollout):
     """
     import mlx.optimizers as optim
 
-    from grpo_mlx.trainer import setup, train
+    from grpo_mlx.train.trainer import setup, train
 
     run = setup(config if steps is None else dataclasses.replace(config, steps=steps))
     run.rollout_fn = rollout_fn
@@ -126,9 +126,9 @@ def train_fixed(config, steps=None, sgd=True, rollout_fn=fixed_rollout):
 
 def worker(model_dir: str, out_dir: str) -> None:
     """Train every case and a resumed run; write each rank's adapters and metrics to out_dir."""
-    from grpo_mlx.distributed import world
-    from grpo_mlx.runner import resume, save
-    from grpo_mlx.trainer import setup, train
+    from grpo_mlx.train.distributed import world
+    from grpo_mlx.train.runner import resume, save
+    from grpo_mlx.train.trainer import setup, train
 
     out, rank = Path(out_dir), world().rank()
     for name, overrides in CASES.items():
@@ -323,8 +323,8 @@ def test_a_rank_that_dies_stops_the_other_without_a_hang(tiny_model_dir, tmp_pat
 
 
 def test_batch_that_does_not_split_across_ranks_is_a_user_error():
-    from grpo_mlx.distributed import local_batch_size
-    from grpo_mlx.errors import UserError
+    from grpo_mlx.train.distributed import local_batch_size
+    from grpo_mlx.core.errors import UserError
 
     assert local_batch_size(8, 4) == 2
     with pytest.raises(UserError, match="multiple of 4"):
@@ -336,8 +336,8 @@ def test_bnpo_is_the_mean_over_ranks_of_each_ranks_token_mean(tiny_model_dir, tm
     gradient is the mean over those ranks of each one's token-mean loss. One process here, a second
     rank with rows simulated in the count sum. mu = 1, beta = 0: ratio 1, so this rank's loss is
     -sum_i A_i * length_i / (its tokens) / 2, in float64 here."""
-    import grpo_mlx.trainer as trainer
-    from grpo_mlx import distributed
+    import grpo_mlx.train.trainer as trainer
+    from grpo_mlx.train import distributed
     from test_grpo import ref_advantages
 
     class OneMoreRank:
@@ -367,9 +367,9 @@ def test_update_metric_names_match_what_the_loss_reports(tiny_model_dir, tmp_pat
     """Ranks reduce update metrics by UPDATE_METRICS: the loss must report exactly those."""
     import mlx.core as mx
 
-    from grpo_mlx.gradients import make_loss_fn
-    from grpo_mlx.step_metrics import UPDATE_METRICS
-    from grpo_mlx.trainer import setup
+    from grpo_mlx.train.gradients import make_loss_fn
+    from grpo_mlx.train.step_metrics import UPDATE_METRICS
+    from grpo_mlx.train.trainer import setup
 
     run = setup(case_config(tiny_model_dir, tmp_path / "run"))
     tokens = mx.array([[1, 2, 3, 4]])

@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from grpo_mlx.data import Example, load_examples, multiplication_examples
-from grpo_mlx.environments import (
+from grpo_mlx.data.examples import Example, load_examples, multiplication_examples
+from grpo_mlx.envs.environments import (
     FENCED_FORMAT,
     JSON_FORMAT,
     Environment,
@@ -21,10 +21,10 @@ from grpo_mlx.environments import (
     text_between_turns,
     tool_format,
 )
-from grpo_mlx.errors import UserError
+from grpo_mlx.core.errors import UserError
 from grpo_mlx.rewards import get_reward
-from grpo_mlx.tiny_model import CHAT_TEMPLATE
-from grpo_mlx.tools import CALCULATOR
+from grpo_mlx.model.tiny_model import CHAT_TEMPLATE
+from grpo_mlx.envs.tools import CALCULATOR
 
 # Qwen2.5's template cut to what matters here: tool schemas in the system turn, <tool_call>
 # instructions, "tool" messages as <tool_response> blocks inside one user turn.
@@ -255,7 +255,7 @@ def test_a_template_that_rewrites_earlier_turns_cannot_be_resumed():
 # ---------------------------------------------------------------- plug-ins and the factory
 
 PLUGIN = """
-from grpo_mlx.environments import Environment, Observation
+from grpo_mlx.envs.environments import Environment, Observation
 
 
 class Echo(Environment):
@@ -321,7 +321,7 @@ def test_plugin_without_a_tools_parameter_refuses_tools(plugin_file):
 
 def test_plugin_whose_constructor_fails_is_refused_before_training(tmp_path):
     path = tmp_path / "needy.py"
-    path.write_text("from grpo_mlx.environments import Environment\n"
+    path.write_text("from grpo_mlx.envs.environments import Environment\n"
                     "class Needy(Environment):\n    def __init__(self, data):\n        self.data = data\n")
     with pytest.raises(UserError, match="creating it failed \\(TypeError"):
         environment_factory(f"{path}:Needy")

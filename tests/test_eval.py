@@ -11,13 +11,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from grpo_mlx.answers import to_number
+from grpo_mlx.rewards.answers import to_number
 from grpo_mlx.cli import main
-from grpo_mlx.config import EvalConfig
-from grpo_mlx.data import arithmetic_examples
-from grpo_mlx.prompts import render_prompt
-from grpo_mlx.errors import UserError
-from grpo_mlx.evaluate import EvalProgress, evaluate, k_values, majority_vote, pass_at_k
+from grpo_mlx.core.config import EvalConfig
+from grpo_mlx.data.examples import arithmetic_examples
+from grpo_mlx.data.prompts import render_prompt
+from grpo_mlx.core.errors import UserError
+from grpo_mlx.eval.evaluate import EvalProgress, evaluate, k_values, majority_vote, pass_at_k
 from grpo_mlx.rewards import accuracy_reward, list_rewards
 
 GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k"
@@ -38,7 +38,7 @@ def greedy_by_hand(model, tokenizer, examples, max_tokens):
     """One mlx_lm.generate call per prompt, no batching: the reference eval must match."""
     from mlx_lm import generate
 
-    from grpo_mlx.rollout import make_sampler
+    from grpo_mlx.rollout.batch import make_sampler
 
     texts = [generate(model, tokenizer, render_prompt(tokenizer, ex), max_tokens=max_tokens, sampler=make_sampler(0.0))
              for ex in examples]
@@ -49,7 +49,7 @@ def greedy_by_hand(model, tokenizer, examples, max_tokens):
 
 
 def test_greedy_accuracy_equals_generating_each_prompt_by_hand(arithmetic_file):
-    from grpo_mlx.policy import load_model
+    from grpo_mlx.model.policy import load_model
 
     result = evaluate(EvalConfig(dataset=str(arithmetic_file), batch_size=5))  # 5 does not divide 24: a ragged last batch
     model, tokenizer, _ = load_model(None)
@@ -65,8 +65,8 @@ def test_greedy_accuracy_equals_generating_each_prompt_by_hand(arithmetic_file):
 
 
 def test_adapters_from_the_run_directory_are_applied(arithmetic_file, tmp_path):
-    from grpo_mlx.fuse import load_with_adapters
-    from grpo_mlx.policy import attach_adapters, load_model, save_adapters
+    from grpo_mlx.model.fuse import load_with_adapters
+    from grpo_mlx.model.policy import attach_adapters, load_model, save_adapters
 
     model, _, _ = load_model(None)
     adapter_config = attach_adapters(model, rank=4, num_layers=-1, scale=20.0)
@@ -85,7 +85,7 @@ def test_adapters_from_the_run_directory_are_applied(arithmetic_file, tmp_path):
 
 
 def test_adapters_without_model_load_the_base_they_were_trained_on(tiny_model_dir, arithmetic_file, tmp_path):
-    from grpo_mlx.policy import attach_adapters, load_model, save_adapters
+    from grpo_mlx.model.policy import attach_adapters, load_model, save_adapters
 
     model, _, _ = load_model(str(tiny_model_dir))
     adapter_config = attach_adapters(model, rank=4, num_layers=-1, scale=20.0)
@@ -245,9 +245,9 @@ def test_bad_settings_are_refused_naming_the_field(settings, field):
 @pytest.mark.parametrize("flags,expected", [(["--top-k", "-1"], "top_k=-1"), (["--min-p", "2"], "min_p=2.0"),
                                             (["--samples", "0"], "samples=0"), (["--limit", "x"], "'--limit': 'x' is not a valid integer")])
 def test_bad_eval_flags_are_one_error_line_before_anything_loads(flags, expected, capsys, monkeypatch):
-    import grpo_mlx.evaluate
+    import grpo_mlx.eval.evaluate
 
-    monkeypatch.setattr(grpo_mlx.evaluate, "load_with_adapters", lambda *a: pytest.fail("loaded a model"), raising=False)
+    monkeypatch.setattr(grpo_mlx.eval.evaluate, "load_with_adapters", lambda *a: pytest.fail("loaded a model"), raising=False)
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", *flags])
     assert exit_info.value.code == 2
@@ -256,11 +256,11 @@ def test_bad_eval_flags_are_one_error_line_before_anything_loads(flags, expected
 
 
 def test_eval_top_k_and_min_p_reach_the_sampler(arithmetic_file, monkeypatch):
-    import grpo_mlx.rollout
+    import grpo_mlx.rollout.batch
 
     seen = []
-    real = grpo_mlx.rollout.make_sampler
-    monkeypatch.setattr(grpo_mlx.rollout, "make_sampler", lambda *args: seen.append(args) or real(*args))
+    real = grpo_mlx.rollout.batch.make_sampler
+    monkeypatch.setattr(grpo_mlx.rollout.batch, "make_sampler", lambda *args: seen.append(args) or real(*args))
     main(["eval", "--dataset", str(arithmetic_file), "--limit", "2", "--samples", "2", "--top-k", "3", "--min-p", "0.1",
           "--temperature", "0.7"])
     assert (0.7, 1.0, 3, 0.1) in seen  # the K samples' sampler; greedy uses make_sampler(0.0)
@@ -276,11 +276,11 @@ def test_eval_reads_a_config_file_under_its_flags(arithmetic_file, tmp_path):
 
 
 def test_generate_takes_the_sampling_flags(capsys, monkeypatch):
-    import grpo_mlx.rollout
+    import grpo_mlx.rollout.batch
 
     seen = []
-    real = grpo_mlx.rollout.make_sampler
-    monkeypatch.setattr(grpo_mlx.rollout, "make_sampler", lambda *args: seen.append(args) or real(*args))
+    real = grpo_mlx.rollout.batch.make_sampler
+    monkeypatch.setattr(grpo_mlx.rollout.batch, "make_sampler", lambda *args: seen.append(args) or real(*args))
     args = ["generate", "--prompt", "What is 1 plus 2?", "--max-tokens", "4", "--temperature", "0.5", "--top-k", "5",
             "--min-p", "0.05", "--top-p", "0.9", "--seed", "7"]
     main(args)
@@ -314,10 +314,10 @@ def test_plain_progress_off_a_terminal_counts_every_prompt():
 
 
 def test_output_under_a_file_is_refused_before_the_evaluation_runs(tmp_path, capsys, monkeypatch):
-    import grpo_mlx.evaluate
+    import grpo_mlx.eval.evaluate
 
     calls = []
-    monkeypatch.setattr(grpo_mlx.evaluate, "evaluate", lambda **settings: calls.append(settings) or pytest.fail("evaluated"))
+    monkeypatch.setattr(grpo_mlx.eval.evaluate, "evaluate", lambda **settings: calls.append(settings) or pytest.fail("evaluated"))
     blocker = tmp_path / "notes.txt"
     blocker.write_text("a file, not a folder\n")
     with pytest.raises(SystemExit) as exit_info:
@@ -330,10 +330,10 @@ def test_output_under_a_file_is_refused_before_the_evaluation_runs(tmp_path, cap
 
 
 def test_output_replaces_only_an_earlier_eval_result(tmp_path, capsys, monkeypatch):
-    import grpo_mlx.evaluate
+    import grpo_mlx.eval.evaluate
 
     calls = []
-    monkeypatch.setattr(grpo_mlx.evaluate, "evaluate", lambda *a, **k: calls.append(1) or pytest.fail("evaluated"))
+    monkeypatch.setattr(grpo_mlx.eval.evaluate, "evaluate", lambda *a, **k: calls.append(1) or pytest.fail("evaluated"))
     users_file = tmp_path / "adapters.safetensors"
     users_file.write_bytes(b"trained weights")
     with pytest.raises(SystemExit) as exit_info:
@@ -343,5 +343,5 @@ def test_output_replaces_only_an_earlier_eval_result(tmp_path, capsys, monkeypat
     assert len(err) == 1 and err[0].startswith("error:") and "not an earlier eval result" in err[0]
     assert calls == [] and users_file.read_bytes() == b"trained weights"
     earlier = tmp_path / "result.json"
-    grpo_mlx.evaluate.write_result({"accuracy": 0.5, "settings": {}}, earlier)
-    assert grpo_mlx.evaluate.check_result_path(earlier) == earlier  # its own result may be replaced
+    grpo_mlx.eval.evaluate.write_result({"accuracy": 0.5, "settings": {}}, earlier)
+    assert grpo_mlx.eval.evaluate.check_result_path(earlier) == earlier  # its own result may be replaced

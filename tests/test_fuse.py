@@ -11,10 +11,10 @@ from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
 from grpo_mlx.cli import cli, main
-from grpo_mlx.data import Example
-from grpo_mlx.prompts import render_prompt
-from grpo_mlx.fuse import FUSE_MARKER, load_with_adapters
-from grpo_mlx.tiny_model import demo_model_path
+from grpo_mlx.data.examples import Example
+from grpo_mlx.data.prompts import render_prompt
+from grpo_mlx.model.fuse import FUSE_MARKER, load_with_adapters
+from grpo_mlx.model.tiny_model import demo_model_path
 
 TEXT_REWARD = f"{Path(__file__).parent / 'plugin_rewards.py'}:text_length"
 

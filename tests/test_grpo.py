@@ -7,10 +7,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from grpo_mlx.config import TrainConfig
-from grpo_mlx.grpo import IMPORTANCE_LEVELS, KL_ESTIMATORS, LOSS_TYPES, group_advantages, loss_normaliser, policy_loss
-from grpo_mlx.logprobs import token_logprobs
-from grpo_mlx.gradients import make_loss_fn
+from grpo_mlx.core.config import TrainConfig
+from grpo_mlx.train.grpo import IMPORTANCE_LEVELS, KL_ESTIMATORS, LOSS_TYPES, group_advantages, loss_normaliser, policy_loss
+from grpo_mlx.model.logprobs import token_logprobs
+from grpo_mlx.train.gradients import make_loss_fn
 
 # ---------------------------------------------------------------- float64 reference
 

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from grpo_mlx.checkpoint import BEST, foreign_entries, read_best, save_best
-from grpo_mlx.config import build_config
-from grpo_mlx.dashboard import Dashboard, parse_plain_line
-from grpo_mlx.data import load_examples
-from grpo_mlx.errors import UserError
-from grpo_mlx.heldout import load_heldout
-from grpo_mlx.run_log import read_metrics
+from grpo_mlx.train.checkpoint import BEST, read_best, save_best
+from grpo_mlx.train.run_dir import foreign_entries
+from grpo_mlx.core.config import build_config
+from grpo_mlx.ui.dashboard import Dashboard, parse_plain_line
+from grpo_mlx.data.examples import load_examples
+from grpo_mlx.core.errors import UserError
+from grpo_mlx.eval.heldout import load_heldout
+from grpo_mlx.ui.run_log import read_metrics
 from test_reliability import adapters as tensors, run_main
 
 STEPS, LIMIT = 4, 32
@@ -63,7 +64,7 @@ def test_best_holds_the_best_steps_adapters_and_loads_with_mlx_lm(evaluated_run)
     from mlx.utils import tree_flatten
     from mlx_lm.utils import load
 
-    from grpo_mlx.tiny_model import demo_model_path
+    from grpo_mlx.model.tiny_model import demo_model_path
 
     accuracies = eval_steps(evaluated_run)
     best_step = max(accuracies, key=lambda step: (accuracies[step], -step))  # the first of the best

@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from grpo_mlx.config import build_config
-from grpo_mlx.data import Example, arithmetic_examples
-from grpo_mlx.prompts import render_prompt
-from grpo_mlx.errors import UserError
-from grpo_mlx.trainer import setup, train
+from grpo_mlx.core.config import build_config
+from grpo_mlx.data.examples import Example, arithmetic_examples
+from grpo_mlx.data.prompts import render_prompt
+from grpo_mlx.core.errors import UserError
+from grpo_mlx.train.trainer import setup, train
 
 TEXT_REWARD = f"{Path(__file__).parent / 'plugin_rewards.py'}:text_length"
 HUGE = 2_000_000  # characters: one such line once grew the process to 24 GB
@@ -77,8 +77,8 @@ def test_max_tokens_beyond_the_context_is_refused(tiny_model_dir, tmp_path):
 
 
 def test_the_limit_is_exact_in_tokens_at_the_boundary(tiny_model_dir):
-    from grpo_mlx.prompts import drop_long_prompts
-    from grpo_mlx.policy import load_model
+    from grpo_mlx.data.prompts import drop_long_prompts
+    from grpo_mlx.model.policy import load_model
 
     _, tokenizer, _ = load_model(str(tiny_model_dir))
     example = Example(prompt="Tom has 12 apples and gives away 5 of them to his friend. " * 3, answer="7")
@@ -90,7 +90,7 @@ def test_the_limit_is_exact_in_tokens_at_the_boundary(tiny_model_dir):
 
 
 def test_rendered_prompts_are_checked_again_before_rolling_out():
-    from grpo_mlx.prompts import check_prompt_lengths
+    from grpo_mlx.data.prompts import check_prompt_lengths
 
     check_prompt_lengths([[1] * 10, [1] * 12], 12)
     with pytest.raises(UserError, match="rendered to 13 tokens, more than the limit of 12"):
@@ -131,8 +131,8 @@ def test_built_in_rewards_say_whether_they_need_answers():
 
 
 def test_eval_skips_and_counts_prompts_longer_than_the_context(tmp_path):
-    from grpo_mlx.config import EvalConfig
-    from grpo_mlx.evaluate import evaluate, summary_table
+    from grpo_mlx.core.config import EvalConfig
+    from grpo_mlx.eval.evaluate import evaluate, summary_table
 
     rows = normal_rows(3)
     rows.insert(1, {"question": "What is the sum of all these numbers? " + "12 plus 34 " * 300, "answer": "1"})
@@ -150,8 +150,8 @@ def test_eval_skips_and_counts_prompts_longer_than_the_context(tmp_path):
 
 
 def test_eval_refuses_when_every_prompt_is_too_long(tmp_path):
-    from grpo_mlx.config import EvalConfig
-    from grpo_mlx.evaluate import evaluate
+    from grpo_mlx.core.config import EvalConfig
+    from grpo_mlx.eval.evaluate import evaluate
 
     data = write_jsonl(tmp_path / "test.jsonl", [{"question": "x" * HUGE, "answer": "1"}])
     with pytest.raises(UserError, match="every prompt .* longer than 248 tokens"):

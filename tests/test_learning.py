@@ -4,10 +4,10 @@ import math
 
 import pytest
 
-from grpo_mlx.config import build_config
-from grpo_mlx.data import arithmetic_examples
-from grpo_mlx.tiny_model import greedy_accuracy
-from grpo_mlx.trainer import setup, train
+from grpo_mlx.core.config import build_config
+from grpo_mlx.data.examples import arithmetic_examples
+from grpo_mlx.eval.demo import greedy_accuracy
+from grpo_mlx.train.trainer import setup, train
 
 HELD_OUT = 500  # problems; the demo model never saw these sums (seed 1234 is kept out of its training)
 

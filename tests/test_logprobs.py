@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-from grpo_mlx.logprobs import (
+from grpo_mlx.model.logprobs import (
     group_token_logprobs,
     lm_head_split,
     lm_head_split_matches,
@@ -155,7 +155,7 @@ def test_shared_prompt_logprobs_equal_row_by_row_logprobs(tiny_lm, tied_lm, whic
 
 def lora_qwen2(tie_word_embeddings: bool, seed: int):
     """A random Qwen2 with LoRA on every layer and nonzero B matrices (so every adapter weight gets gradient)."""
-    from grpo_mlx.policy import attach_adapters
+    from grpo_mlx.model.policy import attach_adapters
 
     model = random_qwen2(tie_word_embeddings, seed)
     attach_adapters(model, rank=4, num_layers=-1, scale=2.0)
@@ -221,7 +221,7 @@ def test_shared_prompt_gradient_under_gradient_checkpointing(monkeypatch):
     elements of an adapter's gradient differ); `checkpointed_block_call` keeps it."""
     from mlx_lm.models import qwen2
 
-    from grpo_mlx.logprobs import checkpointed_block_call
+    from grpo_mlx.model.logprobs import checkpointed_block_call
 
     model = lora_qwen2(tie_word_embeddings=False, seed=4)
     tokens, groups, mask = shared_prompt_batch(**SHARED_BATCHES["5-9-2"])
@@ -277,7 +277,7 @@ def big_vocab_lora_qwen2(vocab_size=8192, seed=6):
     """A Qwen2 whose vocabulary dwarfs its width, as real models' do (SmolLM2: 49,152 x 576), with LoRA on."""
     from mlx_lm.models import qwen2
 
-    from grpo_mlx.policy import attach_adapters
+    from grpo_mlx.model.policy import attach_adapters
 
     args = dict(model_type="qwen2", hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
                 num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=vocab_size, tie_word_embeddings=True)

@@ -9,9 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from grpo_mlx.cli import cli, main
-from grpo_mlx.config import build_config
-from grpo_mlx.errors import UserError
-from grpo_mlx.policy import adapter_layers, attach_adapters, load_model
+from grpo_mlx.core.config import build_config
+from grpo_mlx.core.errors import UserError
+from grpo_mlx.model.policy import adapter_layers, attach_adapters, load_model
 
 TEXT_REWARD = f"{Path(__file__).parent / 'plugin_rewards.py'}:text_length"
 ATTENTION = ["self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"]
@@ -55,7 +55,7 @@ def test_lora_keys_reads_a_comma_list_from_the_command_line_or_a_list_from_yaml(
 def test_a_run_with_lora_keys_loads_unchanged_in_mlx_lm(tiny_model_dir, tmp_path):
     from mlx_lm import load
 
-    from grpo_mlx.fuse import load_with_adapters
+    from grpo_mlx.model.fuse import load_with_adapters
 
     run_dir = tmp_path / "run"
     args = ["train", "--model", str(tiny_model_dir), "--output", str(run_dir), "--steps", "1", "--batch-size", "1",

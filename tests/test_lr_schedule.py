@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from grpo_mlx import trainer
+from grpo_mlx.train import trainer
 from grpo_mlx.cli import cli
-from grpo_mlx.config import build_config
+from grpo_mlx.core.config import build_config
 
 TEXT_REWARD = f"{Path(__file__).parent / 'plugin_rewards.py'}:text_length"
 
@@ -63,7 +63,7 @@ def test_decay_reaches_zero_after_the_last_step_and_the_mu_updates_of_a_step_sha
 
 
 def test_an_unknown_schedule_is_one_line(tmp_path):
-    from grpo_mlx.errors import UserError
+    from grpo_mlx.core.errors import UserError
 
     with pytest.raises(UserError, match="lr_schedule='step'.*constant, cosine, linear"):
         config_with(tmp_path, lr_schedule="step")

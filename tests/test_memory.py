@@ -10,9 +10,9 @@ import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 
-from grpo_mlx.memory import ModelShape, StepShape, estimate_step, lora_parameters, weights_bytes
-from grpo_mlx.policy import attach_adapters
-from grpo_mlx.shapes import make_shape_model, shape_config
+from grpo_mlx.memory.estimate import ModelShape, StepShape, estimate_step, lora_parameters, weights_bytes
+from grpo_mlx.model.policy import attach_adapters
+from grpo_mlx.model.shapes import make_shape_model, shape_config
 
 REPO = Path(__file__).resolve().parents[1]
 

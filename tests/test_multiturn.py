@@ -11,17 +11,17 @@ from click.testing import CliRunner
 from mlx.utils import tree_flatten, tree_unflatten
 
 from grpo_mlx.cli import cli
-from grpo_mlx.config import build_config, EvalConfig
-from grpo_mlx.data import Example
-from grpo_mlx.environments import environment_factory, text_between_turns
-from grpo_mlx.errors import UserError
-from grpo_mlx.gradients import make_loss_fn, policy_logprobs, prompt_groups
-from grpo_mlx.logprobs import token_logprobs
-from grpo_mlx.multiturn import generate_multiturn_rollout
-from grpo_mlx.policy import attach_adapters, load_model
+from grpo_mlx.core.config import build_config, EvalConfig
+from grpo_mlx.data.examples import Example
+from grpo_mlx.envs.environments import environment_factory, text_between_turns
+from grpo_mlx.core.errors import UserError
+from grpo_mlx.train.gradients import make_loss_fn, policy_logprobs, prompt_groups
+from grpo_mlx.model.logprobs import token_logprobs
+from grpo_mlx.rollout.multiturn import generate_multiturn_rollout
+from grpo_mlx.model.policy import attach_adapters, load_model
 from grpo_mlx.rewards import get_reward
-from grpo_mlx.rollout import Rollout, make_sampler, pad_batch
-from grpo_mlx.sampling import turn_reward_columns
+from grpo_mlx.rollout.batch import Rollout, make_sampler, pad_batch
+from grpo_mlx.train.sampling import turn_reward_columns
 
 ENV = f"{Path(__file__).parent / 'plugin_envs.py'}:AlwaysAnswer"
 EXAMPLES = [Example(prompt="What is 12 times 34?", answer="408"), Example(prompt="What is 5 times 6? Think.", answer="30")]
@@ -83,7 +83,7 @@ def test_every_trajectory_runs_its_turns_with_observations_between(policy):
 
 
 def _observation(message):
-    from grpo_mlx.environments import Observation
+    from grpo_mlx.envs.environments import Observation
 
     return Observation([message])
 
@@ -309,8 +309,8 @@ def test_accuracy_reads_the_last_model_turn_not_a_tool_output():
 def test_eval_scores_the_last_model_turn_not_a_tool_output(policy, monkeypatch):
     """The model has the calculator compute the gold answer, then ends with a turn that has no number:
     read from the whole trajectory, the tool's 408 would be its answer and score."""
-    import grpo_mlx.rollout as rollout_module
-    from grpo_mlx.evaluate import evaluate_examples
+    import grpo_mlx.rollout.batch as rollout_module
+    from grpo_mlx.eval.evaluate import evaluate_examples
 
     model, tokenizer = policy
     eos = tokenizer.eos_token_id
@@ -360,7 +360,7 @@ def test_dr_grpo_divides_multi_turn_rows_by_the_trajectory_bound(tiny_model_dir,
     """Dr. GRPO's constant is N x the longest completion allowed; a multi-turn row's completion is its
     trajectory, bounded by --max-trajectory-tokens, not by --max-tokens (one turn). mu = 1, beta = 0:
     ratio 1, so the loss is -sum_i A_i * (row i's model tokens) / (N * bound), in float64 here."""
-    import grpo_mlx.trainer as trainer
+    import grpo_mlx.train.trainer as trainer
     from test_grpo import ref_advantages
 
     bound = 150
@@ -421,7 +421,7 @@ def test_eval_with_tools_runs_the_environment(tiny_model_dir, tmp_path):
 
 
 def test_eval_on_an_environment_plugin_counts_its_turns(tiny_model_dir):
-    from grpo_mlx.evaluate import evaluate
+    from grpo_mlx.eval.evaluate import evaluate
 
     result = evaluate(build_config({}, {"model": str(tiny_model_dir), "dataset": "multiplication", "env": ENV,
                                         "max_turns": 2, "limit": 2, "max_tokens": 3}, EvalConfig))
@@ -470,7 +470,7 @@ TRAJECTORY_SAMPLE = {
 
 
 def test_dashboard_shows_turn_and_tool_metrics_and_the_trajectory_turn_by_turn():
-    from grpo_mlx.dashboard import Dashboard
+    from grpo_mlx.ui.dashboard import Dashboard
     from test_dashboard import recording_console, screen_text, scripted_metrics, table_value
 
     plain = Dashboard(total_steps=10, console=recording_console(), plain=False)

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from grpo_mlx.openblas import OPENBLAS
+from grpo_mlx.core.openblas import OPENBLAS
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux" or not OPENBLAS.exists(), reason="needs Linux with OpenBLAS")
 
-PROBE = ("import os; from grpo_mlx.openblas import openblas_loaded, reexec_with_openblas; reexec_with_openblas(); "
+PROBE = ("import os; from grpo_mlx.core.openblas import openblas_loaded, reexec_with_openblas; reexec_with_openblas(); "
          "print(openblas_loaded(), os.environ.get('OPENBLAS_NUM_THREADS'))")
 
 

@@ -9,11 +9,11 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import load
 
-from grpo_mlx.config import TrainConfig
-from grpo_mlx.grpo import LOSS_TYPES, loss_normaliser
-from grpo_mlx.policy import attach_adapters
-from grpo_mlx.rollout import generate_rollout, make_sampler, pad_batch
-from grpo_mlx.gradients import (
+from grpo_mlx.core.config import TrainConfig
+from grpo_mlx.train.grpo import LOSS_TYPES, loss_normaliser
+from grpo_mlx.model.policy import attach_adapters
+from grpo_mlx.rollout.batch import generate_rollout, make_sampler, pad_batch
+from grpo_mlx.train.gradients import (
     accumulate_gradients,
     enable_grad_checkpoint,
     make_grad_step,
@@ -201,8 +201,8 @@ def test_rollout_without_sampler_logprobs_samples_the_same_completions(tiny_mode
 
 @pytest.mark.parametrize("compile_", [False, True])
 def test_scoring_completion_positions_only_gives_the_same_loss_and_gradients(tiny_model_dir, compile_):
-    from grpo_mlx.logprobs import lm_head_split_matches
-    from grpo_mlx.gradients import first_scored_position
+    from grpo_mlx.model.logprobs import lm_head_split_matches
+    from grpo_mlx.train.gradients import first_scored_position
 
     model, _ = lora_model(tiny_model_dir)
     assert lm_head_split_matches(model)
@@ -231,8 +231,8 @@ def test_scoring_completion_positions_only_gives_the_same_loss_and_gradients(tin
 
 @pytest.mark.parametrize("micro_batch_size", [None, 3])
 def test_running_each_prompt_once_per_group_gives_the_same_loss_and_gradients(tiny_model_dir, micro_batch_size):
-    from grpo_mlx.logprobs import supports_shared_prompt
-    from grpo_mlx.gradients import forward_logprobs, prompt_groups
+    from grpo_mlx.model.logprobs import supports_shared_prompt
+    from grpo_mlx.train.gradients import forward_logprobs, prompt_groups
 
     model, _ = lora_model(tiny_model_dir)
     assert supports_shared_prompt(model)

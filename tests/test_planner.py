@@ -12,15 +12,17 @@ import pytest
 from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
-from grpo_mlx import planner, trainer
+from grpo_mlx.memory import planner
+
+from grpo_mlx.train import trainer
 from grpo_mlx.cli import cli
-from grpo_mlx.config import build_config
-from grpo_mlx.errors import UserError
-from grpo_mlx.gradients import micro_batches
-from grpo_mlx.memory import StepShape, estimate_step
-from grpo_mlx.planner import GB, choose_plan, model_shape, plan_training, read_model_config
-from grpo_mlx.rollout import Rollout
-from grpo_mlx.shapes import shape_config
+from grpo_mlx.core.config import build_config
+from grpo_mlx.core.errors import UserError
+from grpo_mlx.train.gradients import micro_batches
+from grpo_mlx.memory.estimate import StepShape, estimate_step
+from grpo_mlx.memory.planner import GB, choose_plan, model_shape, plan_training, read_model_config
+from grpo_mlx.rollout.batch import Rollout
+from grpo_mlx.model.shapes import shape_config
 from test_reliability import run_main
 
 # Sum of character codes: differs between the fixed completions below, which are all as long.
@@ -39,7 +41,7 @@ def keep_mlx_memory_limit():
 @pytest.fixture(scope="module")
 def qwen_1_layer(tmp_path_factory):
     """Qwen2.5-0.5B's exact shape (151,936-token vocabulary), one layer, random float32 weights."""
-    from grpo_mlx.shapes import make_shape_model
+    from grpo_mlx.model.shapes import make_shape_model
 
     return make_shape_model(tmp_path_factory.mktemp("shape") / "qwen2.5-0.5b-1layer", "qwen2.5-0.5b", num_layers=1)
 
@@ -135,9 +137,9 @@ def train_config(model_dir, tmp_path, **overrides):
 
 def longest_arithmetic_prompt(model_dir) -> int:
     """The prompt length setup() plans with for the arithmetic task on this model's tokenizer."""
-    from grpo_mlx.data import load_examples_with_stats
-    from grpo_mlx.policy import load_config_and_tokenizer
-    from grpo_mlx.prompts import longest_prompt_tokens
+    from grpo_mlx.data.examples import load_examples_with_stats
+    from grpo_mlx.model.policy import load_config_and_tokenizer
+    from grpo_mlx.data.prompts import longest_prompt_tokens
 
     _, tokenizer = load_config_and_tokenizer(str(model_dir))
     return longest_prompt_tokens(tokenizer, load_examples_with_stats("arithmetic", split="train", seed=3)[0], None)
@@ -285,7 +287,7 @@ def test_plan_for_a_local_model_directory_and_its_one_line_errors(qwen_1_layer, 
 
 
 def test_the_plan_is_recorded_in_config_yaml_as_a_comment_only(trained_run_dir):
-    from grpo_mlx.config import load_config_file
+    from grpo_mlx.core.config import load_config_file
 
     text = (trained_run_dir / "config.yaml").read_text()
     assert re.search(r"\n# memory_plan: micro-batch 8 of 8 rows .* predicted peak [\d.]+ GB of a [\d.]+ GB budget\n", text)

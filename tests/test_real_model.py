@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from grpo_mlx.cli import cli
-from grpo_mlx.convert import SMOLLM2, convert, smollm2_gguf
-from grpo_mlx.errors import UserError
+from grpo_mlx.model.convert import SMOLLM2, convert, smollm2_gguf
+from grpo_mlx.core.errors import UserError
 
 try:
     GGUF = smollm2_gguf()
@@ -93,7 +93,7 @@ def test_chat_template_renders_smollm2s_default_system_turn(smollm2):
 
 
 def test_shared_prompt_logprobs_equal_row_by_row_on_the_real_model(smollm2):
-    from grpo_mlx.logprobs import group_token_logprobs, supports_shared_prompt, token_logprobs
+    from grpo_mlx.model.logprobs import group_token_logprobs, supports_shared_prompt, token_logprobs
 
     model, tokenizer = smollm2
     assert supports_shared_prompt(model)  # llama's make_cache hands out plain KV caches

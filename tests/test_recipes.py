@@ -8,8 +8,8 @@ import yaml
 from click.testing import CliRunner
 
 from grpo_mlx.cli import _file_values, cli, main
-from grpo_mlx.config import EvalConfig, TrainConfig, build_config
-from grpo_mlx.errors import UserError
+from grpo_mlx.core.config import EvalConfig, TrainConfig, build_config
+from grpo_mlx.core.errors import UserError
 from grpo_mlx.recipes import list_recipes, read_recipe, recipe_paths, recipe_values
 
 NAMES = list(recipe_paths())

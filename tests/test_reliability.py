@@ -19,10 +19,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import grpo_mlx.trainer as trainer
-from grpo_mlx.checkpoint import load_latest_checkpoint
+import grpo_mlx.train.trainer as trainer
+from grpo_mlx.train.checkpoint import load_latest_checkpoint
 from grpo_mlx.cli import main
-from grpo_mlx.data import epoch_order
+from grpo_mlx.data.examples import epoch_order
 
 TEXT_REWARD = f"{Path(__file__).parent / 'plugin_rewards.py'}:text_length"
 # Reference run length. Interrupted runs are stopped after step 2: 6 more steps leave a signal time to
@@ -290,7 +290,7 @@ def trainable(run) -> dict:
 
 
 def test_nan_loss_skips_the_update_and_leaves_adapters_finite(tiny_model_dir, tmp_path, monkeypatch):
-    from grpo_mlx.config import build_config
+    from grpo_mlx.core.config import build_config
 
     nan_advantages_at(lambda call: call == 2, monkeypatch)
     config = build_config({}, dict(model=str(tiny_model_dir), output=str(tmp_path / "run"), steps=3, batch_size=2,

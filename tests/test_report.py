@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from grpo_mlx.cli import cli, main
-from grpo_mlx.errors import UserError
-from grpo_mlx.report import plot_runs, summarize_run
+from grpo_mlx.core.errors import UserError
+from grpo_mlx.ui.report import plot_runs, summarize_run
 
 
 def write_run(run_dir, rewards, kl_per_step, seconds_per_step=2.0, tokens_per_step=64, config=None):
@@ -137,6 +137,6 @@ def test_plot_into_a_missing_folder_is_a_user_error(two_runs, tmp_path):
 
 def test_report_reads_runs_without_loading_the_dashboard_or_mlx():
     # report reads metrics.jsonl through run_log; the live screen and MLX stay unloaded.
-    code = "import sys, grpo_mlx.report; print(sorted(m for m in ('grpo_mlx.dashboard', 'mlx.core') if m in sys.modules))"
+    code = "import sys, grpo_mlx.ui.report; print(sorted(m for m in ('grpo_mlx.ui.dashboard', 'mlx.core') if m in sys.modules))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "[]"

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from grpo_mlx import answers
-from grpo_mlx.answers import answers_equal, extract_answer, parse_gold
-from grpo_mlx.errors import UserError
+from grpo_mlx.rewards import answers
+from grpo_mlx.rewards.answers import answers_equal, extract_answer, parse_gold
+from grpo_mlx.core.errors import UserError
 from grpo_mlx.rewards import (
     RewardError,
     combine_rewards,
@@ -377,9 +377,9 @@ def test_unknown_reward_lists_known_names_and_plugin_forms():
 
 
 def test_register_reward_adds_a_named_reward(monkeypatch):
-    import grpo_mlx.rewards as rewards
+    from grpo_mlx.rewards import registry
 
-    monkeypatch.setattr(rewards, "_REGISTRY", dict(rewards._REGISTRY))  # leave the real registry alone
+    monkeypatch.delitem(registry._REGISTRY, "test_constant", raising=False)  # undone after: the real registry stays
 
     @register_reward("test_constant")
     def constant(completions, answers, **fields):

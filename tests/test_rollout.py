@@ -4,9 +4,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from grpo_mlx.logprobs import token_logprobs
-from grpo_mlx.policy import load_model
-from grpo_mlx.rollout import generate_rollout, make_sampler, pad_batch
+from grpo_mlx.model.logprobs import token_logprobs
+from grpo_mlx.model.policy import load_model
+from grpo_mlx.rollout.batch import generate_rollout, make_sampler, pad_batch
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def test_rollout_samples_without_lora_dropout_and_leaves_training_on(tiny_model_
     """LoRA dropout acts in the training forward only: the rollout samples the policy itself."""
     from mlx.utils import tree_flatten
 
-    from grpo_mlx.policy import attach_adapters
+    from grpo_mlx.model.policy import attach_adapters
 
     model, tokenizer, _ = load_model(str(tiny_model_dir))
     attach_adapters(model, 4, -1, 20.0, dropout=0.5)
@@ -165,7 +165,7 @@ def test_rollout_samples_without_lora_dropout_and_leaves_training_on(tiny_model_
 
 
 def test_the_prefill_runs_without_the_lm_head_and_samples_the_same_tokens(policy, monkeypatch):
-    import grpo_mlx.rollout as rollout_module
+    import grpo_mlx.rollout.batch as rollout_module
 
     model, tokenizer = policy
     prompts = [chat(tokenizer, "What is 12 plus 30?"), chat(tokenizer, "Add 3 and 9, please. Think step by step.")]

@@ -8,7 +8,8 @@ import mlx.core as mx
 import pytest
 import yaml
 
-from grpo_mlx.checkpoint import RUN_LOCK, RUN_MARKER, load_latest_checkpoint
+from grpo_mlx.train.checkpoint import load_latest_checkpoint
+from grpo_mlx.train.run_dir import RUN_LOCK, RUN_MARKER
 from test_reliability import STEPS, TEXT_REWARD, metric_steps, run_main, start_and_wait_for_step, train_args
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from grpo_mlx.sandbox import SandboxLimits, linux_command, macos_profile, os_layer_problem, run_python
+from grpo_mlx.envs.sandbox import SandboxLimits, linux_command, macos_profile, os_layer_problem, run_python
 
 LINUX = sys.platform.startswith("linux")
 LIMITS = SandboxLimits(timeout=3, cpu_seconds=3, memory_bytes=512 << 20, output_chars=2000, file_bytes=1 << 20,

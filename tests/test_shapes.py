@@ -6,8 +6,8 @@ import mlx.core as mx
 import pytest
 from mlx_lm import load
 
-from grpo_mlx.errors import UserError
-from grpo_mlx.shapes import SHAPES, make_shape_model, shape_config
+from grpo_mlx.core.errors import UserError
+from grpo_mlx.model.shapes import SHAPES, make_shape_model, shape_config
 
 
 @pytest.mark.parametrize("name,bits", [("qwen2.5-0.5b", None), ("llama-3.2-1b", 4)])

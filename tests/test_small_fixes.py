@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from grpo_mlx.cli import cli, stream_completion
-from grpo_mlx.dashboard import LOSS_HINT, Dashboard
+from grpo_mlx.ui.dashboard import LOSS_HINT, Dashboard
 from test_dashboard import SAMPLE, recording_console, scripted_metrics, screen_text
 
 TEXT_REWARD = f"{Path(__file__).parent / 'plugin_rewards.py'}:text_length"

@@ -4,10 +4,11 @@ import mlx.core as mx
 import pytest
 from mlx_lm import load
 
-from grpo_mlx.data import arithmetic_examples
-from grpo_mlx.errors import UserError
-from grpo_mlx import tiny_model
-from grpo_mlx.tiny_model import demo_model_path, greedy_accuracy
+from grpo_mlx.data.examples import arithmetic_examples
+from grpo_mlx.core.errors import UserError
+from grpo_mlx.model import tiny_model
+from grpo_mlx.eval.demo import greedy_accuracy
+from grpo_mlx.model.tiny_model import demo_model_path
 
 
 @pytest.fixture(scope="module")

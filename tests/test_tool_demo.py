@@ -8,13 +8,14 @@ memory, so GRPO has both a tool-use rate and an accuracy to raise.
 import pytest
 from mlx_lm import load
 
-from grpo_mlx import tiny_model
-from grpo_mlx.config import DEMO_TOOLS_PRESET
-from grpo_mlx.data import HELD_OUT_SEED_OFFSET, multiplication_examples
-from grpo_mlx.environments import FENCED_FORMAT, ToolEnvironment, run_episode
-from grpo_mlx.errors import UserError
-from grpo_mlx.tiny_model import demo_model_path, render_chat, tool_episode_accuracy, tool_episodes
-from grpo_mlx.tools import CALCULATOR
+from grpo_mlx.model import tiny_model
+from grpo_mlx.core.config import DEMO_TOOLS_PRESET
+from grpo_mlx.data.examples import HELD_OUT_SEED_OFFSET, multiplication_examples
+from grpo_mlx.envs.environments import FENCED_FORMAT, ToolEnvironment, run_episode
+from grpo_mlx.core.errors import UserError
+from grpo_mlx.eval.demo import tool_episode_accuracy, tool_episodes
+from grpo_mlx.model.tiny_model import demo_model_path, render_chat
+from grpo_mlx.envs.tools import CALCULATOR
 
 # The multiplication test split (seed 0), what `grpo-mlx eval` measures; the warm start never saw it.
 HELDOUT = multiplication_examples(64, seed=HELD_OUT_SEED_OFFSET)

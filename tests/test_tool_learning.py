@@ -8,9 +8,9 @@ import math
 
 import pytest
 
-from grpo_mlx.config import DEMO_TOOLS_PRESET, EvalConfig, build_config
-from grpo_mlx.evaluate import evaluate
-from grpo_mlx.runner import run_training
+from grpo_mlx.core.config import DEMO_TOOLS_PRESET, EvalConfig, build_config
+from grpo_mlx.eval.evaluate import evaluate
+from grpo_mlx.train.runner import run_training
 
 HELD_OUT = 200  # problems of the multiplication test split (eval's seed 0: the warm start never saw them)
 STEPS = 10  # the preset's first 10 steps (of 50) already show it: ~25 s on 2 busy CPU cores

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from grpo_mlx.errors import UserError
-from grpo_mlx.sandbox import MARKER, SandboxLimits, os_layer_problem, run_python
-from grpo_mlx.tools import CALCULATOR, MAX_RESULT_BITS, ToolCall, calculate, get_tools, python_tool, run_tool_calls
+from grpo_mlx.core.errors import UserError
+from grpo_mlx.envs.sandbox import MARKER, SandboxLimits, os_layer_problem, run_python
+from grpo_mlx.envs.tools import CALCULATOR, MAX_RESULT_BITS, ToolCall, calculate, get_tools, python_tool, run_tool_calls
 
 LINUX = sys.platform.startswith("linux")
 LIMITS = SandboxLimits(timeout=2, cpu_seconds=2, memory_bytes=256 << 20, output_chars=400, file_bytes=1 << 20)
@@ -306,8 +306,8 @@ def test_calls_to_unknown_tools_or_unreadable_calls_are_error_results():
 
 def test_without_an_os_layer_the_python_tool_refuses_in_one_line_naming_the_opt_in(monkeypatch):
     """Never silently weaker: no OS layer, no python tool, unless --tool-sandbox guard-only says so."""
-    import grpo_mlx.sandbox as sandbox
-    from grpo_mlx.environments import environment_factory
+    import grpo_mlx.envs.sandbox as sandbox
+    from grpo_mlx.envs.environments import environment_factory
 
     reason = "bubblewrap (bwrap) is not installed; install it or run with --tool-sandbox guard-only to rely on the guard"
     monkeypatch.setattr(sandbox, "os_layer_problem", lambda: reason)
@@ -325,7 +325,7 @@ def test_without_an_os_layer_the_python_tool_refuses_in_one_line_naming_the_opt_
 
 
 def test_the_tool_sandbox_option_takes_os_or_guard_only():
-    from grpo_mlx.config import EvalConfig, TrainConfig, build_config
+    from grpo_mlx.core.config import EvalConfig, TrainConfig, build_config
 
     assert TrainConfig().tool_sandbox == "os" and EvalConfig().tool_sandbox == "os"
     assert build_config({}, {"tool_sandbox": "guard-only", "tools": "python"}, EvalConfig).tool_sandbox == "guard-only"
@@ -349,7 +349,7 @@ def test_an_escape_attempt_is_an_error_result_of_the_turn(sandbox):
 def test_the_probe_says_in_one_line_what_is_missing_and_the_way_out(monkeypatch):
     import shutil
 
-    import grpo_mlx.sandbox as sandbox
+    import grpo_mlx.envs.sandbox as sandbox
 
     monkeypatch.setattr(shutil, "which", lambda name, *args, **kwargs: None)
     problem = sandbox.os_layer_problem.__wrapped__()

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import TRAINED_RUN_ARGS
-from grpo_mlx.checkpoint import foreign_entries
-from grpo_mlx.run_log import read_metrics
+from grpo_mlx.train.run_dir import foreign_entries
+from grpo_mlx.ui.run_log import read_metrics
 from test_reliability import CHILD, run_main
 
 TEXT_REWARD = f"{Path(__file__).parent / 'plugin_rewards.py'}:text_length"

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
 from grpo_mlx.cli import cli
-from grpo_mlx.config import build_config
-from grpo_mlx.trainer import setup, train
+from grpo_mlx.core.config import build_config
+from grpo_mlx.train.trainer import setup, train
 
 from pathlib import Path
 
@@ -45,7 +45,7 @@ def test_the_logprob_path_is_logged_at_start_up_and_recorded_in_config_yaml(trai
                                                                              monkeypatch):
     from mlx_lm.models import qwen2
 
-    from grpo_mlx.config import load_config_file
+    from grpo_mlx.core.config import load_config_file
 
     messages = []
     run = setup(small_config(tiny_model_dir, tmp_path, reward=[TEXT_REWARD]), log=messages.append)
@@ -68,10 +68,10 @@ def test_later_iterations_use_the_sampling_policys_logprobs_as_old(tiny_model_di
     """mu = 3: update 1's old log-probs are its own forward (ratio exactly 1); updates 2 and 3 both take
     exp(log pi_theta_k - log pi_theta0) with theta0 the sampling policy, computed here independently.
     mu = 3 because old log-probs refreshed every update agree with these for updates 1 and 2."""
-    import grpo_mlx.trainer as trainer
-    from grpo_mlx.logprobs import token_logprobs
-    from grpo_mlx.policy import reference_mode
-    from grpo_mlx.rollout import generate_rollout, pad_batch
+    import grpo_mlx.train.trainer as trainer
+    from grpo_mlx.model.logprobs import token_logprobs
+    from grpo_mlx.model.policy import reference_mode
+    from grpo_mlx.rollout.batch import generate_rollout, pad_batch
 
     config = small_config(tiny_model_dir, tmp_path, reward=[TEXT_REWARD], num_iterations=3, learning_rate=0.2, max_grad_norm=0)
     run = setup(config)
@@ -126,7 +126,7 @@ def test_group_of_two_trains_with_finite_metrics(tiny_model_dir, tmp_path):
 
 
 def test_beta_zero_runs_no_reference_pass(tiny_model_dir, tmp_path, monkeypatch):
-    import grpo_mlx.trainer as trainer
+    import grpo_mlx.train.trainer as trainer
 
     calls = []
     monkeypatch.setattr(trainer, "reference_mode", lambda model: calls.append(1) or pytest.fail("reference pass"))
@@ -139,9 +139,9 @@ def test_train_fuse_and_load_give_the_same_greedy_output(trained_run_dir, tiny_m
     from mlx_lm.generate import generate
     from mlx_lm.utils import load
 
-    from grpo_mlx.data import Example
-    from grpo_mlx.prompts import render_prompt
-    from grpo_mlx.fuse import load_with_adapters
+    from grpo_mlx.data.examples import Example
+    from grpo_mlx.data.prompts import render_prompt
+    from grpo_mlx.model.fuse import load_with_adapters
 
     run_dir, fused_dir = trained_run_dir, tmp_path / "fused"  # trained by `grpo-mlx train` (conftest.py)
     assert (run_dir / "adapters.safetensors").is_file() and (run_dir / "adapter_config.json").is_file()

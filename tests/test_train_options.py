@@ -11,13 +11,13 @@ from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
 from grpo_mlx.cli import cli, main
-import grpo_mlx.trainer as trainer
-from grpo_mlx.config import build_config
-from grpo_mlx.data import Example, epoch_order
-from grpo_mlx.prompts import render_prompt
-from grpo_mlx.fuse import load_with_adapters
-from grpo_mlx.policy import reference_mode
-from grpo_mlx.trainer import setup, train
+import grpo_mlx.train.trainer as trainer
+from grpo_mlx.core.config import build_config
+from grpo_mlx.data.examples import Example, epoch_order
+from grpo_mlx.data.prompts import render_prompt
+from grpo_mlx.model.fuse import load_with_adapters
+from grpo_mlx.model.policy import reference_mode
+from grpo_mlx.train.trainer import setup, train
 
 PLUGINS = Path(__file__).parent / "plugin_rewards.py"
 TEXT_REWARD = f"{PLUGINS}:text_length"
@@ -206,7 +206,7 @@ def test_gguf_export_of_an_unsupported_architecture_is_a_one_line_error(trained_
 def fixed_rollout(model, tokenizer, prompts, group_size, max_tokens, sampler, **kwargs):
     """The same completions whatever the policy, of lengths 1..max_tokens: runs with different
     options train on the same batches, and text_length's rewards vary within each group."""
-    from grpo_mlx.rollout import Rollout
+    from grpo_mlx.rollout.batch import Rollout
 
     rows = [list(p) for p in prompts for _ in range(group_size)]
     completions = [[40 + (7 * i + 3 * j) % 200 for j in range(1 + i % max_tokens)] for i in range(len(rows))]
@@ -289,7 +289,7 @@ def test_lora_dropout_changes_the_training_forward(tiny_model_dir, tmp_path):
 
 def record_rollouts(run, check):
     """Roll out as the trainer asks, then call check(model, sampler, rollout) on each rollout."""
-    from grpo_mlx.rollout import generate_rollout
+    from grpo_mlx.rollout.batch import generate_rollout
 
     def rollout_fn(model, tokenizer, prompts, group_size, max_tokens, sampler, **kwargs):
         rollout = generate_rollout(model, tokenizer, prompts, group_size, max_tokens, sampler, **kwargs)
@@ -308,7 +308,7 @@ def sampling_run(model_dir, tmp_path, name, **options):
 
 @pytest.mark.parametrize("top_k, equal", [(1, True), (0, False)])
 def test_top_k_1_samples_the_greedy_completions(top_k, equal, tiny_model_dir, tmp_path):
-    from grpo_mlx.rollout import generate_rollout, make_sampler
+    from grpo_mlx.rollout.batch import generate_rollout, make_sampler
 
     same = []
 

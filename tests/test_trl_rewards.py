@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from grpo_mlx.config import TrainConfig, build_config
-from grpo_mlx.data import load_examples
-from grpo_mlx.errors import UserError
+from grpo_mlx.core.config import TrainConfig, build_config
+from grpo_mlx.data.examples import load_examples
+from grpo_mlx.core.errors import UserError
 from grpo_mlx.rewards import (
     RewardError,
     RewardTimeoutError,
@@ -24,7 +24,7 @@ from grpo_mlx.rewards import (
     score_completions,
     stop_reward_worker,
 )
-from grpo_mlx.sampling import score_groups
+from grpo_mlx.train.sampling import score_groups
 from test_reliability import CHILD, run_main
 
 TESTS = Path(__file__).parent

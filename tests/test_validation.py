@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-import grpo_mlx.sampling as sampling
-import grpo_mlx.trainer as trainer
-from grpo_mlx.checkpoint import load_latest_checkpoint
+import grpo_mlx.train.sampling as sampling
+import grpo_mlx.train.trainer as trainer
+from grpo_mlx.train.checkpoint import load_latest_checkpoint
 from grpo_mlx.cli import main
-from grpo_mlx.config import FIELD_TYPES_OF, TrainConfig, build_config
-from grpo_mlx.errors import UserError
-from grpo_mlx.grpo import group_advantages, informative_groups
+from grpo_mlx.core.config import FIELD_TYPES_OF, TrainConfig, build_config
+from grpo_mlx.core.errors import UserError
+from grpo_mlx.train.grpo import group_advantages, informative_groups
 from test_reliability import TEXT_REWARD, run_main
 
 FIELD_TYPES = FIELD_TYPES_OF[TrainConfig]

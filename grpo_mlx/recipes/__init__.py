@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 RECIPES_DIR = Path(__file__).parent
 COMMANDS = ("train", "eval")

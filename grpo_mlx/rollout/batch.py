@@ -16,8 +16,8 @@ from importlib import metadata
 import mlx.core as mx
 import numpy as np
 
-from .errors import UserError
-from .logprobs import lm_head_split, lm_head_split_matches
+from ..core.errors import UserError
+from ..model.logprobs import lm_head_split, lm_head_split_matches
 
 # The mlx-lm releases whose BatchGenerator API (`insert`, `next_generated`, `close`) this module
 # was tested with; pyproject.toml declares the same range and .ci/run tests its floor.

@@ -1,0 +1,1 @@
+"""Multi-turn environments, the tools a model may call, and the sandbox the python tool runs in."""

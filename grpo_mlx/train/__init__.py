@@ -1,0 +1,2 @@
+"""Training: one GRPO step (sampling, loss, gradients, update) and the run around it (checkpoints, the run
+directory, ranks)."""
