@@ -1,11 +1,16 @@
 """Shared fixtures: tiny models built here, never downloaded."""
 
 import os
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Every process a test starts (`python -m grpo_mlx.cli`, mlx.launch's ranks, scripts/) imports this checkout's
+# grpo_mlx, not another one an editable install points at.
+REPO = str(Path(__file__).resolve().parent.parent)
+os.environ["PYTHONPATH"] = os.pathsep.join([REPO, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
 
 
 @pytest.fixture(scope="session")

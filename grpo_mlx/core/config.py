@@ -21,7 +21,7 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from .config_types import has_type, in_interval, interval_text, set_type, type_name
+from .config_types import TYPE_NAMES, has_type, in_interval, interval_text, set_type, type_name  # noqa: F401 (TYPE_NAMES: the old place)
 from .errors import UserError
 from .presets import DEMO_PRESET, DEMO_TOOLS_PRESET
 

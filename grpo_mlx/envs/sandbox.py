@@ -67,7 +67,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .sandbox_os import CHILD, linux_command, macos_profile
+from .sandbox_os import CHILD, DEVICES, interpreter_folders, linux_command, macos_profile  # noqa: F401 (named here before)
 
 MARKER = "GRPO_MLX_SANDBOX_RUN"  # environment variable naming the call, for finding its processes
 SANDBOX_MODES = ("os", "guard-only")  # --tool-sandbox: the OS layer (required), or the guard alone (an opt-in)

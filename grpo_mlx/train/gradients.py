@@ -4,7 +4,7 @@ gradient accumulation, and the log-prob passes without gradient.
 Which log-prob path runs (one prompt pass per group, logits on completion positions
 only, or the plain forward over every position) is chosen once in `trainer.setup`
 and passed in as `split_head` and `batch_groups`; the micro-batch size and the
-logits chunk (`chunk_size`) come from the memory plan (planner.py).
+logits chunk (`chunk_size`) come from the memory plan (memory/planner.py).
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def accumulate_gradients(grad_step, tokens, completion_mask, advantages, old_log
         )
         # The forward's outputs first, then the gradient: evaluated together, MLX may schedule the
         # entropy's use of the logits late and hold one or two more [rows, positions, V] arrays at
-        # the peak, depending on the layer count (measured; see memory.py).
+        # the peak, depending on the layer count (measured; see memory/estimate.py).
         mx.eval(mb_loss, m, lp)
         grads = g if grads is None else tree_map(mx.add, grads, g)
         mx.eval(grads)

@@ -29,8 +29,8 @@ RUN_LOCK = ".grpo-mlx-lock"
 # Folders the experiment trackers write into (trackers.py, --report-to).
 TRACKER_DIRS = ("wandb", "swanlog", "tensorboard")
 # Everything `train` writes at the top of a run directory, and so all that `--overwrite` removes (the marker
-# and the lock stay): run_dir.py writes the marker and config.yaml, run_log.py the two .jsonl files,
-# trackers.py TRACKER_DIRS, checkpoint.py the rest.
+# and the lock stay): this module writes the marker and config.yaml, ui/run_log.py the two .jsonl files,
+# ui/trackers.py TRACKER_DIRS, checkpoint.py the rest.
 RUN_FILES = (RUN_MARKER, RUN_LOCK, "config.yaml", "metrics.jsonl", "completions.jsonl", ADAPTER_WEIGHTS, ADAPTER_CONFIG, CHECKPOINTS,
              BEST, *TRACKER_DIRS)
 SYSTEM_FILES = (".DS_Store",)  # Finder writes it into any folder it shows: neither the user's nor the run's
