@@ -58,7 +58,7 @@ def render(r: dict) -> str:
         f"| greedy accuracy, {r['problems']} test problems | {pct(r['accuracy_before'])} ({r['correct_before']}) "
         f"| {pct(r['accuracy_after'])} ({r['correct_after']}) |",
         f"| greedy replies cut at max tokens | {r['cut_before']} | {r['cut_after']} |",
-        f"| sampled reward (accuracy + 0.5 x overlong), first / last 10 steps | {r['reward_first_10']} "
+        f"| sampled reward, first / last 10 steps | {r['reward_first_10']} "
         f"| {r['reward_last_10']} |",
         f"| sampled accuracy, first / last 10 steps | {r['accuracy_reward_first_10']} | {r['accuracy_reward_last_10']} |",
         f"| sampled completion length (tokens), first / last 10 steps | {r['length_first_10']} | {r['length_last_10']} |",
