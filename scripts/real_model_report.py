@@ -53,15 +53,15 @@ def render(r: dict) -> str:
     return "\n".join([
         f"Measured on a {r['machine']}, {r['steps']} steps:",
         "",
-        "| | before (base model) | after GRPO |",
+        "| | before (the base model; the first 10 steps) | after GRPO (its last 10 steps) |",
         "| --- | --- | --- |",
         f"| greedy accuracy, {r['problems']} test problems | {pct(r['accuracy_before'])} ({r['correct_before']}) "
         f"| {pct(r['accuracy_after'])} ({r['correct_after']}) |",
         f"| greedy replies cut at max tokens | {r['cut_before']} | {r['cut_after']} |",
-        f"| sampled reward, first / last 10 steps | {r['reward_first_10']} "
+        f"| sampled reward | {r['reward_first_10']} "
         f"| {r['reward_last_10']} |",
-        f"| sampled accuracy, first / last 10 steps | {r['accuracy_reward_first_10']} | {r['accuracy_reward_last_10']} |",
-        f"| sampled completion length (tokens), first / last 10 steps | {r['length_first_10']} | {r['length_last_10']} |",
+        f"| sampled accuracy | {r['accuracy_reward_first_10']} | {r['accuracy_reward_last_10']} |",
+        f"| sampled completion length (tokens) | {r['length_first_10']} | {r['length_last_10']} |",
         "",
         f"A step took {r['median_step_s']} s (median: generation {r['median_generation_s']} s, reference log-probs "
         f"{r['median_logprobs_s']} s, forward+backward+update {r['median_train_s']} s); the peak was "
