@@ -226,3 +226,12 @@ def test_a_hugging_face_folder_converts_through_mlx_lm_quantized_and_refuses_a_f
     with pytest.raises(UserError, match="has no config.json"):
         convert(empty, tmp_path / "x", log=lambda _: None)
     assert not (tmp_path / "x").exists()
+
+
+def test_an_output_that_cannot_be_written_is_one_line(tmp_path, llama_gguf):
+    gguf, _, _ = llama_gguf
+    blocker = tmp_path / "a-file"
+    blocker.write_text("mine")
+    with pytest.raises(UserError, match="cannot write .*choose a folder you can write to"):
+        convert(gguf, blocker / "model", log=lambda _: None)
+    assert blocker.read_text() == "mine"

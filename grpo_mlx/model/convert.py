@@ -89,17 +89,11 @@ def read_gguf(path: str | os.PathLike):
 
 def _scalar(metadata: dict, key: str, default=None):
     value = metadata.get(key, default)
-    if value is None:
-        return default
-    if hasattr(value, "item"):
-        return value.item()
-    return value
+    return default if value is None else value.item() if hasattr(value, "item") else value
 
 
 def _list(metadata: dict, key: str) -> list:
-    value = metadata.get(key)
-    if value is None:
-        return []
+    value = metadata.get(key, [])
     return value.tolist() if hasattr(value, "tolist") else list(value)
 
 
@@ -312,8 +306,11 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, dtype: str | N
     config = gguf_config(metadata, tensors)
     tokenizer_json, tokenizer_config = tokenizer_files(metadata)
     weights = gguf_weights(tensors, config)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    except OSError as e:
+        raise UserError(f"cannot write {output} ({e.strerror or e}); choose a folder you can write to")
     try:
         (work / "tokenizer.json").write_text(json.dumps(tokenizer_json, ensure_ascii=False))
         (work / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
