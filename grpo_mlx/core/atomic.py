@@ -4,7 +4,10 @@ so a reader (or a resumed run) sees the old file or the new one, never half of o
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
+
+from .errors import UserError
 
 
 def fsync(path: Path) -> None:
@@ -33,3 +36,14 @@ def atomic_write(path: Path, writer) -> None:
         if tmp.exists():
             tmp.unlink()
     fsync(path.parent)
+
+
+def staging_folder(target: Path, label: str) -> Path:
+    """A hidden folder beside `target` to build it in, renamed into place once whole; `label` names the
+    target in the one-line error an unwritable place gives."""
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as e:
+        raise UserError(f"cannot write {label} ({e.strerror or e}): choose a folder you can write to")

@@ -23,11 +23,11 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from ..core.atomic import staging_folder
 from ..core.errors import UserError
 
 ARCHITECTURES = ("llama", "qwen2")
@@ -306,11 +306,7 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, dtype: str | N
     config = gguf_config(metadata, tensors)
     tokenizer_json, tokenizer_config = tokenizer_files(metadata)
     weights = gguf_weights(tensors, config)
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    except OSError as e:
-        raise UserError(f"cannot write {output} ({e.strerror or e}); choose a folder you can write to")
+    work = staging_folder(output, str(output))
     try:
         (work / "tokenizer.json").write_text(json.dumps(tokenizer_json, ensure_ascii=False))
         (work / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..core.atomic import staging_folder
 from ..core.errors import UserError
 from .policy import ADAPTER_CONFIG, ADAPTER_WEIGHTS, demo_name, load_model, resolve_model_path
 
@@ -155,11 +156,7 @@ def fuse_model(model: str | None, adapter_path: str | Path, output: str | Path, 
         config.pop("quantization_config", None)
 
     target = output.resolve()
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.fusing-", dir=target.parent))
-    except OSError as e:
-        raise UserError(f"cannot write --output {output} ({e.strerror or e}): choose a writable folder")
+    staging = staging_folder(target, f"--output {output}")
     try:
         save(staging, resolve_model_path(model, tools=model is None and trained_on_tool_demo(adapter_path)), model_obj, tokenizer, config, donate_model=False)
         if export_gguf:
