@@ -102,16 +102,10 @@ def _score_targets(logits_of, targets, skipped: int, temperature, chunk_size, wi
     step = chunk_size or max(length, 1)
     logprob_chunks, entropy_chunks = [], []
     for a in range(0, length, step):
-        chunk = logits_of(a, a + step).astype(mx.float32)
-        if temperature != 1.0:
-            chunk = chunk / temperature
-        lse = mx.logsumexp(chunk, axis=-1)
-        chosen = mx.take_along_axis(chunk, targets[:, a : a + step, None], axis=-1)[..., 0]
-        logprob_chunks.append(chosen - lse)
+        logprob, chunk, lse = _tempered_scores(logits_of(a, a + step), targets[:, a : a + step], temperature)
+        logprob_chunks.append(logprob)
         if with_entropy:
-            c = mx.stop_gradient(chunk)
-            probs = mx.softmax(c, axis=-1)
-            entropy_chunks.append(mx.stop_gradient(lse) - (probs * c).sum(axis=-1))
+            entropy_chunks.append(_entropy(mx.stop_gradient(chunk), mx.stop_gradient(lse)))
     if skipped > 0:  # unscored prompt positions
         zeros = mx.zeros((targets.shape[0], skipped), dtype=mx.float32)
         logprob_chunks.insert(0, zeros)
@@ -121,6 +115,19 @@ def _score_targets(logits_of, targets, skipped: int, temperature, chunk_size, wi
         return logprobs
     entropy = mx.concatenate(entropy_chunks, axis=1) if len(entropy_chunks) > 1 else entropy_chunks[0]
     return logprobs, entropy
+
+
+def _tempered_scores(logits, targets, temperature):
+    """(log-softmax(logits / temperature) at `targets`, the float32 tempered logits, their logsumexp)."""
+    logits = logits.astype(mx.float32)
+    if temperature != 1.0:
+        logits = logits / temperature
+    lse = mx.logsumexp(logits, axis=-1)
+    return mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - lse, logits, lse
+
+
+def _entropy(logits, lse):
+    return lse - (mx.softmax(logits, axis=-1) * logits).sum(axis=-1)
 
 
 def head_logprobs(head, hidden, targets, skipped: int, temperature, chunk_size, with_entropy):
@@ -139,12 +146,7 @@ def head_logprobs(head, hidden, targets, skipped: int, temperature, chunk_size, 
     spans = [(a, min(a + chunk_size, length)) for a in range(0, length, chunk_size)]
 
     def chunk_scores(h, a, b):
-        logits = head(h).astype(mx.float32)
-        if temperature != 1.0:
-            logits = logits / temperature
-        lse = mx.logsumexp(logits, axis=-1)
-        chosen = mx.take_along_axis(logits, targets[:, a:b, None], axis=-1)[..., 0]
-        return chosen - lse, logits, lse
+        return _tempered_scores(head(h), targets[:, a:b], temperature)
 
     # MLX schedules a graph level by level, so independent chunks would all hold their logits at
     # once: each chunk's head input is made to depend on the previous chunk's result (mx.depends).
@@ -155,7 +157,7 @@ def head_logprobs(head, hidden, targets, skipped: int, temperature, chunk_size, 
             h = mx.depends(hidden[:, a:b], previous) if previous else hidden[:, a:b]
             logprob, logits, lse = chunk_scores(h, a, b)
             logprobs.append(logprob)
-            entropy.append(lse - (mx.softmax(logits, axis=-1) * logits).sum(axis=-1) if with_entropy else lse)
+            entropy.append(_entropy(logits, lse) if with_entropy else lse)
             previous = [logprobs[-1], entropy[-1]]
         return mx.concatenate(logprobs, axis=1), mx.concatenate(entropy, axis=1)
 
