@@ -17,12 +17,14 @@ import resource
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from grpo_mlx.envs.sandbox import SandboxLimits, linux_command, macos_profile, os_layer_problem, run_python
+from grpo_mlx.envs.sandbox_os import CHILD, interpreter_folders
 
 LINUX = sys.platform.startswith("linux")
 LIMITS = SandboxLimits(timeout=3, cpu_seconds=3, memory_bytes=512 << 20, output_chars=2000, file_bytes=1 << 20,
@@ -390,6 +392,18 @@ def test_the_user_database_is_out_of_reach(layer):
     assert ("root" in result.text) == escaped(layer), result.text
 
 
+THREADED_BLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3")
+
+
+@needs_bwrap
+@pytest.mark.skipif(not THREADED_BLAS.exists(), reason="needs Debian's threaded OpenBLAS")
+def test_the_probe_runs_in_the_environment_a_call_gets(monkeypatch):
+    """A user's LD_PRELOAD of a threaded BLAS (no thread count) hung the probe for its 30 s and turned the layer off."""
+    monkeypatch.setenv("LD_PRELOAD", str(THREADED_BLAS))
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    assert os_layer_problem.__wrapped__() is None
+
+
 @needs_bwrap
 def test_under_the_os_layer_the_system_shows_only_what_python_needs():
     """No home, no /tmp of the host, no user database, only the call's processes, no network interfaces."""
@@ -398,8 +412,11 @@ def test_under_the_os_layer_the_system_shows_only_what_python_needs():
             "print(os.listdir('/sys') if os.path.exists('/sys') else 'no /sys')")
     result = run_python(code, LIMITS, guard=False)
     top, _, users, pids, sys_folder = result.text.splitlines()
-    assert set(eval(top)) <= {"usr", "bin", "lib", "lib32", "lib64", "sbin", "etc", "proc", "dev", "tmp", "root", "home",
-                              "work", "opt", "Users", "var", "private"}
+    # The system's own folders, plus the top of each path the layer mounts (the interpreter's folders, the
+    # guard, the program's folder): wherever the checkout or the virtual environment lives, nothing else.
+    mounted = [*interpreter_folders(), CHILD, tempfile.gettempdir()]
+    allowed = {"usr", "bin", "lib", "lib32", "lib64", "sbin", "etc", "proc", "dev"} | {Path(p).parts[1] for p in mounted}
+    assert set(eval(top)) <= allowed, (eval(top), allowed)
     assert eval(users) == [] and len(eval(pids)) <= 3 and sys_folder == "no /sys"
     assert not Path.home().is_relative_to("/usr")
 

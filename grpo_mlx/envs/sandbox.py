@@ -219,9 +219,11 @@ def os_layer_problem() -> str | None:
 
 
 def _probe(command: list[str], cwd: Path) -> str | None:
-    """None where `command` runs and exits 0, else the last line it printed (or why it did not start)."""
+    """None where `command` runs and exits 0, else the last line it printed (or why it did not start).
+    In the environment a real call gets: the user's (LD_PRELOAD of a threaded BLAS) once hung it here."""
     try:
-        probe = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, cwd=cwd, timeout=30)
+        probe = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, cwd=cwd, timeout=30,
+                               env=_child_environment(cwd, "probe"))
     except (OSError, subprocess.TimeoutExpired) as exc:
         return str(exc)
     if probe.returncode == 0:
