@@ -52,6 +52,14 @@ def qwen_1_layer(tmp_path_factory):
 WEIGHTS = 1000
 
 
+def budget_for(peak: int) -> int:
+    """The smallest budget whose usable share (less PLAN_HEADROOM) holds `peak`."""
+    budget = int(peak / (1 - planner.PLAN_HEADROOM))
+    while planner.usable(budget) < peak:
+        budget += 1
+    return budget
+
+
 def fake_estimate(model, step: StepShape) -> dict:
     """Peak = weights (a quarter at 4 bits) + 100 per row of a micro-batch (40 when checkpointed) + a logits
     term that a chunk halves; the rollout costs 10 per row of the whole batch."""
@@ -83,17 +91,26 @@ def test_everything_fitting_takes_the_leanest_plan_within_the_cost_slack_of_the_
 
 def test_prefers_whole_groups_and_no_checkpointing_when_both_fit():
     # 8 rows (one group) fit without checkpointing (1960), 16 only with it (1000 + 16*40 + 320 = 1960).
-    plan = choose_plan(MODEL, STEP, budget=WEIGHTS + 8 * 120, estimate=fake_estimate)
+    plan = choose_plan(MODEL, STEP, budget=budget_for(WEIGHTS + 8 * 120), estimate=fake_estimate)
     assert (plan.micro_batch_size, plan.grad_checkpoint) == (8, False)
     # A budget where 8 rows no longer fit: one group still fits checkpointed, which beats cutting the group.
-    plan = choose_plan(MODEL, STEP, budget=WEIGHTS + 8 * 60, estimate=fake_estimate)
+    plan = choose_plan(MODEL, STEP, budget=budget_for(WEIGHTS + 8 * 60), estimate=fake_estimate)
     assert plan.micro_batch_size % STEP.group_size == 0 and plan.grad_checkpoint
     assert plan.peak <= WEIGHTS + 8 * 60
 
 
+def test_a_plan_predicted_within_the_headroom_of_the_budget_is_not_taken():
+    # The estimate has run ~10% under measured peaks: a plan predicted at 95% of the budget could exceed it.
+    needed = fake_estimate(MODEL, replace(STEP, micro_batch_size=8))["peak"]  # one group, the leanest unchunked
+    budget = int(needed / 0.95)
+    plan = choose_plan(MODEL, STEP, budget=budget, estimate=fake_estimate)
+    assert plan.peak <= planner.usable(budget) < needed
+    assert planner.usable(budget) == int(budget * 0.9)
+
+
 def test_cuts_a_group_only_when_one_group_does_not_fit():
     # 8 rows take at least 1400 (checkpointed, chunked logits); 3 or 4 rows fit 1350.
-    plan = choose_plan(MODEL, STEP, budget=WEIGHTS + 350, estimate=fake_estimate)
+    plan = choose_plan(MODEL, STEP, budget=budget_for(WEIGHTS + 350), estimate=fake_estimate)
     assert plan.micro_batch_size in (3, 4) and plan.peak <= WEIGHTS + 350
     assert planner.micro_batch_candidates(4, 8) == [32, 16, 8, 4, 3, 2, 1]
 
@@ -104,24 +121,24 @@ def test_respects_a_fixed_micro_batch_size_and_checkpointing():
     plan = choose_plan(MODEL, STEP, budget=10**6, grad_checkpoint=True, estimate=fake_estimate)
     assert plan.grad_checkpoint and plan.micro_batch_size == 8  # whole groups, the leanest within the slack
     # Only checkpointing would fit 8 rows, and --no-grad-checkpoint forbids it: a smaller micro-batch.
-    plan = choose_plan(MODEL, STEP, budget=WEIGHTS + 8 * 60, grad_checkpoint=False, estimate=fake_estimate)
+    plan = choose_plan(MODEL, STEP, budget=budget_for(WEIGHTS + 8 * 60), grad_checkpoint=False, estimate=fake_estimate)
     assert not plan.grad_checkpoint and plan.micro_batch_size < 8
 
 
 def test_refusal_names_the_fixed_choices_that_keep_it_from_fitting():
     with pytest.raises(UserError) as e:
-        choose_plan(MODEL, STEP, budget=WEIGHTS + 8 * 60, micro_batch_size=8, grad_checkpoint=False,
+        choose_plan(MODEL, STEP, budget=budget_for(WEIGHTS + 8 * 60), micro_batch_size=8, grad_checkpoint=False,
                     estimate=fake_estimate)
     message = str(e.value)
     assert "\n" not in message and "without --micro-batch-size" in message
     # Even the smallest plan's rollout (1320) is over: fewer rows or a 4-bit model, each checked to fit.
     with pytest.raises(UserError) as e:
-        choose_plan(MODEL, STEP, budget=WEIGHTS + 200, estimate=fake_estimate)
+        choose_plan(MODEL, STEP, budget=budget_for(WEIGHTS + 200), estimate=fake_estimate)
     fixes = str(e.value).split("any one of: ")[1]
     assert fixes == "--group-size 5, --batch-size 2, a 4-bit model (--quantize)", fixes  # the largest that fit
     for fixed in (replace(STEP, group_size=5), replace(STEP, batch_size=2)):
-        choose_plan(MODEL, fixed, budget=WEIGHTS + 200, estimate=fake_estimate)
-    choose_plan(replace(MODEL, bits=4), STEP, budget=WEIGHTS + 200, estimate=fake_estimate)
+        choose_plan(MODEL, fixed, budget=budget_for(WEIGHTS + 200), estimate=fake_estimate)
+    choose_plan(replace(MODEL, bits=4), STEP, budget=budget_for(WEIGHTS + 200), estimate=fake_estimate)
 
 
 # ---------------------------------------------------------------- refusing before the model loads
@@ -153,7 +170,7 @@ def test_refuses_before_the_model_loads_and_names_a_fix_the_planner_accepts(qwen
     prompt = longest_arithmetic_prompt(qwen_1_layer)
     # A budget where 128 completion tokens fit with some plan, 1024 do not.
     step = planner.train_step_shape(replace(config, max_tokens=128), prompt, 2)
-    budget = planner.smallest_plan(model_shape(model_config), step)[1]["peak"]
+    budget = budget_for(planner.smallest_plan(model_shape(model_config), step)[1]["peak"])
     args = ["train", "--model", str(qwen_1_layer), "--batch-size", "2", "--group-size", "4", "--max-tokens", "1024",
             "--beta", "0", "--lora-rank", "4", "--lora-layers", "1", "--memory-limit", repr(budget / GB), "--output", str(tmp_path / "run"),
             "--reward", CHAR_CODES]
@@ -164,7 +181,7 @@ def test_refuses_before_the_model_loads_and_names_a_fix_the_planner_accepts(qwen
     fix = int(re.search(r"--max-tokens (\d+)", message).group(1))
     assert 128 <= fix < 1024
     config = replace(config, memory_limit=budget / GB)
-    assert plan_training(replace(config, max_tokens=fix), model_config, prompt, 2).peak <= budget
+    assert plan_training(replace(config, max_tokens=fix), model_config, prompt, 2).peak <= planner.usable(budget)
     with pytest.raises(UserError):  # the largest that fits: one more token does not
         plan_training(replace(config, max_tokens=fix + 1), model_config, prompt, 2)
 
@@ -208,7 +225,7 @@ def test_a_forced_small_budget_splits_the_step_and_trains_the_same_adapters(qwen
     step = free.step
     whole = estimate_step(model, replace(step, micro_batch_size=4))["peak"]
     least = planner.smallest_plan(model, step)[1]["peak"]
-    budget = (whole + least) // 2
+    budget = budget_for((whole + least) // 2)
     tight, tight_adapters, metrics, messages = one_step(replace(config, memory_limit=budget / GB,
                                                                 output=str(tmp_path / "tight")), 8)
     assert tight.micro_batch_size < 4 or tight.grad_checkpoint

@@ -109,6 +109,14 @@ CHUNK_COST = 0.005
 # by at least PLAN_MEMORY_GAIN of the fastest's.
 PLAN_COST_SLACK = 0.05
 PLAN_MEMORY_GAIN = 0.10
+# A plan is accepted when its predicted peak fits the budget less this share: the estimate has run up to
+# 10.6% under the measured peak (scripts/memory_check.txt), and the budget is a limit, not a target.
+PLAN_HEADROOM = 0.10
+
+
+def usable(budget: int) -> int:
+    """The bytes of `budget` a plan's predicted peak may take (PLAN_HEADROOM kept for the estimate's error)."""
+    return int(budget * (1 - PLAN_HEADROOM))
 
 
 def plan_cost(step: StepShape) -> float:
@@ -176,7 +184,7 @@ def _best_plan(model, step, budget, micro_batch_size, grad_checkpoint, estimate)
     fitting = []
     for candidate in candidate_steps(step, micro_batch_size, grad_checkpoint):
         phases = estimate(model, candidate)
-        if phases["peak"] <= budget:
+        if phases["peak"] <= usable(budget):
             cuts_groups = step.shared_prompt and candidate.micro_batch_size % step.group_size != 0 \
                 and candidate.micro_batch_size < step.batch_size * step.group_size
             fitting.append((cuts_groups, plan_cost(candidate), -candidate.micro_batch_size, candidate, phases))
@@ -227,7 +235,8 @@ def refusal(model, step, budget, micro_batch_size, grad_checkpoint, estimate, qu
     else:
         advice = f"the weights alone take {least['weights'] / GB:.2f} GB: a smaller model, or a larger --memory-limit"
     return (f"this step needs at least {least['peak'] / GB:.2f} GB (predicted), more than the "
-            f"{budget / GB:.2f} GB budget (--memory-limit); {advice}")
+            f"{usable(budget) / GB:.2f} GB a plan may take of the {budget / GB:.2f} GB budget (--memory-limit, "
+            f"less {PLAN_HEADROOM:.0%} for the prediction's error); {advice}")
 
 
 def _largest(fits, high: int) -> int | None:
