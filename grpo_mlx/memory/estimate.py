@@ -12,6 +12,9 @@ of its three phases, each the whole memory in use at its high point (weights inc
   adapted block's saved activations (or only each block's input under gradient
   checkpointing), the attention scores, and the head's float32 logits and gradient.
 
+With beta > 0 and adapters on the last blocks only, both log-prob phases also hold the frozen
+blocks' output of the whole batch (`prefix_states_bytes`, one hidden vector per token).
+
 Pure arithmetic on shapes: no MLX call, so `grpo-mlx plan` runs before any model loads.
 Activations are counted per token and per adapted layer and multiplied by the layer count
 explicitly, so a measurement on a model cut to a few layers extrapolates to the whole one
@@ -138,6 +141,7 @@ class StepShape:
     logits_chunk: int | None = None  # LM-head positions per chunk in the log-prob passes; None: all at once
     kv_bits: int | None = None  # rollout KV-cache quantization
     shortest_prompt: int | None = None  # the shortest prompt of a batch; None: prompt_tokens (no spread)
+    share_frozen_prefix: bool = True  # the reference pass keeps the frozen blocks' output for the policy passes
 
 
 # ---------------------------------------------------------------- resident
@@ -298,6 +302,15 @@ def policy_bytes(model: ModelShape, step: StepShape, resident: int) -> int:
     return resident + layers * block_input + max(head, one_layer)
 
 
+def prefix_states_bytes(model: ModelShape, step: StepShape) -> int:
+    """The frozen blocks' output of every micro-batch (model/frozen_prefix.py): one hidden vector per token
+    the body runs, kept from the reference pass through the policy passes."""
+    if not (step.share_frozen_prefix and step.reference_pass) or adapted_layers(model, step) >= model.num_layers:
+        return 0
+    micro_batches = math.ceil(step.batch_size * step.group_size / step.micro_batch_size)
+    return micro_batches * pass_terms(model, step)["tokens"] * model.hidden_size * model.dtype_bytes
+
+
 def estimate_step(model: ModelShape, step: StepShape) -> dict[str, int]:
     """Bytes: 'weights', 'adapters' (LoRA params + grads + AdamW state), then each phase's peak
     ('rollout', 'reference', 'policy' — the whole memory in use at that phase's high point,
@@ -305,10 +318,11 @@ def estimate_step(model: ModelShape, step: StepShape) -> dict[str, int]:
     weights = weights_bytes(model)
     adapters = adapters_bytes(model, step)
     resident = weights + adapters
+    states = prefix_states_bytes(model, step)
     phases = {
         "rollout": resident + rollout_bytes(model, step),
-        "reference": reference_bytes(model, step, resident) if step.reference_pass else resident,
-        "policy": policy_bytes(model, step, resident),
+        "reference": reference_bytes(model, step, resident + states) if step.reference_pass else resident,
+        "policy": policy_bytes(model, step, resident + states),
     }
     return {"weights": weights, "adapters": adapters, **{k: int(v) for k, v in phases.items()},
             "peak": int(max(phases.values()))}

@@ -62,6 +62,7 @@ def token_logprobs(
     with_entropy: bool = False,
     start: int = 0,
     split_head: bool = False,
+    prefix=None,
 ):
     """log pi(tokens[:, t+1] | tokens[:, :t+1]) under softmax(logits / temperature).
 
@@ -80,12 +81,16 @@ def token_logprobs(
     at a time with `split_head` and `chunk_size`); the float32 log-softmax is
     never materialised whole. Each chunk of `chunk_size` positions (all at once
     when None) is cast, its logsumexp taken and the chosen token's logit gathered.
+
+    `prefix`: a `frozen_prefix.PrefixStates` that records or replays the frozen blocks' output
+    (with `split_head` only).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
     inputs, targets = tokens[:, :-1], tokens[:, start + 1 :]
     if split_head:
         body, head = lm_head_split(model)
+        body = body if prefix is None else prefix.wrap(body)
         return head_logprobs(head, body(inputs)[:, start:], targets, start, temperature, chunk_size, with_entropy)
     else:
         logits = model(inputs)[:, start:]
@@ -291,7 +296,7 @@ def _weights_dtype(model):
 
 
 def group_token_logprobs(model, tokens, groups, temperature: float = 1.0, chunk_size: int | None = None,
-                         with_entropy: bool = False):
+                         with_entropy: bool = False, prefix=None):
     """`token_logprobs` for rows that share prompts: two model calls whatever the number of groups.
 
     `groups`: (first_row, end_row, prompt_length) covering the rows in order; the
@@ -304,7 +309,7 @@ def group_token_logprobs(model, tokens, groups, temperature: float = 1.0, chunk_
     (W - min(prompt_length) wide either way); no attention mask is needed. The LM head
     runs from position S only where the split matches. Returns [N, T-1] like
     `token_logprobs`, with 0 before each group's first completion position
-    (prompt_length - 1).
+    (prompt_length - 1). `prefix`: as in `token_logprobs` (where the head splits).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
@@ -313,6 +318,8 @@ def group_token_logprobs(model, tokens, groups, temperature: float = 1.0, chunk_
         raise ValueError(f"groups must cover the {tokens.shape[0]} rows in order, got {groups}")
     split = lm_head_split(model)
     run = split[0] if split else model
+    if split and prefix is not None:
+        run = prefix.wrap(run)
     shared = min(length for _, _, length in groups) - 1  # positions every group runs once
     cache = None
     if shared > 0:

@@ -33,7 +33,7 @@ def enable_grad_checkpoint(model: nn.Module) -> None:
         block._grpo_mlx_checkpointed = True
 
 
-def make_loss_fn(config: TrainConfig, split_head: bool = False, chunk_size: int | None = None):
+def make_loss_fn(config: TrainConfig, split_head: bool = False, chunk_size: int | None = None, prefix=None):
     """The loss of one micro-batch: (loss, (metrics, logprobs)), traceable by mx.compile.
 
     `normaliser` (0-d) is `grpo.loss_normaliser` of the whole batch's counts.
@@ -42,11 +42,12 @@ def make_loss_fn(config: TrainConfig, split_head: bool = False, chunk_size: int 
     None means the sampling policy is the current one (mu = 1, or the first of
     mu updates): its log-probs are the stop-gradient of this forward's, which
     the function also returns so later updates can reuse them. `chunk_size`: LM-head
-    positions per chunk (see `token_logprobs`); None: all at once.
+    positions per chunk (see `token_logprobs`); None: all at once. `prefix`: the frozen blocks'
+    recorded output (`frozen_prefix.PrefixStates`, replaying), or None.
     """
     def loss_fn(model, tokens, completion_mask, advantages, old_logprobs, ref_logprobs, normaliser, start=0, groups=None):
         logprobs, entropy = policy_logprobs(model, tokens, config.temperature, start, split_head, groups, with_entropy=True,
-                                            chunk_size=chunk_size)
+                                            chunk_size=chunk_size, prefix=prefix)
         current = mx.stop_gradient(logprobs)
         loss, metrics = policy_loss(
             logprobs,
@@ -70,13 +71,14 @@ def make_loss_fn(config: TrainConfig, split_head: bool = False, chunk_size: int 
 
 
 def policy_logprobs(model, tokens, temperature, start=0, split_head=False, groups=None, with_entropy=False,
-                    chunk_size=None):
+                    chunk_size=None, prefix=None):
     """Token log-probs of a padded batch: per prompt group when `groups` is given
     (`group_token_logprobs`: each prompt runs once), else row by row from `start`."""
     if groups is not None:
-        return group_token_logprobs(model, tokens, groups, temperature, chunk_size=chunk_size, with_entropy=with_entropy)
+        return group_token_logprobs(model, tokens, groups, temperature, chunk_size=chunk_size, with_entropy=with_entropy,
+                                    prefix=prefix)
     return token_logprobs(model, tokens, temperature, chunk_size=chunk_size, with_entropy=with_entropy, start=start,
-                          split_head=split_head)
+                          split_head=split_head, prefix=prefix)
 
 
 def prompt_groups(prompt_tokens, rows: slice) -> tuple:
@@ -90,7 +92,8 @@ def prompt_groups(prompt_tokens, rows: slice) -> tuple:
     return tuple(groups)
 
 
-def make_grad_step(model: nn.Module, config: TrainConfig, split_head: bool = False, chunk_size: int | None = None):
+def make_grad_step(model: nn.Module, config: TrainConfig, split_head: bool = False, chunk_size: int | None = None,
+                   prefix=None):
     """`grad_step(tokens, mask, advantages, old, ref, normaliser, start, groups) -> ((loss, (metrics, logprobs)), grads)`.
 
     `start` is the first scored position (see `token_logprobs`); `groups` the rows
@@ -103,7 +106,7 @@ def make_grad_step(model: nn.Module, config: TrainConfig, split_head: bool = Fal
     would capture its weights as constants, and later steps would differentiate
     stale weights (mlx-lm's tuner does the same).
     """
-    loss_and_grad = nn.value_and_grad(model, make_loss_fn(config, split_head, chunk_size))
+    loss_and_grad = nn.value_and_grad(model, make_loss_fn(config, split_head, chunk_size, prefix))
 
     def grad_step(tokens, completion_mask, advantages, old_logprobs, ref_logprobs, normaliser, start=0, groups=None):
         return loss_and_grad(model, tokens, completion_mask, advantages, old_logprobs, ref_logprobs, normaliser, start, groups)
@@ -176,12 +179,13 @@ def micro_batches(n: int, size: int | None) -> list[slice]:
 
 
 def forward_logprobs(model, tokens, temperature, batches, start=0, split_head=False, batch_groups=None,
-                     chunk_size=None) -> mx.array:
-    """Log-probs without gradient, one micro-batch at a time (old or reference policy)."""
+                     chunk_size=None, prefix=None) -> mx.array:
+    """Log-probs without gradient, one micro-batch at a time (old or reference policy); `prefix`
+    (recording) keeps each micro-batch's frozen-block output for the passes after this one."""
     micro_batch_logprobs = []
     for b, groups in zip(batches, batch_groups or [None] * len(batches)):
         lp = mx.stop_gradient(policy_logprobs(model, tokens[b], temperature, start, split_head, groups,
-                                              chunk_size=chunk_size))
-        mx.eval(lp)
+                                              chunk_size=chunk_size, prefix=prefix))
+        mx.eval(lp, *(prefix.states if prefix is not None else ()))
         micro_batch_logprobs.append(lp)
     return mx.concatenate(micro_batch_logprobs, axis=0)

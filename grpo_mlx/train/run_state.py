@@ -16,6 +16,7 @@ from ..core.config import TrainConfig
 from ..data.examples import Example
 from ..envs.environments import Environment
 from ..memory.planner import Plan
+from ..model.frozen_prefix import PrefixStates
 from ..rollout.batch import Rollout, generate_rollout
 from ..rollout.multiturn import generate_multiturn_rollout
 
@@ -44,6 +45,8 @@ class Run:
     split_head: bool = False
     # Whether a group's prompt can run once for its G rows (logprobs.supports_shared_prompt).
     shared_prompt: bool = False
+    # The frozen blocks' output, kept by the reference pass for the policy passes (model/frozen_prefix.py); None: not shared.
+    prefix: PrefixStates | None = None
     # generate_rollout's signature; tests inject fixed completions through it
     rollout_fn: Callable[..., Rollout] = generate_rollout
     # Multi-turn (--tools, --env): what makes each trajectory's environment, and the rollout that runs them.

@@ -52,6 +52,7 @@ from ..data.examples import Example, load_examples_with_stats
 from ..data.prompts import context_length, drop_long_prompts, longest_prompt_tokens, prompt_length_limit, resolve_system_prompt
 from ..envs.environments import environment_factory, load_environment
 from ..memory.planner import apply_memory_limit, memory_budget, plan_training
+from ..model.frozen_prefix import PrefixStates, frozen_blocks, prefix_sharing_matches
 from ..model.logprobs import lm_head_split_matches, supports_shared_prompt
 from ..model.policy import attach_adapters, demo_name, load_config_and_tokenizer, load_model, reference_mode
 from ..rewards.scoring import get_reward
@@ -139,6 +140,12 @@ def setup(config: TrainConfig, log=lambda msg: None) -> Run:
         make_env=environment_factory(config.env, config.tools or [], tokenizer, config.tool_sandbox) if multi_turn(config) else None,
     )
     log(f"log-probs: {LOGPROB_PATHS[run.logprob_path]}")
+    # The reference pass keeps the frozen blocks' output for the policy passes: only where there is a
+    # reference pass, the graph is not compiled (the step would trace a changing body), and it checks out.
+    if config.beta != 0 and not config.compile and run.split_head and prefix_sharing_matches(model):
+        run.prefix = PrefixStates(frozen_blocks(model))
+        log(f"log-probs: the {run.prefix.blocks} blocks before the first adapter run once a step (reference pass), "
+            f"the policy passes start after them")
     return run
 
 
@@ -259,24 +266,31 @@ def update_policy(run: Run, rollout: Rollout, rewards, applicable, tokens, compl
     metrics = {}
     tic = time.perf_counter()
     ref_logprobs = None
+    prefix = run.prefix if c.beta != 0.0 else None  # the reference pass records, the policy passes replay
     if c.beta != 0.0:
+        if prefix is not None:
+            prefix.record()
         with reference_mode(run.model):
             ref_logprobs = forward_logprobs(run.model, tokens, c.temperature, batches, start, run.split_head, batch_groups,
-                                            chunk)
+                                            chunk, prefix)
     metrics["time/logprobs"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
     if run.grad_step is None:
-        run.grad_step = make_grad_step(run.model, c, run.split_head, chunk)
+        run.grad_step = make_grad_step(run.model, c, run.split_head, chunk, run.prefix)
     update_metrics = []
     old_logprobs = None  # the first update's policy is the sampling one: its forward gives the old log-probs
     for _ in range(c.num_iterations):
+        if prefix is not None:
+            prefix.replay()
         grads, loss, micro_batch_stats, logprobs = accumulate_gradients(
             run.grad_step, tokens, completion_mask, advantages, old_logprobs, ref_logprobs, batches, normaliser, start,
             batch_groups,
         )
         old_logprobs = logprobs if old_logprobs is None else old_logprobs
         update_metrics.append(apply_update(run, grads, loss, micro_batch_stats))
+    if prefix is not None:
+        prefix.clear()  # the states are this step's: free them before the next rollout
     metrics["time/train"] = time.perf_counter() - tic
     metrics.update(update_metrics[0])
     if len(update_metrics) > 1:
