@@ -425,7 +425,7 @@ def gguf_model_folder(path: str | os.PathLike, log=None) -> Path:
     if not source.is_file():
         raise UserError(f"model {str(path)!r}: no such file; give the path of a .gguf file or a model directory")
     # On the CPU the quantized blocks are dequantized: MLX's CPU quantized matmul ran SmolLM2's prefill
-    # 8.5x and its decode 4x slower than float32 (scripts/bench.py --real measures both).
+    # 8.5x and its decode 4x slower than float32 (measured by hand; no script re-measures it).
     dtype, dequantize = default_dtype(), not has_gpu()
     stat = source.stat()
     key = hashlib.sha256(f"{source}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}|{dequantize}".encode()).hexdigest()[:12]
