@@ -9,5 +9,5 @@ from .estimate import (
     HEAD_LOGITS_GRAD_ROWS, DECODE_LOGITS, ModelShape, StepShape, matrix_bytes, weights_bytes,
     adapted_layers, lora_parameters, adapters_bytes, padded_width, rollout_bytes, pass_shape,
     layer_saved_bytes, layer_transient_bytes, pass_terms, head_positions, reference_bytes,
-    policy_bytes, estimate_step,
+    policy_bytes, prefix_states_bytes, estimate_step,
 )
