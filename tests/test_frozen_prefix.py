@@ -107,7 +107,7 @@ def test_a_step_with_the_prefix_shared_trains_the_adapters_the_plain_step_does(t
         messages = []
         run = trainer.setup(replace(config, output=str(tmp_path / str(shared))), log=messages.append)
         assert (run.prefix is not None) and run.prefix.blocks == 1
-        assert any("blocks before the first adapter run once a step" in m for m in messages)
+        assert any("frozen blocks before the first adapter (1 of 2) run once a step" in m for m in messages)
         if not shared:
             run.prefix = None
         block_class, original = type(run.model.layers[0]), type(run.model.layers[0]).__call__

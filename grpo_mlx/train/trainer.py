@@ -144,8 +144,8 @@ def setup(config: TrainConfig, log=lambda msg: None) -> Run:
     # reference pass, the graph is not compiled (the step would trace a changing body), and it checks out.
     if config.beta != 0 and not config.compile and run.split_head and prefix_sharing_matches(model):
         run.prefix = PrefixStates(frozen_blocks(model))
-        log(f"log-probs: the {run.prefix.blocks} blocks before the first adapter run once a step (reference pass), "
-            f"the policy passes start after them")
+        log(f"log-probs: the frozen blocks before the first adapter ({run.prefix.blocks} of {len(model.layers)}) run once "
+            f"a step, in the reference pass; the policy passes start after them")
     return run
 
 
