@@ -149,6 +149,22 @@ def test_the_kl_term_is_measured_against_the_base_model_not_the_adapted_policy(t
     assert metrics["kl"] == pytest.approx(expected, rel=1e-3)
 
 
+def test_each_step_draws_its_own_sampling_noise(tiny_model_dir, tmp_path):
+    """The sampling noise is seeded by (seed, step, rank), so --resume redraws a step's noise exactly
+    (tests/test_reliability.py); the step must be in it, or every step would sample with the same noise."""
+    run = setup(small_config(tiny_model_dir, tmp_path, reward=[TEXT_REWARD], steps=3))
+    real_rollout, draws = run.rollout_fn, []
+
+    def recording_rollout(*args, **kwargs):
+        draws.append(np.array(mx.random.uniform(shape=(8,))))  # the generator's state as sampling begins
+        return real_rollout(*args, **kwargs)
+
+    run.rollout_fn = recording_rollout
+    list(train(run))
+    assert len(draws) == 3
+    assert not np.array_equal(draws[0], draws[1]) and not np.array_equal(draws[1], draws[2])
+
+
 def test_group_of_two_trains_with_finite_metrics(tiny_model_dir, tmp_path):
     run = setup(small_config(tiny_model_dir, tmp_path, group_size=2, batch_size=3, reward=[TEXT_REWARD]))
     (metrics, _), = list(train(run))
