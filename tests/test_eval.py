@@ -184,6 +184,44 @@ def test_sampled_metrics_agree_with_the_per_example_records(arithmetic_file):
     assert 0 < result["pass@4"]  # some sample is right somewhere, so the check above has teeth
 
 
+def test_maj_at_k_scores_the_winning_answer_not_the_first_sample(tiny_model_dir, monkeypatch):
+    """Scripted completions (decode_all replaced), scored by hand: in the first problem the first sample
+    is wrong and the majority right, in the third the first sample gives no answer and the majority is
+    wrong, so reading the first sample's flag instead of the winner's changes maj@4."""
+    from types import SimpleNamespace
+
+    import grpo_mlx.eval.evaluate as evaluate_module
+    from grpo_mlx.data.examples import Example
+    from grpo_mlx.model.policy import load_config_and_tokenizer
+
+    examples = [Example(prompt="What is 5 + 7?", answer="12"), Example(prompt="What is 1 + 2?", answer="3"),
+                Example(prompt="What is 4 + 5?", answer="9")]
+    greedy = ["12", "It is 4.", "9"]
+    sampled = [["7", "It is 12.", "12.0", "5"],
+               ["3", "#### 3", "4", "no idea"],
+               ["no idea", "8", "It is 8.", "9"]]
+
+    def scripted(model, tokenizer, prompts, group_size, *args, **kwargs):
+        assert len(prompts) == len(examples)
+        texts = greedy if group_size == 1 else [t for row in sampled for t in row]
+        return SimpleNamespace(texts=texts, finish_reasons=["stop"] * len(texts), multi_turn=False)
+
+    monkeypatch.setattr(evaluate_module, "decode_all", scripted)
+    _, tokenizer = load_config_and_tokenizer(str(tiny_model_dir))
+    result = evaluate_module.evaluate_examples(None, tokenizer, examples, samples=4)
+
+    correct = [[0, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 1]]  # by hand: which samples give the gold answer
+    majority = [True, True, False]  # 12 (2 votes of 3 answers), 3 (2 of 3), 8 (2 of 3; 9 has 1)
+    assert [r["sample_correct"] for r in result["examples"]] == [[bool(c) for c in row] for row in correct]
+    assert [r["majority_answer"] for r in result["examples"]] == ["12", "3", "8"]
+    assert [r["majority_correct"] for r in result["examples"]] == majority
+    assert result["maj@4"] == pytest.approx(2 / 3)
+    assert result["accuracy"] == pytest.approx(2 / 3)
+    for k in (1, 2, 4):  # 1 - C(n - c, k) / C(n, k), averaged over the problems
+        expected = np.mean([1 - math.comb(4 - sum(row), k) / math.comb(4, k) for row in correct])
+        assert result[f"pass@{k}"] == pytest.approx(expected, abs=1e-12)
+
+
 def test_sampling_is_deterministic_under_the_seed(arithmetic_file):
     run = lambda seed: [r["samples"] for r in evaluate(EvalConfig(dataset=str(arithmetic_file), limit=6, samples=4,  # noqa: E731
                                                                   seed=seed, batch_size=3))["examples"]]

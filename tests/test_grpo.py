@@ -181,8 +181,9 @@ def test_training_loss_matches_float64_reference(tiny_policy, case, mu):
     """The loss training computes (gradients.make_loss_fn with grpo.loss_normaliser of the whole
     batch, as grpo_step passes it), whole and in micro-batches, against the paper's formulas."""
     loss_type, estimator, level = GRID[case]
+    # beta and epsilon away from policy_loss's defaults (0.04, 0.2): a setting make_loss_fn drops is seen.
     config = TrainConfig(model="unused", loss_type=loss_type, kl_estimator=estimator, importance_level=level,
-                         beta=0.04, epsilon=0.2, epsilon_high=0.28, temperature=0.8, max_tokens=16)
+                         beta=0.1, epsilon=0.15, epsilon_high=0.28, temperature=0.8, max_tokens=16)
     rng = np.random.default_rng(case)
     n, width, prompt_length = 8, 12, 4
     tokens = mx.array(rng.integers(0, 97, size=(n, width)))
@@ -206,7 +207,7 @@ def test_training_loss_matches_float64_reference(tiny_policy, case, mu):
         return float(loss.item()), {k: float(v.item()) for k, v in metrics.items()}
 
     expected, expected_metrics = ref_policy_loss(current, current if old is None else old, ref, adv, mask,
-                                                 0.2, 0.28, 0.04, estimator, loss_type, level, 16)
+                                                 0.15, 0.28, 0.1, estimator, loss_type, level, 16)
     whole, metrics = loss_over(slice(0, n))
     micro = sum(loss_over(rows)[0] for rows in (slice(0, 3), slice(3, 6), slice(6, 8)))
     assert_close(whole, expected)

@@ -307,6 +307,17 @@ def test_the_guard_refuses_native_modules_from_outside_the_library():
     assert "the sandbox does not allow loading native code" in result.text, result.text
 
 
+@pytest.mark.parametrize("opening", ["open('/dev/zero', 'a')", "open('/dev/zero', 'ab')", "open('/dev/zero', 'r+')",
+                                     "open('/dev/zero', 'w')", "os.open('/dev/zero', os.O_WRONLY | os.O_APPEND)"])
+def test_the_guard_counts_every_writing_mode_as_writing(opening):
+    """A file the guard lets the program read (a library file, a device) is not one it may append to:
+    a mode read as reading would let a program add code to a library module the user's next Python runs.
+    /dev/zero is readable, not writable, and harmless to write should the guard let it through."""
+    result = run_python(f"import os\n{opening}\nprint('opened')", LIMITS, isolate=False)
+    assert result.error and "opened" not in result.text, result.text
+    assert "the sandbox does not allow writing '/dev/zero'" in result.text, result.text
+
+
 # ---------------------------------------------------------------- files
 
 @pytest.mark.parametrize("layer", [*LAYERS, NO_LAYER])

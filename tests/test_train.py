@@ -119,6 +119,52 @@ def test_later_iterations_use_the_sampling_policys_logprobs_as_old(tiny_model_di
     assert metrics["ratio/mean"] == updates[2][0]["ratio/mean"]  # the step reports the last update's ratios
 
 
+def test_the_kl_term_is_measured_against_the_base_model_not_the_adapted_policy(tiny_model_dir, tmp_path):
+    """With adapters that matter, the step's `kl` is the k3 estimate of KL(pi_theta || base) on the sampled
+    tokens, recomputed here in float64 from the sampling policy's log-probs and those of the base model
+    loaded on its own: a reference pass run with the adapters still on would give exactly 0."""
+    from mlx_lm.utils import load
+
+    from grpo_mlx.model.logprobs import token_logprobs
+    from grpo_mlx.rollout.batch import generate_rollout, pad_batch
+
+    config = small_config(tiny_model_dir, tmp_path, reward=[TEXT_REWARD], beta=0.04, kl_estimator="k3")
+    run = setup(config)
+    run.model.load_weights([(k, mx.random.normal(v.shape) * 0.1) for k, v in tree_flatten(run.model.trainable_parameters())
+                            if k.endswith("lora_b")], strict=False)
+    theta0 = dict(tree_flatten(run.model.trainable_parameters()))
+    rollouts = []
+    run.rollout_fn = lambda *args, **kwargs: rollouts.append(generate_rollout(*args, **kwargs)) or rollouts[-1]
+    (metrics, _), = list(train(run))  # mu = 1: the step's metrics are those of the sampling policy, theta0
+
+    tokens, mask = pad_batch(rollouts[0].prompt_tokens, rollouts[0].completion_tokens)
+    run.model.load_weights(list(theta0.items()), strict=False)
+    policy = np.array(token_logprobs(run.model, tokens, config.temperature), dtype=np.float64)
+    base, _ = load(str(tiny_model_dir))
+    reference = np.array(token_logprobs(base, tokens, config.temperature), dtype=np.float64)
+    m = np.array(mask, dtype=np.float64)
+    log_ratio = reference - policy
+    expected = float(((np.exp(log_ratio) - log_ratio - 1.0) * m).sum() / m.sum())
+    assert expected > 1e-4  # the adapters move the policy off the base: the check has teeth
+    assert metrics["kl"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_each_step_draws_its_own_sampling_noise(tiny_model_dir, tmp_path):
+    """The sampling noise is seeded by (seed, step, rank), so --resume redraws a step's noise exactly
+    (tests/test_reliability.py); the step must be in it, or every step would sample with the same noise."""
+    run = setup(small_config(tiny_model_dir, tmp_path, reward=[TEXT_REWARD], steps=3))
+    real_rollout, draws = run.rollout_fn, []
+
+    def recording_rollout(*args, **kwargs):
+        draws.append(np.array(mx.random.uniform(shape=(8,))))  # the generator's state as sampling begins
+        return real_rollout(*args, **kwargs)
+
+    run.rollout_fn = recording_rollout
+    list(train(run))
+    assert len(draws) == 3
+    assert not np.array_equal(draws[0], draws[1]) and not np.array_equal(draws[1], draws[2])
+
+
 def test_group_of_two_trains_with_finite_metrics(tiny_model_dir, tmp_path):
     run = setup(small_config(tiny_model_dir, tmp_path, group_size=2, batch_size=3, reward=[TEXT_REWARD]))
     (metrics, _), = list(train(run))

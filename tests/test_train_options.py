@@ -168,6 +168,33 @@ def test_masked_truncated_completions_leave_the_loss(tiny_model_dir, tmp_path):
     assert all(np.all(b == 0) for b in lora_b(run.model).values())  # nothing left in the loss
 
 
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_scale_rewards_reaches_the_advantages_the_loss_gets(scale, tiny_model_dir, tmp_path, monkeypatch):
+    """The advantages handed to the gradient pass are the step's rewards turned into (r - mean) / std by
+    `--scale-rewards`, as the float64 reference in test_grpo.py computes them."""
+    from test_grpo import ref_advantages
+
+    seen = {}
+    real_update_policy, real_accumulate = trainer.update_policy, trainer.accumulate_gradients
+
+    def recording_update_policy(run, rollout, rewards, applicable, *args):
+        seen["rewards"], seen["applicable"] = list(rewards), list(applicable)
+        return real_update_policy(run, rollout, rewards, applicable, *args)
+
+    def recording_accumulate(grad_step, tokens, mask, advantages, *args, **kwargs):
+        seen["advantages"] = np.array(advantages, dtype=np.float64)
+        return real_accumulate(grad_step, tokens, mask, advantages, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "update_policy", recording_update_policy)
+    monkeypatch.setattr(trainer, "accumulate_gradients", recording_accumulate)
+    config = build_config({}, dict(model=str(tiny_model_dir), output=str(tmp_path / "r"), steps=1, batch_size=2,
+                                   group_size=4, max_tokens=6, reward=[TEXT_REWARD], scale_rewards=scale, seed=5))
+    list(train(setup(config)))
+    rewards = np.array(seen["rewards"], dtype=np.float64)
+    assert all(seen["applicable"]) and np.ptp(rewards.reshape(2, 4), axis=1).min() > 0  # every group informative
+    np.testing.assert_allclose(seen["advantages"], ref_advantages(rewards, 4, scale), rtol=1e-4, atol=1e-5)
+
+
 def test_entropy_metric_is_the_policy_entropy_on_the_completions(tiny_model_dir, tmp_path):
     run = setup(build_config({}, dict(model=str(tiny_model_dir), output=str(tmp_path / "r"), steps=1, batch_size=1,
                                       group_size=2, max_tokens=4, reward=[TEXT_REWARD], learning_rate=1e-9)))

@@ -223,6 +223,20 @@ def test_rows_that_hang_score_none_and_are_counted_and_the_worker_is_reaped():
     assert reward_workers() == []
 
 
+def test_a_slow_call_is_cut_off_at_the_timeout_not_when_it_returns(tmp_path):
+    """A reward that would return (a valid value) after 8 s, under a 0.5 s timeout: the batch call and
+    the row alone are both cut off at the timeout, well before the reward would have answered."""
+    plugin = tmp_path / "slow.py"
+    plugin.write_text("import time\n\ndef slow(completions, **kwargs):\n    time.sleep(8)\n"
+                      "    return [1.0] * len(completions)\n")
+    name = f"{plugin}:slow"
+    started = time.monotonic()
+    with pytest.raises(RewardTimeoutError, match="every one of its 1 completions"):
+        score_completions({name: get_reward(name)}, {}, ["a"], [None], timeout=0.5)
+    assert time.monotonic() - started < 6  # two 0.5 s calls and two worker starts; the reward alone takes 8 s
+    assert reward_workers() == []
+
+
 def test_a_reward_that_hangs_on_every_row_is_an_error_naming_it():
     name = trl("always_hangs")
     with pytest.raises(RewardTimeoutError) as error:

@@ -7,6 +7,10 @@ for conversational data), the data set's columns by name, and `trainer_state`.
 import re
 import time
 
+# "Never returns" within any test's --reward-timeout; still bounded, so a timeout that is not enforced
+# fails the tests that rely on it (a None reward, a slow call) instead of hanging the suite.
+HANG_SECONDS = 60
+
 
 def _content(completion):
     """A completion's text: TRL passes conversational completions as one assistant message."""
@@ -50,17 +54,17 @@ def prompt_length(prompts, completions, **kwargs):
 def hangs_on_marked_prompts(prompts, completions, **kwargs):
     """Characters of the completion / 10; never returns when a prompt of the call holds HANG."""
     if any("HANG" in _prompt_text(p) for p in prompts):
-        time.sleep(10**6)
+        time.sleep(HANG_SECONDS)
     return [len(_content(c)) / 10 for c in completions]
 
 
 def hangs_after_first_step(completions, trainer_state, **kwargs):
     """Scores like text_length on the trial and step 1; from step 2 on it never returns."""
     if trainer_state.global_step >= 1:
-        time.sleep(10**6)
+        time.sleep(HANG_SECONDS)
     return [len(_content(c)) / 10 for c in completions]
 
 
 def always_hangs(completions, **kwargs):
     """Never returns."""
-    time.sleep(10**6)
+    time.sleep(HANG_SECONDS)
