@@ -282,7 +282,7 @@ def policy_bytes(model: ModelShape, step: StepShape, resident: int) -> int:
     Without checkpointing every adapted block keeps its activations until the backward,
     so they are all alive under the head's backward. With it each block keeps its input
     (and a shared prompt's keys and values) only; the backward recomputes one block at a
-    time, after the head's logits are gone.
+    time, the last one possibly while the head's logits are still alive.
     """
     t = pass_terms(model, step)
     s = pass_shape(step)
@@ -299,7 +299,9 @@ def policy_bytes(model: ModelShape, step: StepShape, resident: int) -> int:
         return resident + layers * one_layer + head
     block_input = (t["tokens"] * model.hidden_size + s["prompt_rows"] * s["prompt"] * 2 * model.kv_width) \
         * model.dtype_bytes
-    return resident + layers * block_input + max(head, one_layer)
+    # MLX may recompute the last block (it needs only that block's input) while the head's logits and their
+    # gradient are still alive: max(head, one_layer) measured 16.6% under on 4 layers of Qwen2.5-0.5B.
+    return resident + layers * block_input + head + one_layer
 
 
 def prefix_states_bytes(model: ModelShape, step: StepShape) -> int:
