@@ -95,13 +95,15 @@ def parse_args() -> argparse.Namespace:
                         help="completion length (random weights rarely stop); default 64, or 256 with --shape")
     parser.add_argument("--rounds", type=int, help="measurement rounds after one warm-up; each times every rollout, "
                                                    "the fwd+bwd and one step of every variant; default 3, or 1 with --shape")
-    parser.add_argument("--layers", type=int, help="transformer blocks; default 8, or 4 with --shape")
+    parser.add_argument("--layers", type=int, help="transformer blocks of a built model; default 8, or 4 with --shape "
+                                                   "(--model keeps its own)")
     parser.add_argument("--system-prompt", help="a built-in name ('r1') or text; default a one-line instruction, "
                                                 "or 'r1' with --shape")
     parser.add_argument("--hidden", type=int, default=512, help="toy model width")
     parser.add_argument("--intermediate", type=int, default=1536, help="toy model MLP width")
     parser.add_argument("--vocab", type=int, default=8192, help="tokenizer vocabulary cap")
-    parser.add_argument("--skip-variants", action="store_true", help="toy mode: only the default step (no memory variants)")
+    parser.add_argument("--skip-variants", action="store_true", help="only the default step: no memory variants (toy mode), "
+                                                                      "no step without the frozen-prefix sharing (--shape, --model)")
     parser.add_argument("--work-dir", help="where the model, data and logs go (default: a temporary folder)")
     args = parser.parse_args()
     for name, value in DEFAULTS["shape" if args.shape or args.model else "toy"].items():
@@ -118,7 +120,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def lora_layers(args) -> int:
-    return min(LORA_LAYERS, args.layers)
+    """A real model gets train's default; a built model has --layers blocks, maybe fewer than that."""
+    return LORA_LAYERS if args.model else min(LORA_LAYERS, args.layers)
 
 
 # ---------------------------------------------------------------- model and data
@@ -529,7 +532,7 @@ def run_shape(args, work: Path, env: dict) -> tuple[dict, list[str]]:
     run = setup(step_config(model_dir, data_file, work, args))
     prompts = [render_prompt(run.tokenizer, ex, run.system_prompt) for ex in examples]
     samples, rollout_peaks = time_shape_steps(run, args.rounds)
-    unshared = time_without_prefix_sharing(run, args.rounds)
+    unshared = None if args.skip_variants else time_without_prefix_sharing(run, args.rounds)
     model_config = json.loads((model_dir / "config.json").read_text())
     rows, length = args.batch_size * args.group_size, max(map(len, prompts)) + args.max_tokens
     result = {
@@ -545,6 +548,7 @@ def run_shape(args, work: Path, env: dict) -> tuple[dict, list[str]]:
         # float32 keys and values: the random models are float32 (a 16-bit model's are half that)
         "kv_cache_bytes": {str(bits): kv_cache_bytes(model_config, rows, length, 4, bits) for bits in (None, 8, 4)},
         "predicted": predict_memory(model_config, run, prompts),
+        "plan": run.plan.describe() if getattr(run, "plan", None) else None,
         "mlx_lm_lora": mlx_lm_lora_or_note(args, model_dir, data_dir, work),
     }
     lora, step = result["mlx_lm_lora"], result["step"]
@@ -585,7 +589,8 @@ def shape_table(r: dict) -> list[str]:
                      f"prefix_sharing_speedup (log-prob phases) "
                      f"{(unshared['time/logprobs'] + unshared['time/train']) / (s['time/logprobs'] + s['time/train']):.2f}x; "
                      f"{unshared['frozen_blocks']} blocks before the first adapter |")
-    return lines + [""] + shape_memory_rows(r) + [""] + mlx_lm_lora_rows(r["mlx_lm_lora"], r["mlx_lm_lora_over_ours"])
+    plan = [f"The memory plan: {r['plan']}.", ""] if r.get("plan") else []
+    return lines + [""] + plan + shape_memory_rows(r) + [""] + mlx_lm_lora_rows(r["mlx_lm_lora"], r["mlx_lm_lora_over_ours"])
 
 
 def shape_memory_rows(r: dict) -> list[str]:

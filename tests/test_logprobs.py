@@ -314,8 +314,11 @@ def test_chunked_head_gradient_equals_the_whole_logits_gradient(shared):
     np.testing.assert_allclose(np.array(chunked[1]), np.array(whole[1]), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.array(chunked[2]), np.array(whole[2]), rtol=1e-5, atol=1e-5)
     assert whole[3].keys() == chunked[3].keys() and len(whole[3]) > 0
+    # float32 sums in another order: an element near 0 can differ by a few 1e-6 of its matrix's largest
+    # (seen once: 2.0e-6 off on 2.2e-3); a wrong or missing chunk is off by the gradient's own size.
     for k in whole[3]:
-        np.testing.assert_allclose(np.array(chunked[3][k]), np.array(whole[3][k]), rtol=1e-4, atol=1e-6, err_msg=k)
+        scale = float(mx.abs(whole[3][k]).max())
+        np.testing.assert_allclose(np.array(chunked[3][k]), np.array(whole[3][k]), rtol=1e-4, atol=1e-5 * scale, err_msg=k)
     assert max(float(mx.abs(g).max()) for g in whole[3].values()) > 1e-3  # gradients worth comparing
 
 

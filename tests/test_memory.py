@@ -84,3 +84,44 @@ def test_predicted_peak_is_within_15_percent_of_a_measured_step(setting, tmp_pat
     measured, predicted = result["measured"]["peak"], result["predicted"]["peak"]
     assert min(result["measured"]["completion_lengths"]) == setting[5]  # random weights: no early stop
     assert abs(predicted - measured) / measured < 0.15, (predicted, measured, result)
+
+
+class _SilentTokenizer:
+    eos_token_ids = {0}
+
+    def decode(self, ids):
+        return ""
+
+
+@pytest.mark.parametrize("stop_early", [True, False])
+def test_the_rollout_peak_is_the_predicted_one_also_when_rows_stop_early(stop_early):
+    # A model whose KV cache outweighs its weights (8 layers, 4 KV heads of 64, a 1,000-token vocabulary): when a
+    # row stops, mlx-lm's generator copies the batch cache without it while the old one lives (measured on
+    # SmolLM2: 1.76 GB against 1.20 GB when no row stops), which rollout_bytes counts as a second cache.
+    from grpo_mlx.memory.estimate import rollout_bytes
+    from grpo_mlx.rollout.batch import generate_rollout
+
+    config = {**shape_config("llama-3.2-1b", 8), "vocab_size": 1000, "hidden_size": 256, "intermediate_size": 512,
+              "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 64, "tie_word_embeddings": True}
+    model = build(config)
+    B, G, P, T = 4, 8, 120, 8
+    prompts = [[1 + (7 * i + j) % 900 for j in range(P)] for i in range(B)]
+
+    calls = []
+
+    def sampler(logprobs):  # the first row stops at the first token (token 0 ends a row), the others never
+        tokens = 1 + mx.argmax(logprobs[:, 1:], axis=-1)
+        calls.append(1)
+        return mx.where(mx.arange(tokens.shape[0]) == 0, 0, tokens) if stop_early and len(calls) == 1 else tokens
+
+    mx.synchronize()
+    resident = mx.get_active_memory()
+    mx.reset_peak_memory()
+    rollout = generate_rollout(model, _SilentTokenizer(), prompts, G, T, sampler)
+    measured = mx.get_peak_memory() - resident
+    assert sorted(rollout.completion_lengths)[:2] == ([1, T] if stop_early else [T, T])
+    predicted = rollout_bytes(ModelShape.from_config(config), StepShape(B, G, P, T, B * G))
+    if stop_early:
+        assert abs(measured / predicted - 1) < 0.10, (measured, predicted)
+    else:  # no copy: one cache fewer than the prediction, which plans for rows that stop
+        assert measured < predicted

@@ -152,14 +152,14 @@ def train_config(model_dir, tmp_path, **overrides):
     return build_config({}, values)
 
 
-def longest_arithmetic_prompt(model_dir) -> int:
-    """The prompt length setup() plans with for the arithmetic task on this model's tokenizer."""
+def arithmetic_prompt_range(model_dir) -> tuple[int, int]:
+    """The shortest and longest prompt setup() plans with for the arithmetic task on this model's tokenizer."""
     from grpo_mlx.data.examples import load_examples_with_stats
     from grpo_mlx.model.policy import load_config_and_tokenizer
-    from grpo_mlx.data.prompts import longest_prompt_tokens
+    from grpo_mlx.data.prompts import prompt_token_range
 
     _, tokenizer = load_config_and_tokenizer(str(model_dir))
-    return longest_prompt_tokens(tokenizer, load_examples_with_stats("arithmetic", split="train", seed=3)[0], None)
+    return prompt_token_range(tokenizer, load_examples_with_stats("arithmetic", split="train", seed=3)[0], None)
 
 
 def test_refuses_before_the_model_loads_and_names_a_fix_the_planner_accepts(qwen_1_layer, tmp_path, monkeypatch, capsys):
@@ -167,9 +167,9 @@ def test_refuses_before_the_model_loads_and_names_a_fix_the_planner_accepts(qwen
     monkeypatch.setattr(trainer, "load_model", lambda *a, **k: loads.append(a) or pytest.fail("the model loaded"))
     config = train_config(qwen_1_layer, tmp_path, batch_size=2, max_tokens=1024)
     model_config = read_model_config(str(qwen_1_layer))
-    prompt = longest_arithmetic_prompt(qwen_1_layer)
+    shortest, prompt = arithmetic_prompt_range(qwen_1_layer)
     # A budget where 128 completion tokens fit with some plan, 1024 do not.
-    step = planner.train_step_shape(replace(config, max_tokens=128), prompt, 2)
+    step = planner.train_step_shape(replace(config, max_tokens=128), prompt, 2, shortest_prompt=shortest)
     budget = budget_for(planner.smallest_plan(model_shape(model_config), step)[1]["peak"])
     args = ["train", "--model", str(qwen_1_layer), "--batch-size", "2", "--group-size", "4", "--max-tokens", "1024",
             "--beta", "0", "--lora-rank", "4", "--lora-layers", "1", "--memory-limit", repr(budget / GB), "--output", str(tmp_path / "run"),
@@ -181,9 +181,41 @@ def test_refuses_before_the_model_loads_and_names_a_fix_the_planner_accepts(qwen
     fix = int(re.search(r"--max-tokens (\d+)", message).group(1))
     assert 128 <= fix < 1024
     config = replace(config, memory_limit=budget / GB)
-    assert plan_training(replace(config, max_tokens=fix), model_config, prompt, 2).peak <= planner.usable(budget)
+    assert plan_training(replace(config, max_tokens=fix), model_config, prompt, 2,
+                         shortest_prompt=shortest).peak <= planner.usable(budget)
     with pytest.raises(UserError):  # the largest that fits: one more token does not
-        plan_training(replace(config, max_tokens=fix + 1), model_config, prompt, 2)
+        plan_training(replace(config, max_tokens=fix + 1), model_config, prompt, 2, shortest_prompt=shortest)
+
+
+def test_the_plan_holds_when_the_shortest_prompt_meets_the_longest(qwen_1_layer, tmp_path, monkeypatch):
+    # A micro-batch's completion call runs from its shortest prompt's end to the batch's longest row: planned for
+    # the longest prompt alone, SmolLM2's step (GSM8K prompts of 133-160 tokens) measured 24% over its prediction.
+    from grpo_mlx.data.prompts import render_prompt
+    from grpo_mlx.model.policy import load_config_and_tokenizer
+
+    class Planned(Exception):
+        pass
+
+    def stop_at_the_load(*args, **kwargs):
+        raise Planned
+
+    data = tmp_path / "spread.jsonl"
+    questions = ["What is 2 plus 3?", "Add up the following numbers and give the total: " + " + ".join(["7"] * 60)]
+    data.write_text("".join(f'{{"prompt": "{q}", "answer": "1"}}\n' for q in questions))
+    config = train_config(qwen_1_layer, tmp_path, dataset=str(data), batch_size=2, max_tokens=32)
+    plans = []
+    monkeypatch.setattr(trainer, "load_model", stop_at_the_load)  # the plan comes before the model loads
+    monkeypatch.setattr(trainer, "plan_training", lambda *a, **k: plans.append(plan_training(*a, **k)) or plans[-1])
+    with pytest.raises(Planned):
+        trainer.setup(config)
+    _, tokenizer = load_config_and_tokenizer(str(qwen_1_layer))
+    examples = trainer.load_data(config, {}, lambda msg: None)
+    lengths = sorted(len(render_prompt(tokenizer, ex, None)) for ex in examples)
+    step = plans[0].step
+    assert (step.shortest_prompt, step.prompt_tokens) == (lengths[0], lengths[-1]) and lengths[-1] - lengths[0] > 100
+    # The spread costs memory: the same plan for the longest prompt alone predicts less.
+    model = model_shape(read_model_config(str(qwen_1_layer)))
+    assert estimate_step(model, step)["peak"] > estimate_step(model, replace(step, shortest_prompt=None))["peak"]
 
 
 # ---------------------------------------------------------------- steps at a real shape, under a forced budget
@@ -243,7 +275,8 @@ def test_a_forced_small_budget_splits_the_step_and_trains_the_same_adapters(qwen
 def test_512_completion_tokens_train_within_the_budget(qwen_1_layer, tmp_path):
     config = train_config(qwen_1_layer, tmp_path, group_size=2, max_tokens=512)
     model = model_shape(read_model_config(str(qwen_1_layer)))
-    step = planner.train_step_shape(config, longest_arithmetic_prompt(qwen_1_layer), 1)
+    shortest, longest = arithmetic_prompt_range(qwen_1_layer)
+    step = planner.train_step_shape(config, longest, 1, shortest_prompt=shortest)
     # Under the default plan's peak (both rows at once, all logits at once): the planner must cut it.
     budget = estimate_step(model, replace(step, micro_batch_size=2))["peak"] * 0.8
     plan, _, metrics, _ = one_step(replace(config, memory_limit=budget / GB), 512)

@@ -152,17 +152,22 @@ def drop_long_prompts(tokenizer, examples: list[Example], system_prompt: str | N
     return kept, dropped
 
 
-LONGEST_RENDERED = 64  # prompts rendered to find the longest in tokens: the longest in characters
+LONGEST_RENDERED = 64  # prompts rendered at each end to find the shortest and longest in tokens, by characters
 
 
-def longest_prompt_tokens(tokenizer, examples: list[Example], system_prompt: str | None) -> int:
-    """The longest rendered prompt in tokens, for the memory plan: the LONGEST_RENDERED longest in
-    characters are rendered (rendering a whole data set would cost seconds), the longest of those kept."""
+def prompt_token_range(tokenizer, examples: list[Example], system_prompt: str | None) -> tuple[int, int]:
+    """The shortest and the longest rendered prompt in tokens, for the memory plan: the LONGEST_RENDERED
+    shortest and longest in characters are rendered (rendering a whole data set would cost seconds)."""
     def characters(ex):
         return len(ex.prompt) if isinstance(ex.prompt, str) else sum(len(m["content"]) for m in ex.prompt)
 
-    longest = sorted(examples, key=characters, reverse=True)[:LONGEST_RENDERED]
-    return max((len(render_prompt(tokenizer, ex, system_prompt)) for ex in longest), default=1)
+    def lengths(picked):
+        return [len(render_prompt(tokenizer, ex, system_prompt)) for ex in picked]
+
+    by_length = sorted(examples, key=characters)
+    shortest = lengths(by_length[:LONGEST_RENDERED])
+    longest = lengths(by_length[-LONGEST_RENDERED:])
+    return min(shortest, default=1), max(longest, default=1)
 
 
 def check_prompt_lengths(prompts: list[list[int]], limit: int | None) -> None:

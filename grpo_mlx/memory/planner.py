@@ -260,21 +260,27 @@ def memory_budget(memory_limit: float | None) -> tuple[int, str]:
     return default_budget()
 
 
-def train_step_shape(config, prompt_tokens: int, batch_size: int, shared_prompt: bool = True) -> StepShape:
+def train_step_shape(config, prompt_tokens: int, batch_size: int, shared_prompt: bool = True,
+                     shortest_prompt: int | None = None) -> StepShape:
     """The StepShape of a TrainConfig with `batch_size` prompts on this rank; the planner fills in the rest."""
     # A multi-turn trajectory (turns and observations) is scored as one completion after the prompt.
     after_prompt = trajectory_tokens(config) if multi_turn(config) else config.max_tokens
     return StepShape(batch_size=batch_size, group_size=config.group_size, prompt_tokens=prompt_tokens,
                      max_tokens=after_prompt, micro_batch_size=1, shared_prompt=shared_prompt,
-                     reference_pass=config.beta != 0, lora_rank=config.lora_rank, lora_layers=config.lora_layers)
+                     reference_pass=config.beta != 0, lora_rank=config.lora_rank, lora_layers=config.lora_layers,
+                     shortest_prompt=shortest_prompt)
 
 
 def plan_training(config, model_config: dict, prompt_tokens: int, batch_size: int, shared_prompt: bool = True,
-                  estimate=estimate_step) -> Plan:
-    """The plan of a `grpo-mlx train` run (a TrainConfig) from its model's config.json; refuses when nothing fits."""
+                  estimate=estimate_step, shortest_prompt: int | None = None) -> Plan:
+    """The plan of a `grpo-mlx train` run (a TrainConfig) from its model's config.json; refuses when nothing fits.
+
+    `shortest_prompt`: the data's shortest prompt in tokens. A micro-batch's completion call runs from its
+    shortest prompt's end to the batch's longest row, so the plan holds for the longest and the shortest
+    prompt meeting in one step (SmolLM2, GSM8K prompts of 133-160 tokens: planned without it 24% under)."""
     model = model_shape(model_config, config.q_bits if config.quantize else None, config.q_group_size)
     budget, _ = memory_budget(config.memory_limit)
-    step = train_step_shape(config, prompt_tokens, batch_size, shared_prompt)
+    step = train_step_shape(config, prompt_tokens, batch_size, shared_prompt, shortest_prompt)
     return choose_plan(model, step, budget, config.micro_batch_size, config.grad_checkpoint, estimate)
 
 

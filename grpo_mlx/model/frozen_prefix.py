@@ -50,7 +50,8 @@ class PrefixStates:
         self.position: int | None = None  # None: recording
 
     def record(self) -> None:
-        self.states, self.position = [], None
+        """The next pass runs the frozen blocks and keeps their output (the last step's are dropped)."""
+        self.clear()
 
     def replay(self) -> None:
         if not self.states:
@@ -58,6 +59,7 @@ class PrefixStates:
         self.position = 0
 
     def clear(self) -> None:
+        """Drop the kept outputs, so they are freed before the next rollout; the next pass records."""
         self.states, self.position = [], None
 
     def wrap(self, body):

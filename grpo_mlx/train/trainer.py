@@ -49,7 +49,7 @@ from mlx.utils import tree_flatten, tree_map
 from ..core.config import TrainConfig, multi_turn, trajectory_tokens
 from ..core.errors import UserError
 from ..data.examples import Example, load_examples_with_stats
-from ..data.prompts import context_length, drop_long_prompts, longest_prompt_tokens, prompt_length_limit, resolve_system_prompt
+from ..data.prompts import context_length, drop_long_prompts, prompt_length_limit, prompt_token_range, resolve_system_prompt
 from ..envs.environments import environment_factory, load_environment
 from ..memory.planner import apply_memory_limit, memory_budget, plan_training
 from ..model.frozen_prefix import PrefixStates, frozen_blocks, prefix_sharing_matches
@@ -99,10 +99,11 @@ def setup(config: TrainConfig, log=lambda msg: None) -> Run:
     examples, too_long = drop_long_prompts(tokenizer, examples, system_prompt, prompt_limit, config.dataset)
     if too_long:
         log(f"skipped {too_long} prompts longer than {prompt_limit} tokens")
-    prompt_tokens = longest_prompt_tokens(tokenizer, examples, system_prompt)
-    plan = plan_training(config, model_config, prompt_tokens, local_batch)  # refuses here when nothing fits
+    shortest_prompt, prompt_tokens = prompt_token_range(tokenizer, examples, system_prompt)
+    # refuses here when nothing fits
+    plan = plan_training(config, model_config, prompt_tokens, local_batch, shortest_prompt=shortest_prompt)
     budget_source = memory_budget(config.memory_limit)[1]
-    log(f"memory plan ({budget_source}, prompts up to {prompt_tokens} tokens): {plan.describe()}")
+    log(f"memory plan ({budget_source}, prompts of {shortest_prompt}-{prompt_tokens} tokens): {plan.describe()}")
     apply_memory_limit(plan.budget)
     log(f"loading model {config.model or ('embedded tool demo' if config.tools else 'embedded demo')}"
         + (" and quantizing" if config.quantize else ""))
@@ -119,7 +120,8 @@ def setup(config: TrainConfig, log=lambda msg: None) -> Run:
     mx.eval(model.parameters())
     shared_prompt = supports_shared_prompt(model)
     if not shared_prompt:  # the plan assumed each group's prompt runs once; this model runs it per row
-        plan = plan_training(config, model_config, prompt_tokens, local_batch, shared_prompt=False)
+        plan = plan_training(config, model_config, prompt_tokens, local_batch, shared_prompt=False,
+                             shortest_prompt=shortest_prompt)
         log(f"memory plan (no shared-prompt pass for this model): {plan.describe()}")
     if plan.grad_checkpoint:
         enable_grad_checkpoint(model)
@@ -266,7 +268,7 @@ def update_policy(run: Run, rollout: Rollout, rewards, applicable, tokens, compl
     metrics = {}
     tic = time.perf_counter()
     ref_logprobs = None
-    prefix = run.prefix if c.beta != 0.0 else None  # the reference pass records, the policy passes replay
+    prefix = run.prefix  # set only with beta != 0: the reference pass records, the policy passes replay
     if c.beta != 0.0:
         if prefix is not None:
             prefix.record()
