@@ -63,7 +63,7 @@ def fits_table_markdown(models=FITS_MODELS, bits: int = 4, batch_size: int = 4) 
              f"{', '.join(map(str, groups[:-1]))} and {groups[-1]}; T in {lengths[0]} to {lengths[-1]}; "
              f"{prompt_tokens}-token prompts, beta {config.beta}, LoRA rank {step.lora_rank} on {step.lora_layers} "
              "layers; the GPU's working set in GB in brackets, about 2/3 of memory up to 32 GB and 3/4 above; "
-             f"* the plan checkpoints gradients), from `grpo-mlx plan --model qwen2.5-XB --bits {bits}`:",
+             f"* the plan checkpoints gradients; - nothing fits at this B), from `grpo-mlx plan --model qwen2.5-XB --bits {bits}`:",
              "",
              "| model | " + " | ".join(f"{m} GB ({planner.mac_budget(m) / planner.GB:.1f})" for m in sizes) + " |",
              "| --- " * (len(sizes) + 1) + "|"]
