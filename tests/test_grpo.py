@@ -152,12 +152,13 @@ def test_group_advantages_reject_bad_options():
 GRID = list(itertools.product(LOSS_TYPES, KL_ESTIMATORS, IMPORTANCE_LEVELS))
 
 
-def loss_of(lp, old, ref, adv, mask, loss_type="grpo", max_len=16, **kwargs):
-    """grpo.policy_loss of one whole batch, normalised as training normalises it."""
+def loss_of(lp, old, ref, adv, mask, loss_type="grpo", max_len=16, epsilon_low=0.2, beta=0.04, **kwargs):
+    """grpo.policy_loss of one whole batch, normalised as training normalises it (epsilon 0.2, beta 0.04 unless given)."""
     lp, old, ref, adv, mask = (mx.array(x) if isinstance(x, np.ndarray) else x for x in (lp, old, ref, adv, mask))
     tokens = float(mask.sum().item())
     normaliser = loss_normaliser(loss_type, mask.shape[0], tokens, tokens, max_len)
-    return policy_loss(lp, old, ref, adv, mask, normaliser=normaliser, loss_type=loss_type, **kwargs)
+    return policy_loss(lp, old, ref, adv, mask, normaliser=normaliser, loss_type=loss_type, epsilon_low=epsilon_low,
+                       beta=beta, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -307,8 +308,9 @@ def test_normaliser_of_the_whole_batch_makes_halves_add_up_to_it():
     num_tokens = float(mask.sum())
     for loss_type in LOSS_TYPES:
         normaliser = loss_normaliser(loss_type, 8, num_tokens, num_tokens, 16)
-        full, _ = policy_loss(*args, normaliser=normaliser, loss_type=loss_type)
-        halves = [policy_loss(*[a[s] for a in args], normaliser=normaliser, loss_type=loss_type)[0]
+        full, _ = policy_loss(*args, normaliser=normaliser, loss_type=loss_type, epsilon_low=0.2, beta=0.04)
+        halves = [policy_loss(*[a[s] for a in args], normaliser=normaliser, loss_type=loss_type, epsilon_low=0.2,
+                              beta=0.04)[0]
                   for s in (slice(0, 4), slice(4, 8))]
         assert_close(halves[0] + halves[1], full)
 
@@ -319,7 +321,8 @@ def test_normaliser_of_the_whole_batch_makes_halves_add_up_to_it():
 def test_policy_loss_rejects_unknown_options(option, value):
     lp, old, ref, adv, mask = random_case(seed=1)
     with pytest.raises(ValueError, match=option):
-        policy_loss(*(mx.array(x) for x in (lp, old, ref, adv, mask)), normaliser=1.0, **{option: value})
+        policy_loss(*(mx.array(x) for x in (lp, old, ref, adv, mask)), normaliser=1.0, epsilon_low=0.2, beta=0.04,
+                    **{option: value})
     if option == "loss_type":
         with pytest.raises(ValueError, match=option):
             loss_normaliser(value, 8, 10, 10, 16)

@@ -204,9 +204,9 @@ def policy_loss(
     completion_mask: mx.array,
     *,
     normaliser: float | mx.array,
-    epsilon_low: float = 0.2,
+    epsilon_low: float,
+    beta: float,
     epsilon_high: float | None = None,
-    beta: float = 0.04,
     kl_estimator: str = "k3",
     loss_type: str = "grpo",
     importance_level: str = "token",
@@ -216,7 +216,8 @@ def policy_loss(
     per_token = clipped_surrogate(importance_ratio, A) + beta * KL(pi || ref)
     loss      = reduce_loss(per_token) * normaliser      (normaliser: `loss_normaliser`)
 
-    No KL term when ref_logprobs is None or beta == 0. Arrays are [N, T]
+    `epsilon_low` and `beta` have no defaults: a caller that forgot one would train silently with
+    another value. No KL term when ref_logprobs is None or beta == 0. Arrays are [N, T]
     (advantages [N]); completion_mask marks the completion tokens. Returns the
     scalar loss and metrics as 0-d arrays (traceable by mx.compile): `kl` (mean
     per-token KL, whatever beta) and `clip_metrics`, averaged over this batch's
