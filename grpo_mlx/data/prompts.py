@@ -161,13 +161,11 @@ def prompt_token_range(tokenizer, examples: list[Example], system_prompt: str | 
     def characters(ex):
         return len(ex.prompt) if isinstance(ex.prompt, str) else sum(len(m["content"]) for m in ex.prompt)
 
-    def lengths(picked):
-        return [len(render_prompt(tokenizer, ex, system_prompt)) for ex in picked]
-
     by_length = sorted(examples, key=characters)
-    shortest = lengths(by_length[:LONGEST_RENDERED])
-    longest = lengths(by_length[-LONGEST_RENDERED:])
-    return min(shortest, default=1), max(longest, default=1)
+    if len(by_length) > 2 * LONGEST_RENDERED:  # a small data set is rendered whole, each prompt once
+        by_length = by_length[:LONGEST_RENDERED] + by_length[-LONGEST_RENDERED:]
+    lengths = [len(render_prompt(tokenizer, ex, system_prompt)) for ex in by_length]
+    return min(lengths, default=1), max(lengths, default=1)
 
 
 def check_prompt_lengths(prompts: list[list[int]], limit: int | None) -> None:
