@@ -1,6 +1,6 @@
-"""The frozen blocks before the first adapter run once a step (model/frozen_prefix.py): the reference pass
-records their output, the policy passes replay it, and the log-probs, gradients and trained adapters
-are those of the plain passes."""
+"""The frozen blocks before the first adapter run once a step (model/frozen_prefix.py): the rollout keeps
+their output (or the reference pass records it), the log-prob passes replay it, and the log-probs,
+gradients and trained adapters are those of the plain passes."""
 
 from dataclasses import replace
 
@@ -130,3 +130,130 @@ def test_a_step_with_the_prefix_shared_trains_the_adapters_the_plain_step_does(t
     for k in plain_adapters:
         np.testing.assert_allclose(shared_adapters[k], plain_adapters[k], rtol=1e-5, atol=1e-7, err_msg=k)
     assert any(np.abs(v).max() > 0 for k, v in shared_adapters.items() if k.endswith("lora_b"))
+
+
+def test_a_step_on_the_rollouts_kept_states_runs_no_frozen_block_after_generating(tiny_model_dir, tmp_path, monkeypatch):
+    """The real rollout keeps the frozen block's output: the log-prob passes never run that block, and the
+    step's loss, KL and trained adapters are those of the plain step on the same rollout."""
+    calls = []
+    config = build_config({}, dict(model=str(tiny_model_dir), dataset="arithmetic", steps=1, batch_size=2, group_size=4,
+                                   max_tokens=6, lora_rank=4, lora_layers=1, beta=0.1, num_iterations=2, seed=3,
+                                   micro_batch_size=4, reward=[CHAR_CODES], learning_rate=0.5))
+    results = {}
+    for shared in (True, False):
+        run = trainer.setup(replace(config, output=str(tmp_path / str(shared))))
+        if not shared:
+            run.prefix = None
+        block_class, original = type(run.model.layers[0]), type(run.model.layers[0]).__call__
+        phase = ["rollout"]
+        monkeypatch.setattr(block_class, "__call__",
+                            lambda self, *a, original=original, **k: calls.append((phase[0], id(self))) or original(self, *a, **k))
+        generate, update = run.rollout_fn, trainer.update_policy
+
+        def rollout_fn(*args, **kwargs):
+            phase[0] = "rollout"
+            return generate(*args, **kwargs)
+
+        def update_policy(run, rollout, *args):
+            assert (rollout.prefix_states is not None) == shared
+            phase[0] = "passes"
+            return update(run, rollout, *args)
+
+        run.rollout_fn = rollout_fn
+        monkeypatch.setattr(trainer, "update_policy", update_policy)
+        run.optimizer = optim.SGD(learning_rate=config.learning_rate)
+        calls.clear()
+        (metrics, _), = list(trainer.train(run))
+        monkeypatch.setattr(block_class, "__call__", original)
+        monkeypatch.setattr(trainer, "update_policy", update)
+        first_block = id(run.model.layers[0])
+        results[shared] = (metrics, {k: np.array(v) for k, v in tree_flatten(run.model.trainable_parameters())},
+                           calls.count(("passes", first_block)), calls.count(("rollout", first_block)))
+    (shared_metrics, shared_adapters, shared_passes, shared_rollout), (plain_metrics, plain_adapters, plain_passes, plain_rollout) = \
+        results[True], results[False]
+    # Reference pass and 2 updates, 2 micro-batches x 2 calls each: 12 calls of the first block without the states.
+    assert (shared_passes, plain_passes) == (0, 12) and shared_rollout == plain_rollout > 0
+    for k in ("loss", "kl", "ratio/mean"):
+        np.testing.assert_allclose(shared_metrics[k], plain_metrics[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    for k in plain_adapters:
+        np.testing.assert_allclose(shared_adapters[k], plain_adapters[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    assert any(np.abs(v).max() > 0 for k, v in shared_adapters.items() if k.endswith("lora_b"))
+
+
+class _StopTokenizer:
+    """Stops on a handful of token ids, so some rows of a random model stop early."""
+    eos_token_ids = {5, 11, 17, 23, 29, 31, 37}
+
+    def decode(self, ids):
+        return ""
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+@pytest.mark.parametrize("shared_prompt", [False, True])
+def test_states_kept_while_generating_give_the_reference_logprobs(family, shared_prompt):
+    """The rollout keeps the frozen blocks' output (record_blocks); laid out per pass (states_for_passes)
+    and replayed, it gives the log-probs of the plain forward, rows that stopped early included."""
+    from grpo_mlx.model.frozen_prefix import states_for_passes
+    from grpo_mlx.rollout.batch import generate_rollout, make_sampler, pad_batch
+    from grpo_mlx.train.gradients import micro_batch_widths, plan_micro_batches
+
+    model = adapted_model(family)
+    prompts = [[1, 2, 3, 4, 6], [7, 8, 9, 10, 12, 13, 14, 15, 16], [18, 19, 20, 21, 22, 24, 25]]
+    mx.random.seed(0)
+    rollout = generate_rollout(model, _StopTokenizer(), prompts, 3, 8, make_sampler(1.0), record_blocks=2)
+    lengths = rollout.completion_lengths
+    assert rollout.prefix_states is not None and min(lengths) < 8 == max(lengths)  # some rows stopped early
+    tokens, mask = pad_batch(rollout.prompt_tokens, rollout.completion_tokens, 0, 8)
+    start, batches, batch_groups = plan_micro_batches(rollout.prompt_tokens, 3 if shared_prompt else 4, shared_prompt)
+    prefix = PrefixStates(frozen_blocks(model))
+    widths = micro_batch_widths(rollout.prompt_tokens, rollout.completion_tokens, batches)
+    assert min(widths) < tokens.shape[1]  # a micro-batch narrower than the batch
+    prefix.load(states_for_passes(rollout.prefix_states, widths, batches, batch_groups))
+    for b, groups, w in zip(batches, batch_groups or [None] * len(batches), widths):
+        def logprobs(p):
+            if groups is not None:
+                return group_token_logprobs(model, tokens[b, :w], groups, temperature=0.8, prefix=p)
+            return token_logprobs(model, tokens[b, :w], temperature=0.8, start=start, split_head=True, prefix=p)
+        got, expected = logprobs(prefix), logprobs(None)
+        assert got.shape == (b.stop - b.start, w - 1)
+        np.testing.assert_allclose(np.array(got * mask[b, : w - 1]), np.array(expected * mask[b, : w - 1]), atol=1e-4)
+    assert prefix.position == len(prefix.states)
+
+
+def test_groups_run_longest_last_and_the_step_trains_what_the_unordered_step_does(tiny_model_dir, tmp_path, monkeypatch):
+    """update_policy orders the groups by length (micro-batches of similar rows, each cut to its own width):
+    the rows' advantages and log-probs move with them, so the trained adapters are the data order's."""
+    from grpo_mlx.rollout.batch import Rollout
+    from grpo_mlx.train import gradients
+
+    assert gradients.groups_by_length([[1] * 5, [1] * 5, [2] * 3, [2] * 3, [3] * 4, [3] * 4],
+                                      [[0] * 2, [0] * 9, [0] * 1, [0] * 2, [0] * 3, [0] * 3], 2) == [1, 2, 0]
+
+    def rollout_fn(model, tokenizer, prompts, group_size, max_tokens, sampler, **kwargs):
+        rows = [list(p) for p in prompts for _ in range(group_size)]
+        # The first group's rows longest, the last's shortest: the length order reverses the groups.
+        completions = [[40 + (7 * i + 3 * j) % 200 for j in range(max_tokens - i // group_size * 3 - i % 2)]
+                       for i in range(len(rows))]
+        return Rollout(rows, completions, [tokenizer.decode(c) for c in completions], ["length"] * len(rows), group_size)
+
+    config = build_config({}, dict(model=str(tiny_model_dir), dataset="arithmetic", steps=1, batch_size=3, group_size=2,
+                                   max_tokens=12, lora_rank=4, lora_layers=1, beta=0.1, seed=3, micro_batch_size=2,
+                                   reward=[CHAR_CODES], learning_rate=0.5))
+    results, orders = {}, []
+    for ordered in (True, False):
+        if not ordered:
+            monkeypatch.setattr(trainer, "groups_by_length", lambda p, c, g: list(range(len(p) // g)))
+        else:
+            monkeypatch.setattr(trainer, "groups_by_length",
+                                lambda *a: orders.append(gradients.groups_by_length(*a)) or orders[-1])
+        run = trainer.setup(replace(config, output=str(tmp_path / str(ordered))))
+        run.rollout_fn = rollout_fn
+        run.optimizer = optim.SGD(learning_rate=config.learning_rate)
+        (metrics, _), = list(trainer.train(run))
+        results[ordered] = metrics, {k: np.array(v) for k, v in tree_flatten(run.model.trainable_parameters())}
+    assert orders == [[2, 1, 0]]
+    for k in ("loss", "kl", "entropy"):
+        np.testing.assert_allclose(results[True][0][k], results[False][0][k], rtol=1e-5, atol=1e-7, err_msg=k)
+    for k, v in results[False][1].items():
+        np.testing.assert_allclose(results[True][1][k], v, rtol=1e-5, atol=1e-7, err_msg=k)
+    assert any(np.abs(v).max() > 0 for k, v in results[True][1].items() if k.endswith("lora_b"))

@@ -257,3 +257,35 @@ def test_running_each_prompt_once_per_group_gives_the_same_loss_and_gradients(ti
     reference = forward_logprobs(model, tokens, 0.8, batches, batch_groups=groups)
     np.testing.assert_allclose(np.array(reference) * m, np.array(forward_logprobs(model, tokens, 0.8, batches)) * m,
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shared_prompt", [False, True])
+def test_micro_batches_cut_to_their_own_width_give_the_same_loss_gradients_and_logprobs(tiny_model_dir, shared_prompt):
+    """A micro-batch of short rows runs its own width, not the batch's (micro_batch_widths): same numbers,
+    log-probs padded back to the batch's positions."""
+    from grpo_mlx.train.gradients import forward_logprobs, micro_batch_widths, prompt_groups
+
+    model, _ = lora_model(tiny_model_dir)
+    rng = np.random.default_rng(9)
+    G = 2
+    # Group 0 short, group 1 long: the first micro-batch needs far fewer positions than the batch.
+    prompts = [p for n in (5, 30) for p in [rng.integers(3, 200, size=n).tolist()] * G]
+    completions = [rng.integers(3, 200, size=int(rng.integers(1, 12))).tolist() for _ in prompts]
+    config = config_for()
+    tokens, mask, adv, old, ref, norm = step_inputs(prompts, completions, 32, config)
+    batches = micro_batches(len(prompts), G)
+    groups = [prompt_groups(prompts, b) for b in batches] if shared_prompt else None
+    widths = micro_batch_widths(prompts, completions, batches)
+    assert widths[0] < 18 and widths[1] > 30 and tokens.shape[1] == 64
+    assert micro_batch_widths(prompts, completions, batches, 32) == [32, 64]
+    step = make_grad_step(model, config, split_head=not shared_prompt)
+    g_full, loss_full, _, lp_full = accumulate_gradients(step, tokens, mask, adv, old, ref, batches, norm, 0, groups)
+    grads, loss, _, logprobs = accumulate_gradients(step, tokens, mask, adv, old, ref, batches, norm, 0, groups, widths)
+    assert loss == pytest.approx(loss_full, rel=1e-5, abs=1e-7)
+    assert_same_grads(flat_grads(g_full), flat_grads(grads))
+    m = np.array(mask)
+    assert logprobs.shape == tokens[:, 1:].shape
+    np.testing.assert_allclose(np.array(logprobs) * m, np.array(lp_full) * m, rtol=1e-5, atol=1e-5)
+    trimmed = forward_logprobs(model, tokens, 0.8, batches, 0, not shared_prompt, groups, widths=widths)
+    np.testing.assert_allclose(np.array(trimmed) * m, np.array(forward_logprobs(model, tokens, 0.8, batches, 0, not shared_prompt,
+                                                                             groups)) * m, rtol=1e-5, atol=1e-5)

@@ -58,6 +58,10 @@ class PrefixStates:
             raise RuntimeError("replay() before a recorded pass")
         self.position = 0
 
+    def load(self, states: list[mx.array]) -> None:
+        """Replay `states` (kept elsewhere, e.g. by the rollout: `states_for_passes`) from the next pass on."""
+        self.states, self.position = list(states), 0
+
     def clear(self) -> None:
         """Drop the kept outputs, so they are freed before the next rollout; the next pass records."""
         self.states, self.position = [], None
@@ -78,6 +82,34 @@ class PrefixStates:
                 return body(inputs, cache=back, input_embeddings=hidden)
 
         return call
+
+
+def states_for_passes(row_states, widths, batches, batch_groups=None) -> list[mx.array]:
+    """The frozen blocks' output, per body call of a log-prob pass, from each row's output kept
+    while generating (`Rollout.prefix_states`): what recording would keep.
+
+    Calls as logprobs.token_logprobs (split head) and group_token_logprobs make them, micro-batch
+    by micro-batch (tokens `widths[k]` wide): [rows, width - 1, d], or a shared-prompt micro-batch's
+    [groups, S, d] prompt call and [rows, width - 1 - S, d] completion call. Positions past a row's
+    end are zeros: causal attention keeps them out of every scored position.
+    """
+    def row(i, begin, end):
+        prompt, rest = row_states[i]
+        states = mx.concatenate([prompt, rest], axis=0)[begin:end]
+        missing = end - begin - states.shape[0]
+        return mx.pad(states, [(0, missing), (0, 0)]) if missing > 0 else states
+
+    calls = []
+    for b, groups, width in zip(batches, batch_groups or [None] * len(batches), widths):
+        rows = range(*b.indices(len(row_states)))
+        if groups is None:
+            calls.append(mx.stack([row(i, 0, width - 1) for i in rows]))
+            continue
+        shared = min(length for _, _, length in groups) - 1
+        if shared > 0:
+            calls.append(mx.stack([row(rows[first], 0, shared) for first, _, _ in groups]))
+        calls.append(mx.stack([row(i, shared, width - 1) for i in rows]))
+    return calls
 
 
 @contextlib.contextmanager

@@ -75,11 +75,14 @@ class Rollout:
     tool_seconds: list[float] | None = None
     messages: list[list[dict]] | None = None  # the conversation after the prompt, with roles
     final_turns: list[str] | None = None  # the last model turn's text: what answer-based rewards read
+    # The frozen blocks' output at each input position, kept while generating (`record_blocks`), per row:
+    # (the prompt's first P-1 positions [P-1, d], one array shared by the group; the rest [1 + L, d]).
+    prefix_states: list[tuple[mx.array, mx.array]] | None = None
     tool_time: float = 0.0  # wall seconds the rollout waited for the environments
 
     # The per-row fields, in the constructor's order after group_size.
     ROW_FIELDS = ("sampling_logprobs", "completion_masks", "turns", "tool_calls", "tool_errors", "tool_seconds",
-                  "messages", "final_turns")
+                  "messages", "final_turns", "prefix_states")
 
     @property
     def num_rows(self) -> int:
@@ -165,6 +168,7 @@ def generate_rollout(
     prefill_step_size: int = 2048,
     on_token=None,
     with_logprobs: bool = False,
+    record_blocks: int = 0,
 ) -> Rollout:
     """Sample `group_size` completions for each prompt, all N decoded in one batch.
 
@@ -172,18 +176,23 @@ def generate_rollout(
     `with_logprobs=True` keeps `Rollout.sampling_logprobs`; training and eval leave
     it off (the trainer recomputes log-probs): keeping them holds every step's
     [N, V] log-softmax alive until the end and stacks N*T scalars.
+    `record_blocks`: keep the output of the first `record_blocks` transformer blocks at
+    every position (`Rollout.prefix_states`): the frozen blocks before the first adapter,
+    whose output the reference pass would otherwise compute again (model/frozen_prefix.py).
     """
     # Sample the policy itself: LoRA dropout (training mode) acts in the training forward only.
     modes = [(name, m, m.training) for name, m in model.named_modules()]
     model.eval()
     try:
-        return _generate_rollout(model, tokenizer, prompts, group_size, max_tokens, sampler, prefill_step_size, on_token, with_logprobs)
+        return _generate_rollout(model, tokenizer, prompts, group_size, max_tokens, sampler, prefill_step_size, on_token,
+                                 with_logprobs, record_blocks)
     finally:  # each module's own mode back; train() sets a whole subtree, so parents go first
         for _, m, mode in sorted(modes, key=lambda entry: (entry[0] != "", entry[0].count("."))):
             m.train(mode)
 
 
-def _generate_rollout(model, tokenizer, prompts, group_size, max_tokens, sampler, prefill_step_size, on_token, with_logprobs):
+def _generate_rollout(model, tokenizer, prompts, group_size, max_tokens, sampler, prefill_step_size, on_token, with_logprobs,
+                      record_blocks):
     from mlx_lm.generate import BatchGenerator
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -201,45 +210,127 @@ def _generate_rollout(model, tokenizer, prompts, group_size, max_tokens, sampler
     # The prefill only fills the KV cache: at Qwen2.5's 151,936-token vocabulary the LM head
     # would be about a quarter of its arithmetic and a [P, V] float32 block per prompt.
     prefill = lm_head_split(model)[0] if lm_head_split_matches(model) else model
-    row_prompts, caches = [], []
-    for prompt in prompts:
-        cache = make_prompt_cache(model)
-        if len(prompt) > 1:  # the last prompt token is the generator's first input
-            for start in range(0, len(prompt) - 1, prefill_step_size):
-                prefill(mx.array(prompt[start : min(start + prefill_step_size, len(prompt) - 1)])[None], cache=cache)
-            mx.eval([c.state for c in cache])
-        row_prompts += [[prompt[-1]]] * group_size
-        caches += [cache] * group_size  # shared: merging the batch copies it
+    caches = [make_prompt_cache(model) for _ in prompts]
+    recorder = _BlockRecorder(model, record_blocks)
+    prompt_states = []
+    with recorder:
+        for prompt, cache in zip(prompts, caches):
+            if len(prompt) > 1:  # the last prompt token is the generator's first input
+                for start in range(0, len(prompt) - 1, prefill_step_size):
+                    prefill(mx.array(prompt[start : min(start + prefill_step_size, len(prompt) - 1)])[None], cache=cache)
+                mx.eval([c.state for c in cache])
+            prompt_states.append(recorder.take())
+    row_prompts = [[prompt[-1]] for prompt in prompts for _ in range(group_size)]
+    row_caches = [cache for cache in caches for _ in range(group_size)]  # shared: merging the batch copies it
 
-    uids = generator.insert(row_prompts, [max_tokens] * n, caches=caches)
+    uids = generator.insert(row_prompts, [max_tokens] * n, caches=row_caches)
     row_of = {uid: i for i, uid in enumerate(uids)}
     completions: list[list[int]] = [[] for _ in range(n)]
     logprobs: list[list[mx.array]] | None = [[] for _ in range(n)] if with_logprobs else None
     finish = ["length"] * n
+    decode_rows = []  # per generator step, the rows of its model call (the rows it answers for, in order)
     done = 0
     try:
-        while responses := generator.next_generated():
-            for r in responses:
-                i = row_of[r.uid]
-                completions[i].append(r.token)
-                if logprobs is not None:
-                    logprobs[i].append(r.logprobs[r.token])
-                if r.finish_reason is not None:
-                    finish[i] = r.finish_reason
-            done += 1
-            if on_token is not None:
-                on_token(done)
+        with recorder:
+            while responses := generator.next_generated():
+                rows = []
+                for r in responses:
+                    i = row_of[r.uid]
+                    rows.append(i)
+                    completions[i].append(r.token)
+                    if logprobs is not None:
+                        logprobs[i].append(r.logprobs[r.token])
+                    if r.finish_reason is not None:
+                        finish[i] = r.finish_reason
+                decode_rows.append(rows)
+                done += 1
+                if on_token is not None:
+                    on_token(done)
     finally:
         generator.close()
 
     eos = set(tokenizer.eos_token_ids)
     texts = [tokenizer.decode([t for t in c if t not in eos]) for c in completions]
     row_prompt_tokens = [p for p in prompts for _ in range(group_size)]
+    prefix_states = None
+    if record_blocks:
+        prefix_states = _row_states(prompt_states, recorder.take(), decode_rows, group_size)
     if logprobs is None:
-        return Rollout(row_prompt_tokens, completions, texts, finish, group_size)
+        return Rollout(row_prompt_tokens, completions, texts, finish, group_size, prefix_states=prefix_states)
     flat = mx.stack([lp for row in logprobs for lp in row]).tolist() if any(logprobs) else []
     sampling_logprobs, start = [], 0
     for row in completions:
         sampling_logprobs.append(flat[start : start + len(row)])
         start += len(row)
-    return Rollout(row_prompt_tokens, completions, texts, finish, group_size, sampling_logprobs)
+    return Rollout(row_prompt_tokens, completions, texts, finish, group_size, sampling_logprobs,
+                   prefix_states=prefix_states)
+
+
+class _BlockRecorder:
+    """Within `with`, keeps the output of transformer block `blocks - 1` of every model call (none when
+    `blocks` is 0): the frozen prefix's output, handed to the reference pass instead of computing it again.
+
+    The block is swapped in the body's own `layers` list for a wrapper, as frozen_prefix.only_blocks
+    swaps the list: the model's code runs unchanged.
+    """
+
+    def __init__(self, model, blocks: int):
+        split = lm_head_split(model)
+        self.body = split[0] if split is not None and blocks else None
+        self.index = blocks - 1
+        self.outputs: list[mx.array] = []
+
+    def __enter__(self):
+        if self.body is not None:
+            self.layers = self.body.layers
+            self.body.layers = [*self.layers[: self.index], _Recording(self.layers[self.index], self.outputs),
+                                *self.layers[self.index + 1 :]]
+        return self
+
+    def __exit__(self, *exc):
+        if self.body is not None:
+            self.body.layers = self.layers
+
+    def take(self) -> list[mx.array]:
+        """The outputs kept since the last take()."""
+        outputs, self.outputs[:] = list(self.outputs), []
+        return outputs
+
+
+class _Recording:
+    def __init__(self, block, outputs):
+        self.block, self.outputs = block, outputs
+
+    def __call__(self, *args, **kwargs):
+        out = self.block(*args, **kwargs)
+        self.outputs.append(out)
+        return out
+
+    def __getattr__(self, name):  # what the model reads of its blocks (e.g. use_sliding) reads the block
+        return getattr(self.block, name)
+
+
+def _row_states(prompt_states, decode_states, decode_rows, group_size):
+    """Per row: (the prompt's recorded positions, shared by its group; the decode steps' positions).
+
+    The generator's first model call runs every row's last prompt token, in the order of its first
+    answers; each later call runs the rows it answers for, with the tokens it answers with. None where
+    the calls are not laid out so (another mlx-lm's generator): the reference pass then runs the blocks.
+    """
+    n = len(prompt_states) * group_size
+    if len(decode_states) != len(decode_rows) + 1 or not decode_rows or sorted(decode_rows[0]) != list(range(n)):
+        return None
+    first_call = [decode_rows[0]] + decode_rows
+    if any(out.ndim != 3 or out.shape[:2] != (len(rows), 1) for out, rows in zip(decode_states, first_call)):
+        return None
+    flat = mx.concatenate([out[:, 0] for out in decode_states], axis=0)
+    positions = [[] for _ in range(n)]
+    offset = 0
+    for rows in first_call:
+        for k, i in enumerate(rows):
+            positions[i].append(offset + k)
+        offset += len(rows)
+    width = flat.shape[-1]
+    prompts = [mx.concatenate([out[0] for out in outs], axis=0) if outs else mx.zeros((0, width), flat.dtype)
+               for outs in prompt_states]
+    return [(prompts[i // group_size], flat[mx.array(positions[i])]) for i in range(n)]

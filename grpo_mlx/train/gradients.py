@@ -118,26 +118,29 @@ def make_grad_step(model: nn.Module, config: TrainConfig, split_head: bool = Fal
 
 
 def accumulate_gradients(grad_step, tokens, completion_mask, advantages, old_logprobs, ref_logprobs, batches, normaliser,
-                         start=0, batch_groups=None):
+                         start=0, batch_groups=None, widths=None):
     """Sum the micro-batches' gradients; returns (grads, loss, micro_batch_stats, logprobs).
 
     `micro_batch_stats` holds (completion tokens, metrics) per micro-batch for weighting;
     `logprobs` the current policy's for every row, for later updates' ratios.
-    `batch_groups`: each micro-batch's `prompt_groups`, or None.
+    `batch_groups`: each micro-batch's `prompt_groups`, or None. `widths`: each micro-batch's
+    tokens width (`micro_batch_widths`), or None: the whole batch's.
     """
     normaliser = mx.array(normaliser, dtype=mx.float32)
     grads, loss, micro_batch_stats, micro_batch_logprobs = None, 0.0, [], []
-    for b, groups in zip(batches, batch_groups or [None] * len(batches)):
+    full = tokens.shape[1]
+    for b, groups, w in zip(batches, batch_groups or [None] * len(batches), widths or [full] * len(batches)):
         (mb_loss, (m, lp)), g = grad_step(
-            tokens[b],
-            completion_mask[b],
+            tokens[b, :w],
+            completion_mask[b, : w - 1],
             advantages[b],
-            None if old_logprobs is None else old_logprobs[b],
-            None if ref_logprobs is None else ref_logprobs[b],
+            None if old_logprobs is None else old_logprobs[b, : w - 1],
+            None if ref_logprobs is None else ref_logprobs[b, : w - 1],
             normaliser,
             start,
             groups,
         )
+        lp = _pad_positions(lp, full - 1)
         # The forward's outputs first, then the gradient: evaluated together, MLX may schedule the
         # entropy's use of the logits late and hold one or two more [rows, positions, V] arrays at
         # the peak, depending on the layer count (measured; see memory/estimate.py).
@@ -173,19 +176,45 @@ def plan_micro_batches(prompt_tokens, micro_batch_size: int | None, shared_promp
     return start, batches, batch_groups
 
 
+def micro_batch_widths(prompt_tokens, completion_tokens, batches, bucket: int = 1) -> list[int]:
+    """Each micro-batch's tokens width: its longest row, rounded up to `bucket` (a compiled step's
+    LENGTH_BUCKET: few shapes). The batch is as wide as its longest row over all micro-batches;
+    past a micro-batch's own longest row there is padding only, which no pass needs to run."""
+    lengths = [len(p) + len(c) for p, c in zip(prompt_tokens, completion_tokens)]
+    return [-(-max(lengths[b]) // bucket) * bucket for b in batches]
+
+
+def groups_by_length(prompt_tokens, completion_tokens, group_size: int) -> list[int]:
+    """The groups (rows g*G .. g*G+G-1) ordered by their longest row, then prompt: consecutive
+    micro-batches then hold rows of similar length, and a shared-prompt micro-batch similar prompts."""
+    lengths = [len(p) + len(c) for p, c in zip(prompt_tokens, completion_tokens)]
+    groups = range(len(lengths) // group_size)
+    key = lambda g: (max(lengths[g * group_size : (g + 1) * group_size]), len(prompt_tokens[g * group_size]))  # noqa: E731
+    return sorted(groups, key=key)
+
+
+def _pad_positions(logprobs, width: int):
+    """[rows, w] log-probs (or entropies) of a trimmed micro-batch, zero-padded back to `width` positions."""
+    missing = width - logprobs.shape[1]
+    return mx.pad(logprobs, [(0, 0), (0, missing)]) if missing > 0 else logprobs
+
+
 def micro_batches(n: int, size: int | None) -> list[slice]:
     size = n if size is None else max(1, size)
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 def forward_logprobs(model, tokens, temperature, batches, start=0, split_head=False, batch_groups=None,
-                     chunk_size=None, prefix=None) -> mx.array:
+                     chunk_size=None, prefix=None, widths=None) -> mx.array:
     """Log-probs without gradient, one micro-batch at a time (old or reference policy); `prefix`
-    (recording) keeps each micro-batch's frozen-block output for the passes after this one."""
+    (recording) keeps each micro-batch's frozen-block output for the passes after this one.
+    `widths`: as in `accumulate_gradients`."""
     micro_batch_logprobs = []
-    for b, groups in zip(batches, batch_groups or [None] * len(batches)):
-        lp = mx.stop_gradient(policy_logprobs(model, tokens[b], temperature, start, split_head, groups,
+    full = tokens.shape[1]
+    for b, groups, w in zip(batches, batch_groups or [None] * len(batches), widths or [full] * len(batches)):
+        lp = mx.stop_gradient(policy_logprobs(model, tokens[b, :w], temperature, start, split_head, groups,
                                               chunk_size=chunk_size, prefix=prefix))
+        lp = _pad_positions(lp, full - 1)
         mx.eval(lp, *(prefix.states if prefix is not None else ()))
         micro_batch_logprobs.append(lp)
     return mx.concatenate(micro_batch_logprobs, axis=0)

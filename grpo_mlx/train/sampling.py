@@ -150,7 +150,9 @@ def sample_round(run: Run, step: int, examples: list, sampler):
 
     tic = time.perf_counter()
     if run.make_env is None:
-        rollout = run.rollout_fn(run.model, run.tokenizer, prompts, G, c.max_tokens, sampler)
+        # The frozen blocks' output, kept while generating, spares the reference pass running them.
+        record = {"record_blocks": run.prefix.blocks} if run.prefix is not None else {}
+        rollout = run.rollout_fn(run.model, run.tokenizer, prompts, G, c.max_tokens, sampler, **record)
     else:
         rollout = run.multiturn_fn(run.model, run.tokenizer, examples, G, c.max_tokens, sampler, make_env=run.make_env,
                                    max_turns=turn_limit(c), max_trajectory_tokens=trajectory_tokens(c),

@@ -52,7 +52,7 @@ from ..data.examples import Example, load_examples_with_stats
 from ..data.prompts import context_length, drop_long_prompts, prompt_length_limit, prompt_token_range, resolve_system_prompt
 from ..envs.environments import environment_factory, load_environment
 from ..memory.planner import apply_memory_limit, memory_budget, plan_training
-from ..model.frozen_prefix import PrefixStates, frozen_blocks, prefix_sharing_matches
+from ..model.frozen_prefix import PrefixStates, frozen_blocks, prefix_sharing_matches, states_for_passes
 from ..model.logprobs import lm_head_split_matches, supports_shared_prompt
 from ..model.policy import attach_adapters, demo_name, load_config_and_tokenizer, load_model, reference_mode
 from ..rewards.scoring import get_reward
@@ -64,6 +64,8 @@ from .gradients import (
     enable_grad_checkpoint,
     forward_logprobs,
     make_grad_step,
+    groups_by_length,
+    micro_batch_widths,
     plan_micro_batches,
 )
 from .grpo import group_advantages, loss_normaliser
@@ -142,12 +144,12 @@ def setup(config: TrainConfig, log=lambda msg: None) -> Run:
         make_env=environment_factory(config.env, config.tools or [], tokenizer, config.tool_sandbox) if multi_turn(config) else None,
     )
     log(f"log-probs: {LOGPROB_PATHS[run.logprob_path]}")
-    # The reference pass keeps the frozen blocks' output for the policy passes: only where there is a
+    # The rollout keeps the frozen blocks' output for the log-prob passes: only where there is a
     # reference pass, the graph is not compiled (the step would trace a changing body), and it checks out.
     if config.beta != 0 and not config.compile and run.split_head and prefix_sharing_matches(model):
         run.prefix = PrefixStates(frozen_blocks(model))
         log(f"log-probs: the frozen blocks before the first adapter ({run.prefix.blocks} of {len(model.layers)}) run once "
-            f"a step, in the reference pass; the policy passes start after them")
+            f"a step, while generating; the reference and policy passes start after them")
     return run
 
 
@@ -262,19 +264,32 @@ def update_policy(run: Run, rollout: Rollout, rewards, applicable, tokens, compl
     their metrics: the first update's view (ratios of 1 for mu = 1) and the last one's ratios."""
     c = run.config
     advantages = group_advantages(mx.array(rewards), c.group_size, scale=c.scale_rewards, applicable=mx.array(applicable))
+    # Groups of similar length share micro-batches, each cut to its own longest row (micro_batch_widths):
+    # the gradient is a sum over micro-batches, whatever their order.
+    order = groups_by_length(rollout.prompt_tokens, rollout.completion_tokens, c.group_size)
+    if order != sorted(order):
+        rows = mx.array([g * c.group_size + j for g in order for j in range(c.group_size)])
+        rollout = rollout.select_groups(order)
+        tokens, completion_mask, advantages = tokens[rows], completion_mask[rows], advantages[rows]
     # Each group's prompt runs once in the log-prob passes when run.shared_prompt, not G times.
     start, batches, batch_groups = plan_micro_batches(rollout.prompt_tokens, run.plan.micro_batch_size, run.shared_prompt)
+    widths = micro_batch_widths(rollout.prompt_tokens, rollout.completion_tokens, batches, LENGTH_BUCKET if c.compile else 1)
     chunk = run.plan.logits_chunk
     metrics = {}
     tic = time.perf_counter()
     ref_logprobs = None
-    prefix = run.prefix  # set only with beta != 0: the reference pass records, the policy passes replay
+    # Set only with beta != 0: the policy passes replay the frozen blocks' output, kept by the rollout where it
+    # could (generate_rollout's record_blocks), else recorded by the reference pass.
+    prefix = run.prefix
     if c.beta != 0.0:
-        if prefix is not None:
+        if prefix is not None and rollout.prefix_states is not None:
+            prefix.load(states_for_passes(rollout.prefix_states, widths, batches, batch_groups))
+            rollout.prefix_states = None  # held once, by `prefix`
+        elif prefix is not None:
             prefix.record()
         with reference_mode(run.model):
             ref_logprobs = forward_logprobs(run.model, tokens, c.temperature, batches, start, run.split_head, batch_groups,
-                                            chunk, prefix)
+                                            chunk, prefix, widths)
     metrics["time/logprobs"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
@@ -287,7 +302,7 @@ def update_policy(run: Run, rollout: Rollout, rewards, applicable, tokens, compl
             prefix.replay()
         grads, loss, micro_batch_stats, logprobs = accumulate_gradients(
             run.grad_step, tokens, completion_mask, advantages, old_logprobs, ref_logprobs, batches, normaliser, start,
-            batch_groups,
+            batch_groups, widths,
         )
         old_logprobs = logprobs if old_logprobs is None else old_logprobs
         update_metrics.append(apply_update(run, grads, loss, micro_batch_stats))
