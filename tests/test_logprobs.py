@@ -49,6 +49,41 @@ def test_token_logprobs_equal_naive_log_softmax_gather(tiny_lm, temperature, chu
     np.testing.assert_allclose(np.array(entropy), expected_entropy, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_scores_and_their_gradient_equal_a_float64_reference(with_entropy):
+    """Both ways of scoring logits (logsumexp; one exp pass with the entropy, for the gradient passes):
+    log-probs, entropy and d(sum w * logprob)/d logits = w * (onehot - softmax) / temperature
+    against float64 NumPy."""
+    from grpo_mlx.model.logprobs import _scores_with_entropy, _tempered_scores
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(scale=4.0, size=(3, 5, 211)).astype(np.float32) + 30.0  # far from 0: the max shift matters
+    targets = rng.integers(0, 211, size=(3, 5))
+    weights = rng.normal(size=(3, 5))
+    temperature = 0.7
+    scaled = logits.astype(np.float64) / temperature
+    log_softmax = scaled - scaled.max(-1, keepdims=True)
+    log_softmax -= np.log(np.exp(log_softmax).sum(-1, keepdims=True))
+    expected = np.take_along_axis(log_softmax, targets[..., None], axis=-1)[..., 0]
+    softmax = np.exp(log_softmax)
+    expected_grad = -weights[..., None] * softmax
+    np.put_along_axis(expected_grad, targets[..., None],
+                      np.take_along_axis(expected_grad, targets[..., None], axis=-1) + weights[..., None], axis=-1)
+    expected_grad /= temperature
+
+    def scores(x):
+        if with_entropy:
+            return _scores_with_entropy(x, mx.array(targets), temperature)
+        return _tempered_scores(x, mx.array(targets), temperature)[0], None
+
+    logprob, entropy = scores(mx.array(logits))
+    np.testing.assert_allclose(np.array(logprob), expected, rtol=1e-5, atol=2e-5)
+    if with_entropy:
+        np.testing.assert_allclose(np.array(entropy), -(softmax * log_softmax).sum(-1), rtol=1e-4, atol=1e-4)
+    grad = mx.grad(lambda x: (scores(x)[0] * mx.array(weights, dtype=mx.float32)).sum())(mx.array(logits))
+    np.testing.assert_allclose(np.array(grad), expected_grad, rtol=1e-4, atol=1e-6)
+
+
 def test_token_logprobs_gradient_reaches_the_weights(tiny_lm):
     tokens = mx.array(np.random.default_rng(1).integers(0, 97, size=(2, 6)))
 

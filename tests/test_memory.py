@@ -125,3 +125,22 @@ def test_the_rollout_peak_is_the_predicted_one_also_when_rows_stop_early(stop_ea
         assert abs(measured / predicted - 1) < 0.10, (measured, predicted)
     else:  # no copy: one cache fewer than the prediction, which plans for rows that stop
         assert measured < predicted
+
+
+def test_a_micro_batch_within_one_group_is_predicted_from_its_own_prompt():
+    """Micro-batches run only as wide as their own longest row (gradients.micro_batch_widths): within one group
+    a completion call is T wide whatever the batch's prompt spread; across groups it spans the spread; under
+    --compile (trimmed=False) the widths round up to LENGTH_BUCKET."""
+    from dataclasses import replace
+
+    from grpo_mlx.memory.estimate import pass_shape
+
+    # SmolLM2's step at T=64: GSM8K prompts of 133-160 tokens with the R1 system prompt.
+    step = StepShape(batch_size=4, group_size=8, prompt_tokens=160, shortest_prompt=133, max_tokens=64, micro_batch_size=8)
+    assert pass_shape(step)["scored"] == 64
+    assert pass_shape(replace(step, micro_batch_size=4))["scored"] == 64  # part of one group
+    assert pass_shape(replace(step, micro_batch_size=16))["scored"] == 160 + 64 - 133  # two groups: the spread
+    assert pass_shape(replace(step, micro_batch_size=3))["scored"] == 160 + 64 - 133  # parts joining two groups
+    assert pass_shape(replace(step, trimmed=False))["scored"] == 224 - 133  # padded to 224, from the shortest prompt
+    model = ModelShape.from_config(shape_config("qwen2.5-0.5b"))
+    assert estimate_step(model, step)["policy"] < estimate_step(model, replace(step, micro_batch_size=16))["policy"]

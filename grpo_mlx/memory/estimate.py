@@ -143,6 +143,9 @@ class StepShape:
     kv_bits: int | None = None  # rollout KV-cache quantization
     shortest_prompt: int | None = None  # the shortest prompt of a batch; None: prompt_tokens (no spread)
     share_frozen_prefix: bool = True  # the reference pass keeps the frozen blocks' output for the policy passes
+    # Each micro-batch runs only as wide as its longest row (gradients.micro_batch_widths); False under
+    # --compile, where the widths round up to LENGTH_BUCKET.
+    trimmed: bool = True
 
 
 # ---------------------------------------------------------------- resident
@@ -220,13 +223,16 @@ def pass_shape(step: StepShape) -> dict:
 
     Shared prompt (logprobs.group_token_logprobs): one call runs the micro-batch's
     prompts once each, left-padded to the longest; a second runs every row's completion
-    against its group's prompt keys and values, right-padded to the widest completion
-    (the padded batch width minus the shortest prompt). Otherwise every row runs prompt +
-    completion, and the LM head sees positions from the shortest prompt's end on.
+    against its group's prompt keys and values, right-padded to the widest completion (the
+    micro-batch's longest row minus its shortest prompt: at most the longest prompt + T minus
+    the shortest, exactly T within one group). Otherwise every row runs prompt + completion,
+    and the LM head sees positions from the shortest prompt's end on.
     """
-    width = padded_width(step)
+    width = step.prompt_tokens + step.max_tokens if step.trimmed else padded_width(step)
     rows = step.micro_batch_size
-    shortest = step.shortest_prompt or step.prompt_tokens
+    # A micro-batch within one group runs from its own prompt's end: no other prompt's spread.
+    one_group = step.shared_prompt and step.trimmed and step.group_size % rows == 0
+    shortest = step.prompt_tokens if one_group else (step.shortest_prompt or step.prompt_tokens)
     completion = width - shortest  # positions per completion row, scored or padding
     if step.shared_prompt:
         prompt_rows = math.ceil(rows / step.group_size)

@@ -268,7 +268,7 @@ def train_step_shape(config, prompt_tokens: int, batch_size: int, shared_prompt:
     return StepShape(batch_size=batch_size, group_size=config.group_size, prompt_tokens=prompt_tokens,
                      max_tokens=after_prompt, micro_batch_size=1, shared_prompt=shared_prompt,
                      reference_pass=config.beta != 0, lora_rank=config.lora_rank, lora_layers=config.lora_layers,
-                     shortest_prompt=shortest_prompt)
+                     shortest_prompt=shortest_prompt, trimmed=not getattr(config, "compile", False))
 
 
 def plan_training(config, model_config: dict, prompt_tokens: int, batch_size: int, shared_prompt: bool = True,

@@ -107,10 +107,13 @@ def _score_targets(logits_of, targets, skipped: int, temperature, chunk_size, wi
     step = chunk_size or max(length, 1)
     logprob_chunks, entropy_chunks = [], []
     for a in range(0, length, step):
-        logprob, chunk, lse = _tempered_scores(logits_of(a, a + step), targets[:, a : a + step], temperature)
-        logprob_chunks.append(logprob)
+        logits, chunk_targets = logits_of(a, a + step), targets[:, a : a + step]
         if with_entropy:
-            entropy_chunks.append(_entropy(mx.stop_gradient(chunk), mx.stop_gradient(lse)))
+            logprob, entropy = _scores_with_entropy(logits, chunk_targets, temperature)
+            entropy_chunks.append(entropy)
+        else:
+            logprob = _tempered_scores(logits, chunk_targets, temperature)[0]
+        logprob_chunks.append(logprob)
     if skipped > 0:  # unscored prompt positions
         zeros = mx.zeros((targets.shape[0], skipped), dtype=mx.float32)
         logprob_chunks.insert(0, zeros)
@@ -133,6 +136,27 @@ def _tempered_scores(logits, targets, temperature):
 
 def _entropy(logits, lse):
     return lse - (mx.softmax(logits, axis=-1) * logits).sum(axis=-1)
+
+
+def _scores_with_entropy(logits, targets, temperature):
+    """(`_tempered_scores`' log-probs, the entropy without gradient) from one exp over the vocabulary.
+
+    The gradient passes want both. The exp is what costs here (on a CPU about as much as the LM
+    head's matmul): logsumexp, a softmax for the entropy and logsumexp's VJP would take three;
+    here one exp gives the normaliser and the entropy, and its VJP reuses its output. What the
+    backward keeps is that output instead of the logits (memory/estimate.py).
+    """
+    logits = logits.astype(mx.float32)
+    if temperature != 1.0:
+        logits = logits / temperature
+    top = mx.stop_gradient(logits.max(axis=-1, keepdims=True))  # range only: it cancels in the value
+    exp_logits = mx.exp(logits - top)
+    total = exp_logits.sum(axis=-1)
+    lse = top[..., 0] + mx.log(total)
+    # sum(exp_logits * logits) as a batch of [1, V] @ [V, 1] products: no [rows, T, V] product array.
+    expected_logit = (exp_logits[..., None, :] @ logits[..., :, None])[..., 0, 0] / total
+    entropy = mx.stop_gradient(lse - expected_logit)
+    return mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - lse, entropy
 
 
 def head_logprobs(head, hidden, targets, skipped: int, temperature, chunk_size, with_entropy):
