@@ -96,12 +96,17 @@ def test_states_replayed_out_of_order_give_other_logprobs():
     assert np.abs(np.array(swapped) - np.array(first)).max() > 1e-2
 
 
+def two_update_config(model_dir):
+    """One step of 2 groups of 4 in two micro-batches, two updates (mu = 2), beta > 0, LoRA on the last of 2 blocks."""
+    return build_config({}, dict(model=str(model_dir), dataset="arithmetic", steps=1, batch_size=2, group_size=4,
+                                 max_tokens=6, lora_rank=4, lora_layers=1, beta=0.1, num_iterations=2, seed=3,
+                                 micro_batch_size=4, reward=[CHAR_CODES], learning_rate=0.5))
+
+
 def test_a_step_with_the_prefix_shared_trains_the_adapters_the_plain_step_does(tiny_model_dir, tmp_path, monkeypatch):
     """Two micro-batches, two updates (mu = 2), beta > 0: the first block runs in the reference pass only."""
     calls = []
-    config = build_config({}, dict(model=str(tiny_model_dir), dataset="arithmetic", steps=1, batch_size=2, group_size=4,
-                                   max_tokens=6, lora_rank=4, lora_layers=1, beta=0.1, num_iterations=2, seed=3,
-                                   micro_batch_size=4, reward=[CHAR_CODES], learning_rate=0.5))
+    config = two_update_config(tiny_model_dir)
     results = {}
     for shared in (True, False):
         messages = []
@@ -136,9 +141,7 @@ def test_a_step_on_the_rollouts_kept_states_runs_no_frozen_block_after_generatin
     """The real rollout keeps the frozen block's output: the log-prob passes never run that block, and the
     step's loss, KL and trained adapters are those of the plain step on the same rollout."""
     calls = []
-    config = build_config({}, dict(model=str(tiny_model_dir), dataset="arithmetic", steps=1, batch_size=2, group_size=4,
-                                   max_tokens=6, lora_rank=4, lora_layers=1, beta=0.1, num_iterations=2, seed=3,
-                                   micro_batch_size=4, reward=[CHAR_CODES], learning_rate=0.5))
+    config = two_update_config(tiny_model_dir)
     results = {}
     for shared in (True, False):
         run = trainer.setup(replace(config, output=str(tmp_path / str(shared))))
