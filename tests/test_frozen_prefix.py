@@ -260,3 +260,20 @@ def test_groups_run_longest_last_and_the_step_trains_what_the_unordered_step_doe
     for k, v in results[False][1].items():
         np.testing.assert_allclose(results[True][1][k], v, rtol=1e-5, atol=1e-7, err_msg=k)
     assert any(np.abs(v).max() > 0 for k, v in results[True][1].items() if k.endswith("lora_b"))
+
+
+def test_a_generator_whose_calls_are_laid_out_otherwise_keeps_no_states():
+    """_row_states maps the generator's calls to rows only where their layout is the one it reads (a first call
+    of every row, then one call per step of the rows answering): else None, and the reference pass records."""
+    from grpo_mlx.rollout.batch import _row_states
+
+    prompt = [mx.zeros((1, 3, 4))]
+    rows_of_steps = [[1, 0], [1]]  # step 1 answers for rows 1 and 0, step 2 for row 1 only
+    calls = [mx.arange(8, dtype=mx.float32).reshape(2, 1, 4), mx.ones((2, 1, 4)), 2 * mx.ones((1, 1, 4))]
+    states = _row_states([prompt], calls, rows_of_steps, 2)
+    assert [tuple(s[1].shape) for s in states] == [(2, 4), (3, 4)]
+    np.testing.assert_array_equal(np.array(states[0][1][0]), [4, 5, 6, 7])  # row 0 was second in the first call
+    np.testing.assert_array_equal(np.array(states[1][1][2]), [2, 2, 2, 2])
+    assert _row_states([prompt], calls[:2], rows_of_steps, 2) is None  # a call missing
+    assert _row_states([prompt], [calls[0], calls[2], calls[1]], rows_of_steps, 2) is None  # rows per call differ
+    assert _row_states([prompt], [calls[0], (calls[1],), calls[2]], rows_of_steps, 2) is None  # not an array

@@ -321,7 +321,10 @@ def _row_states(prompt_states, decode_states, decode_rows, group_size):
     if len(decode_states) != len(decode_rows) + 1 or not decode_rows or sorted(decode_rows[0]) != list(range(n)):
         return None
     first_call = [decode_rows[0]] + decode_rows
-    if any(out.ndim != 3 or out.shape[:2] != (len(rows), 1) for out, rows in zip(decode_states, first_call)):
+    if any(not isinstance(out, mx.array) or out.ndim != 3 or out.shape[:2] != (len(rows), 1)
+           for out, rows in zip(decode_states, first_call)):
+        return None
+    if any(not isinstance(out, mx.array) or out.ndim != 3 or out.shape[0] != 1 for outs in prompt_states for out in outs):
         return None
     flat = mx.concatenate([out[:, 0] for out in decode_states], axis=0)
     positions = [[] for _ in range(n)]
