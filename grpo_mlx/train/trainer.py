@@ -269,7 +269,8 @@ def update_policy(run: Run, rollout: Rollout, rewards, applicable, tokens, compl
     order = groups_by_length(rollout.prompt_tokens, rollout.completion_tokens, c.group_size)
     if order != sorted(order):
         rows = mx.array([g * c.group_size + j for g in order for j in range(c.group_size)])
-        rollout = rollout.select_groups(order)
+        rollout, sampled = rollout.select_groups(order), rollout
+        sampled.prefix_states = None  # the ordered copy holds them
         tokens, completion_mask, advantages = tokens[rows], completion_mask[rows], advantages[rows]
     # Each group's prompt runs once in the log-prob passes when run.shared_prompt, not G times.
     start, batches, batch_groups = plan_micro_batches(rollout.prompt_tokens, run.plan.micro_batch_size, run.shared_prompt)
