@@ -142,7 +142,7 @@ class StepShape:
     logits_chunk: int | None = None  # LM-head positions per chunk in the log-prob passes; None: all at once
     kv_bits: int | None = None  # rollout KV-cache quantization
     shortest_prompt: int | None = None  # the shortest prompt of a batch; None: prompt_tokens (no spread)
-    share_frozen_prefix: bool = True  # the reference pass keeps the frozen blocks' output for the policy passes
+    share_frozen_prefix: bool = True  # the frozen blocks' output is kept for the log-prob passes (frozen_prefix.py)
     # Each micro-batch runs only as wide as its longest row (gradients.micro_batch_widths); False under
     # --compile, where the widths round up to LENGTH_BUCKET.
     trimmed: bool = True
@@ -317,7 +317,9 @@ def policy_bytes(model: ModelShape, step: StepShape, resident: int) -> int:
 
 def prefix_states_bytes(model: ModelShape, step: StepShape) -> int:
     """The frozen blocks' output of every micro-batch (model/frozen_prefix.py): one hidden vector per token
-    the body runs, kept from the reference pass through the policy passes."""
+    the body runs, laid out from the rollout's (or recorded by the reference pass) and kept through the policy
+    passes. The rollout's own per-row copy is smaller than its KV cache by about 2 x kv_width x layers /
+    hidden (SmolLM2: 20x) and is dropped once laid out: not counted."""
     if not (step.share_frozen_prefix and step.reference_pass) or adapted_layers(model, step) >= model.num_layers:
         return 0
     micro_batches = math.ceil(step.batch_size * step.group_size / step.micro_batch_size)

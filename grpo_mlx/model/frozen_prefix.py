@@ -2,11 +2,13 @@
 
 LoRA on the last `lora_layers` blocks leaves the blocks before them without adapters and
 without trainable parameters: their output is the same with adapters on (the policy) and off
-(the reference), and no gradient reaches them. So the first log-prob pass of a step (the
-reference pass, adapters off) runs them once and keeps their output (`PrefixStates`); the
-policy passes after it (forward and backward, once per update of mu) start at the first
-adapted block from what was kept. On SmolLM2-135M with adapters on 16 of 30 blocks that is 14
-blocks fewer in every policy forward.
+(the reference), and no gradient reaches them. The rollout already ran them: it keeps their
+output at every position (rollout/batch.py, `record_blocks`), `states_for_passes` lays it out
+per body call, and the reference pass and the policy passes (forward and backward, once per
+update of mu) replay it from `PrefixStates`, starting at the first adapted block. Where the
+rollout kept nothing (multi-turn, another mlx-lm's generator) the reference pass records it
+instead. On SmolLM2-135M with adapters on 16 of 30 blocks that is 14 blocks fewer in every
+log-prob pass.
 
 The body is run in two parts by handing mlx-lm's model body a slice of its own `layers`
 (and the output of the first part as `input_embeddings`): the model's own code, masks and

@@ -125,11 +125,15 @@ def _score_targets(logits_of, targets, skipped: int, temperature, chunk_size, wi
     return logprobs, entropy
 
 
+def _tempered(logits, temperature):
+    """The float32 logits / temperature."""
+    logits = logits.astype(mx.float32)
+    return logits / temperature if temperature != 1.0 else logits
+
+
 def _tempered_scores(logits, targets, temperature):
     """(log-softmax(logits / temperature) at `targets`, the float32 tempered logits, their logsumexp)."""
-    logits = logits.astype(mx.float32)
-    if temperature != 1.0:
-        logits = logits / temperature
+    logits = _tempered(logits, temperature)
     lse = mx.logsumexp(logits, axis=-1)
     return mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - lse, logits, lse
 
@@ -146,9 +150,7 @@ def _scores_with_entropy(logits, targets, temperature):
     here one exp gives the normaliser and the entropy, and its VJP reuses its output. What the
     backward keeps is that output instead of the logits (memory/estimate.py).
     """
-    logits = logits.astype(mx.float32)
-    if temperature != 1.0:
-        logits = logits / temperature
+    logits = _tempered(logits, temperature)
     top = mx.stop_gradient(logits.max(axis=-1, keepdims=True))  # range only: it cancels in the value
     exp_logits = mx.exp(logits - top)
     total = exp_logits.sum(axis=-1)

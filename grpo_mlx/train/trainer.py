@@ -279,8 +279,8 @@ def update_policy(run: Run, rollout: Rollout, rewards, applicable, tokens, compl
     metrics = {}
     tic = time.perf_counter()
     ref_logprobs = None
-    # Set only with beta != 0: the policy passes replay the frozen blocks' output, kept by the rollout where it
-    # could (generate_rollout's record_blocks), else recorded by the reference pass.
+    # Set only with beta != 0: the reference and policy passes replay the frozen blocks' output, kept by the
+    # rollout where it could (generate_rollout's record_blocks), else recorded by the reference pass.
     prefix = run.prefix
     if c.beta != 0.0:
         if prefix is not None and rollout.prefix_states is not None:
